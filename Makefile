@@ -1,0 +1,32 @@
+# Front door. Every target first installs what is missing (scripts/deps.sh is a no-op when all
+# is there), so `make demo` and `make test` work on a fresh Debian 12 machine.
+BUILD ?= build
+BUILD_TYPE ?= RelWithDebInfo
+PYTHON := /usr/bin/python3
+BUF := tools/node_modules/.bin/buf
+
+.PHONY: all deps configure build test demo lint clean
+
+all: build
+
+deps:
+	@bash scripts/deps.sh
+
+configure: deps
+	@if [ ! -f $(BUILD)/build.ninja ]; then \
+	  cmake -S . -B $(BUILD) -G Ninja -DCMAKE_BUILD_TYPE=$(BUILD_TYPE) >/dev/null; fi
+
+build: configure
+	@cmake --build $(BUILD)
+
+lint: deps
+	@cd proto && ../$(BUF) lint && echo "buf lint: clean"
+
+test: build lint
+	@cd $(BUILD) && ctest --output-on-failure --timeout 300 -j2
+
+demo: build
+	@$(PYTHON) scripts/demo.py --build=$(BUILD)
+
+clean:
+	rm -rf $(BUILD)

@@ -1,0 +1,268 @@
+// tbctl: command-line client of tokenbroker. One subcommand per RPC, human-readable output by
+// default and --json for scripts. Access tokens are shown only with --show_token.
+#include <grpcpp/grpcpp.h>
+
+#include <cstdlib>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "google/protobuf/util/json_util.h"
+#include "google/rpc/error_details.pb.h"
+#include "google/rpc/status.pb.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "tokenbroker/v1/broker.grpc.pb.h"
+
+ABSL_FLAG(std::string, target, "",
+          "Broker address: host:port or unix:/path.sock; default $TOKENBROKER_TARGET or 127.0.0.1:50051.");
+ABSL_FLAG(bool, json, false, "Print the response as JSON.");
+ABSL_FLAG(bool, show_token, false, "Print access tokens in full (they are redacted otherwise).");
+ABSL_FLAG(absl::Duration, timeout, absl::Seconds(10), "Deadline of the call.");
+ABSL_FLAG(std::string, model, "", "Model (get-token, explain, report-outcome).");
+ABSL_FLAG(std::string, session, "", "Session id (get-token, explain).");
+ABSL_FLAG(bool, force_rotate, false, "Move away from the session's account (get-token, explain).");
+ABSL_FLAG(std::string, quota_group, "", "Quota group (get-token).");
+ABSL_FLAG(absl::Duration, max_wait, absl::ZeroDuration(), "Wait this long for an account to free (get-token).");
+ABSL_FLAG(std::string, lease, "", "Lease id from get-token (report-outcome).");
+ABSL_FLAG(std::string, account, "", "Account id (report-outcome).");
+ABSL_FLAG(int, http_status, 0, "Upstream HTTP status (report-outcome).");
+ABSL_FLAG(std::string, retry_after, "", "Upstream Retry-After header (report-outcome).");
+ABSL_FLAG(std::string, error_body, "", "Upstream error body (report-outcome).");
+ABSL_FLAG(bool, enabled, false, "Turn quota validation on (set-quota-manager).");
+ABSL_FLAG(std::string, monitor, "", "Quota monitor target (set-quota-manager).");
+
+namespace {
+
+using tokenbroker::v1::TokenBrokerService;
+namespace v1 = tokenbroker::v1;
+
+constexpr char kUsage[] = R"(tbctl: talk to a tokenbroker.
+
+Usage: tbctl [--target=ADDR] [--json] COMMAND [flags]
+
+Commands:
+  get-token --model=M [--session=S] [--force_rotate] [--show_token]
+                         the best account's fresh access token
+  explain --model=M [--session=S] [--force_rotate]
+                         which account get-token would choose, and why each other is skipped
+  list-accounts          every account and its state (no secrets)
+  report-outcome (--lease=L | --account=A --model=M) --http_status=N [--retry_after=V] [--error_body=B]
+                         tell the broker what the upstream answered
+  set-quota-manager [--enabled] [--monitor=ADDR]
+                         attach or detach proactive quota validation
+  health                 the broker's grpc.health.v1 status
+)";
+
+std::string Redact(const std::string& token) {
+  if (absl::GetFlag(FLAGS_show_token) || token.empty()) return token;
+  return absl::StrCat(token.substr(0, std::min<size_t>(8, token.size())), "... (redacted; --show_token prints it)");
+}
+
+std::string FormatTime(const google::protobuf::Timestamp& ts) {
+  if (ts.seconds() == 0 && ts.nanos() == 0) return "-";
+  absl::Time t = absl::FromUnixSeconds(ts.seconds());
+  absl::Duration in = t - absl::Now();
+  std::string rel = in >= absl::ZeroDuration()
+                        ? absl::StrCat("in ", absl::FormatDuration(absl::Trunc(in, absl::Seconds(1))))
+                        : absl::StrCat(absl::FormatDuration(absl::Trunc(-in, absl::Seconds(1))), " ago");
+  return absl::StrCat(absl::FormatTime("%Y-%m-%dT%H:%M:%SZ", t, absl::UTCTimeZone()), " (", rel, ")");
+}
+
+std::string TierText(v1::Tier tier) {
+  switch (tier) {
+    case v1::TIER_ULTRA: return "ULTRA";
+    case v1::TIER_PRO: return "PRO";
+    case v1::TIER_FREE: return "FREE";
+    default: return "UNKNOWN";
+  }
+}
+
+std::string EnumText(const std::string& full, const std::string& prefix) {
+  return full.rfind(prefix, 0) == 0 ? full.substr(prefix.size()) : full;
+}
+
+int PrintError(const grpc::Status& status) {
+  static const char* kCodes[] = {"OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED",
+                                 "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED",
+                                 "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED",
+                                 "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED"};
+  int code = status.error_code();
+  std::cerr << "tbctl: " << (code >= 0 && code <= 16 ? kCodes[code] : "UNKNOWN") << ": "
+            << status.error_message() << "\n";
+  google::rpc::Status rich;
+  if (!status.error_details().empty() && rich.ParseFromString(status.error_details())) {
+    for (const auto& any : rich.details()) {
+      google::rpc::BadRequest bad;
+      google::rpc::RetryInfo retry;
+      if (any.UnpackTo(&bad)) {
+        for (const auto& v : bad.field_violations()) std::cerr << "  field " << v.field() << ": " << v.description() << "\n";
+      } else if (any.UnpackTo(&retry)) {
+        std::cerr << "  retry in " << retry.retry_delay().seconds() << "."
+                  << absl::StrFormat("%03d", retry.retry_delay().nanos() / 1000000) << "s\n";
+      }
+    }
+  }
+  return 1;
+}
+
+int PrintJson(const google::protobuf::Message& message) {
+  std::string out;
+  google::protobuf::util::JsonPrintOptions options;
+  options.add_whitespace = true;
+  (void)google::protobuf::util::MessageToJsonString(message, &out, options);
+  std::cout << out;
+  return 0;
+}
+
+void SetDeadline(grpc::ClientContext* ctx) {
+  ctx->set_deadline(absl::ToChronoTime(absl::Now() + absl::GetFlag(FLAGS_timeout)));
+}
+
+int GetToken(TokenBrokerService::Stub& stub) {
+  v1::GetTokenRequest req;
+  req.set_model(absl::GetFlag(FLAGS_model));
+  req.set_session_id(absl::GetFlag(FLAGS_session));
+  req.set_force_rotate(absl::GetFlag(FLAGS_force_rotate));
+  req.set_quota_group(absl::GetFlag(FLAGS_quota_group));
+  if (absl::Duration w = absl::GetFlag(FLAGS_max_wait); w > absl::ZeroDuration()) {
+    req.mutable_max_wait()->set_seconds(absl::ToInt64Seconds(w));
+  }
+  v1::GetTokenResponse resp;
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx);
+  grpc::Status status = stub.GetToken(&ctx, req, &resp);
+  if (!status.ok()) return PrintError(status);
+  resp.set_access_token(Redact(resp.access_token()));
+  if (absl::GetFlag(FLAGS_json)) return PrintJson(resp);
+  std::cout << "account  " << resp.account_id() << " (" << resp.email() << ")\n"
+            << "tier     " << TierText(resp.tier()) << "\n"
+            << "project  " << (resp.project_id().empty() ? "-" : resp.project_id()) << "\n"
+            << "expires  " << FormatTime(resp.expire_time()) << "\n"
+            << "token    " << resp.access_token() << "\n";
+  return 0;
+}
+
+int Explain(TokenBrokerService::Stub& stub) {
+  v1::ExplainSelectionRequest req;
+  req.set_model(absl::GetFlag(FLAGS_model));
+  req.set_session_id(absl::GetFlag(FLAGS_session));
+  req.set_force_rotate(absl::GetFlag(FLAGS_force_rotate));
+  v1::ExplainSelectionResponse resp;
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx);
+  grpc::Status status = stub.ExplainSelection(&ctx, req, &resp);
+  if (!status.ok()) return PrintError(status);
+  if (absl::GetFlag(FLAGS_json)) return PrintJson(resp);
+  std::cout << "model " << req.model() << ", policy "
+            << absl::AsciiStrToLower(EnumText(v1::SelectionPolicy_Name(resp.policy()), "SELECTION_POLICY_"))
+            << ": " << (resp.chosen_account_id().empty() ? "no account is eligible" : "chooses " + resp.chosen_account_id())
+            << (resp.from_session() ? " (bound to the session)" : "") << "\n";
+  std::cout << absl::StrFormat("%-5s %-14s %-24s %-8s %s\n", "RANK", "VERDICT", "ACCOUNT", "TIER", "DETAIL");
+  for (const auto& a : resp.accounts()) {
+    std::cout << absl::StrFormat("%-5s %-14s %-24s %-8s %s\n", a.rank() ? absl::StrCat(a.rank()) : "-",
+                                 EnumText(v1::Verdict_Name(a.verdict()), "VERDICT_"), a.account_id(),
+                                 TierText(a.tier()), a.detail());
+  }
+  return 0;
+}
+
+int ListAccounts(TokenBrokerService::Stub& stub) {
+  v1::ListAccountsResponse resp;
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx);
+  grpc::Status status = stub.ListAccounts(&ctx, v1::ListAccountsRequest(), &resp);
+  if (!status.ok()) return PrintError(status);
+  if (absl::GetFlag(FLAGS_json)) return PrintJson(resp);
+  std::cout << absl::StrFormat("%-24s %-28s %-8s %-15s %-8s %s\n", "ACCOUNT", "EMAIL", "TIER", "STATE",
+                               "SESSIONS", "DETAIL");
+  for (const auto& a : resp.accounts()) {
+    std::string detail = a.disabled_reason();
+    if (a.protected_models_size() > 0) {
+      absl::StrAppend(&detail, detail.empty() ? "" : "; ", "protected: ", absl::StrJoin(a.protected_models(), ","));
+    }
+    std::cout << absl::StrFormat("%-24s %-28s %-8s %-15s %-8d %s\n", a.account_id(), a.email(), TierText(a.tier()),
+                                 EnumText(v1::AccountState_Name(a.state()), "ACCOUNT_STATE_"), a.bound_sessions(),
+                                 detail.empty() ? "-" : detail);
+  }
+  return 0;
+}
+
+int ReportOutcome(TokenBrokerService::Stub& stub) {
+  v1::ReportOutcomeRequest req;
+  req.set_lease_id(absl::GetFlag(FLAGS_lease));
+  req.set_account_id(absl::GetFlag(FLAGS_account));
+  req.set_model(absl::GetFlag(FLAGS_model));
+  req.set_http_status(absl::GetFlag(FLAGS_http_status));
+  req.set_retry_after(absl::GetFlag(FLAGS_retry_after));
+  req.set_error_body(absl::GetFlag(FLAGS_error_body));
+  v1::ReportOutcomeResponse resp;
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx);
+  grpc::Status status = stub.ReportOutcome(&ctx, req, &resp);
+  if (!status.ok()) return PrintError(status);
+  if (absl::GetFlag(FLAGS_json)) return PrintJson(resp);
+  std::cout << "scope     " << EnumText(v1::CooldownScope_Name(resp.scope()), "COOLDOWN_SCOPE_") << "\n"
+            << "until     " << FormatTime(resp.cooldown_until()) << "\n"
+            << "reason    " << resp.reason() << "\n";
+  return 0;
+}
+
+int SetQuotaManager(TokenBrokerService::Stub& stub) {
+  v1::SetQuotaManagerRequest req;
+  req.set_enabled(absl::GetFlag(FLAGS_enabled));
+  req.set_monitor_target(absl::GetFlag(FLAGS_monitor));
+  v1::SetQuotaManagerResponse resp;
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx);
+  grpc::Status status = stub.SetQuotaManager(&ctx, req, &resp);
+  if (!status.ok()) return PrintError(status);
+  return PrintJson(resp);
+}
+
+int Health(const std::shared_ptr<grpc::Channel>& channel) {
+  auto stub = grpc::health::v1::Health::NewStub(channel);
+  grpc::health::v1::HealthCheckRequest req;
+  grpc::health::v1::HealthCheckResponse resp;
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx);
+  grpc::Status status = stub->Check(&ctx, req, &resp);
+  if (!status.ok()) return PrintError(status);
+  std::cout << grpc::health::v1::HealthCheckResponse::ServingStatus_Name(resp.status()) << "\n";
+  return resp.status() == grpc::health::v1::HealthCheckResponse::SERVING ? 0 : 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(kUsage);
+  std::vector<char*> args = absl::ParseCommandLine(argc, argv);
+  if (args.size() != 2) {
+    std::cerr << kUsage;
+    return 2;
+  }
+  std::string target = absl::GetFlag(FLAGS_target);
+  if (target.empty()) {
+    const char* env = std::getenv("TOKENBROKER_TARGET");
+    target = env != nullptr ? env : "127.0.0.1:50051";
+  }
+  auto channel = grpc::CreateChannel(target, grpc::InsecureChannelCredentials());
+  auto stub = TokenBrokerService::NewStub(channel);
+  const std::string command = args[1];
+  if (command == "get-token") return GetToken(*stub);
+  if (command == "explain") return Explain(*stub);
+  if (command == "list-accounts") return ListAccounts(*stub);
+  if (command == "report-outcome") return ReportOutcome(*stub);
+  if (command == "set-quota-manager") return SetQuotaManager(*stub);
+  if (command == "health") return Health(channel);
+  std::cerr << "tbctl: unknown command '" << command << "'\n\n" << kUsage;
+  return 2;
+}

@@ -1,0 +1,46 @@
+#pragma once
+
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/strings/string_view.h"
+#include "absl/time/time.h"
+
+namespace tokenbroker {
+
+// Subscription tier; a higher value is preferred by selection.
+enum class Tier { kUnknown = 0, kFree = 1, kPro = 2, kUltra = 3 };
+
+// Maps a tier id or name as Cloud Code or Antigravity-Manager write it ("g1-ultra-tier",
+// "Google AI Pro", "FREE", ...) to a Tier: containing "ultra" → ULTRA, "pro" → PRO, any other
+// non-empty text → FREE, empty → unknown.
+Tier ParseTier(absl::string_view text);
+absl::string_view TierName(Tier tier);
+
+// Last known quota of one model on one account.
+struct ModelQuota {
+  std::string model;
+  double remaining_fraction = 0;  // 0..1
+  std::optional<absl::Time> reset_time;
+};
+
+// One account as the account store holds it. Contains secrets (refresh and access token): never
+// log a whole record.
+struct AccountRecord {
+  std::string id;     // file name without ".json"
+  std::string email;
+  std::string refresh_token;
+  std::string access_token;                  // empty when none is known
+  absl::Time access_expiry = absl::InfinitePast();
+  std::string project_id;                    // empty when the account has none
+  Tier tier = Tier::kUnknown;
+  bool disabled = false;
+  std::string disabled_reason;
+  bool proxy_disabled = false;
+  std::vector<std::string> protected_models;
+  std::vector<ModelQuota> quotas;
+};
+
+}  // namespace tokenbroker

@@ -1,0 +1,361 @@
+#include "lib/account_pool.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/status/status.h"
+
+namespace tokenbroker {
+
+absl::StatusOr<Policy> ParsePolicy(absl::string_view name) {
+  if (name == "balance") return Policy::kBalance;
+  if (name == "fill_first") return Policy::kFillFirst;
+  if (name == "reset_soonest") return Policy::kResetSoonest;
+  if (name == "round_robin") return Policy::kRoundRobin;
+  return absl::InvalidArgumentError(absl::StrCat(
+      "unknown policy '", name, "'; use one of balance, fill_first, reset_soonest, round_robin"));
+}
+
+absl::string_view PolicyName(Policy policy) {
+  switch (policy) {
+    case Policy::kBalance: return "balance";
+    case Policy::kFillFirst: return "fill_first";
+    case Policy::kResetSoonest: return "reset_soonest";
+    case Policy::kRoundRobin: return "round_robin";
+  }
+  return "balance";
+}
+
+namespace {
+
+const ModelQuota* QuotaFor(const AccountRecord& rec, const std::string& model) {
+  for (const ModelQuota& q : rec.quotas) {
+    if (q.model == model) return &q;
+  }
+  return nullptr;
+}
+
+bool IsProtected(const AccountRecord& rec, const std::string& model) {
+  return std::find(rec.protected_models.begin(), rec.protected_models.end(), model) !=
+         rec.protected_models.end();
+}
+
+absl::string_view VerdictCountName(Verdict v) {
+  switch (v) {
+    case Verdict::kDisabled: return "disabled";
+    case Verdict::kProxyDisabled: return "proxy-disabled";
+    case Verdict::kProtected: return "protected for this model";
+    case Verdict::kCooldown: return "cooling down";
+    case Verdict::kExhausted: return "out of quota";
+    case Verdict::kLeaseCap: return "at their lease cap";
+    case Verdict::kRotatedAway: return "excluded";
+    case Verdict::kChosen:
+    case Verdict::kRankedLower: break;
+  }
+  return "eligible";
+}
+
+}  // namespace
+
+struct AccountPool::Evaluation {
+  std::vector<AccountVerdict> verdicts;  // parallel to entries_
+  std::vector<size_t> ranked;            // eligible entries, best first (chosen first)
+  std::optional<size_t> chosen;
+  bool from_session = false;
+};
+
+AccountPool::AccountPool(PoolOptions options, const Clock& clock)
+    : options_(options), clock_(clock), sessions_(options.session_idle_ttl, options.max_sessions) {}
+
+void AccountPool::Load(std::vector<AccountRecord> records) {
+  std::sort(records.begin(), records.end(),
+            [](const AccountRecord& a, const AccountRecord& b) { return a.id < b.id; });
+  absl::MutexLock lock(&mu_);
+  std::vector<Entry> next;
+  next.reserve(records.size());
+  for (AccountRecord& rec : records) {
+    Entry entry;
+    if (auto it = index_.find(rec.id); it != index_.end()) {
+      const Entry& old = entries_[it->second];
+      entry.last_used = old.last_used;
+      entry.in_flight = old.in_flight;
+      // A token refreshed in memory is newer than what an unwritable file still holds.
+      if (old.record.access_expiry > rec.access_expiry && old.record.refresh_token == rec.refresh_token) {
+        rec.access_token = old.record.access_token;
+        rec.access_expiry = old.record.access_expiry;
+      }
+      // A disable decided at run time stands even if the file could not record it.
+      if (old.record.disabled && !rec.disabled) {
+        rec.disabled = true;
+        rec.disabled_reason = old.record.disabled_reason;
+      }
+    }
+    entry.record = std::move(rec);
+    next.push_back(std::move(entry));
+  }
+  entries_ = std::move(next);
+  index_.clear();
+  for (size_t i = 0; i < entries_.size(); ++i) index_[entries_[i].record.id] = i;
+}
+
+size_t AccountPool::size() const {
+  absl::ReaderMutexLock lock(&mu_);
+  return entries_.size();
+}
+
+size_t AccountPool::UsableCount() const {
+  absl::ReaderMutexLock lock(&mu_);
+  return static_cast<size_t>(std::count_if(entries_.begin(), entries_.end(), [](const Entry& e) {
+    return !e.record.disabled && !e.record.proxy_disabled;
+  }));
+}
+
+std::optional<std::string> AccountPool::PreviousFor(const SelectRequest& request,
+                                                    const std::optional<std::string>& bound) const {
+  if (!request.session_id.empty()) return bound;
+  auto it = last_for_model_.find(request.model);
+  if (it == last_for_model_.end()) return std::nullopt;
+  return it->second;
+}
+
+AccountPool::Evaluation AccountPool::Evaluate(const SelectRequest& request, absl::Time now,
+                                              const std::optional<std::string>& bound) const {
+  Evaluation ev;
+  ev.verdicts.resize(entries_.size());
+  const std::optional<std::string> previous = PreviousFor(request, bound);
+  std::optional<size_t> rotated_away;
+
+  for (size_t i = 0; i < entries_.size(); ++i) {
+    const AccountRecord& rec = entries_[i].record;
+    AccountVerdict& v = ev.verdicts[i];
+    v.account_id = rec.id;
+    v.email = rec.email;
+    v.tier = rec.tier;
+    if (rec.disabled) {
+      v.verdict = Verdict::kDisabled;
+      v.detail = rec.disabled_reason.empty() ? "disabled" : absl::StrCat("disabled: ", rec.disabled_reason);
+    } else if (rec.proxy_disabled) {
+      v.verdict = Verdict::kProxyDisabled;
+      v.detail = "proxy_disabled is set in its account file";
+    } else if (IsProtected(rec, request.model)) {
+      v.verdict = Verdict::kProtected;
+      v.detail = absl::StrCat("model ", request.model, " is in its protected_models");
+    } else if (request.exclude.contains(rec.id)) {
+      v.verdict = Verdict::kRotatedAway;
+      v.detail = "excluded for this request (its token could not be refreshed)";
+    } else if (request.force_rotate && previous && *previous == rec.id) {
+      v.verdict = Verdict::kRotatedAway;
+      v.detail = "force_rotate moves away from the account last used";
+      rotated_away = i;
+    } else {
+      v.verdict = Verdict::kRankedLower;
+      ev.ranked.push_back(i);
+    }
+  }
+
+  // Round robin walks the id order starting after the account last chosen for the model.
+  size_t cursor = entries_.size();
+  if (auto it = last_for_model_.find(request.model); it != last_for_model_.end()) {
+    if (auto pos = index_.find(it->second); pos != index_.end()) cursor = pos->second;
+  }
+  const size_t n = entries_.size();
+  auto rotation = [&](size_t i) { return cursor == n ? i : (i + n - cursor - 1) % n; };
+  const std::string* sticky =
+      last_for_model_.contains(request.model) ? &last_for_model_.at(request.model) : nullptr;
+
+  auto balance_better = [&](size_t a, size_t b) {
+    const Entry& ea = entries_[a];
+    const Entry& eb = entries_[b];
+    const ModelQuota* qa = QuotaFor(ea.record, request.model);
+    const ModelQuota* qb = QuotaFor(eb.record, request.model);
+    double fa = qa ? qa->remaining_fraction : -1;
+    double fb = qb ? qb->remaining_fraction : -1;
+    if (fa != fb) return fa > fb;
+    if (ea.in_flight != eb.in_flight) return ea.in_flight < eb.in_flight;
+    if (ea.last_used != eb.last_used) return ea.last_used < eb.last_used;
+    return a < b;
+  };
+  auto better = [&](size_t a, size_t b) {
+    const AccountRecord& ra = entries_[a].record;
+    const AccountRecord& rb = entries_[b].record;
+    if (ra.tier != rb.tier) return ra.tier > rb.tier;
+    switch (options_.policy) {
+      case Policy::kBalance: return balance_better(a, b);
+      case Policy::kFillFirst: {
+        bool sa = sticky && *sticky == ra.id;
+        bool sb = sticky && *sticky == rb.id;
+        if (sa != sb) return sa;
+        return a < b;
+      }
+      case Policy::kResetSoonest: {
+        const ModelQuota* qa = QuotaFor(ra, request.model);
+        const ModelQuota* qb = QuotaFor(rb, request.model);
+        absl::Time ta = qa && qa->reset_time ? *qa->reset_time : absl::InfiniteFuture();
+        absl::Time tb = qb && qb->reset_time ? *qb->reset_time : absl::InfiniteFuture();
+        if (ta != tb) return ta < tb;
+        return balance_better(a, b);
+      }
+      case Policy::kRoundRobin: return rotation(a) < rotation(b);
+    }
+    return a < b;
+  };
+  std::sort(ev.ranked.begin(), ev.ranked.end(), better);
+
+  if (!request.force_rotate && bound) {
+    if (auto it = index_.find(*bound); it != index_.end()) {
+      auto pos = std::find(ev.ranked.begin(), ev.ranked.end(), it->second);
+      if (pos != ev.ranked.end()) {
+        std::rotate(ev.ranked.begin(), pos, pos + 1);
+        ev.from_session = true;
+      }
+    }
+  }
+  if (!ev.ranked.empty()) {
+    ev.chosen = ev.ranked.front();
+  } else if (rotated_away) {
+    // force_rotate with no alternative: the previous account is still better than no answer.
+    ev.chosen = rotated_away;
+    ev.ranked.push_back(*rotated_away);
+    ev.verdicts[*rotated_away].detail = "force_rotate found no other eligible account";
+  }
+  for (size_t r = 0; r < ev.ranked.size(); ++r) {
+    AccountVerdict& v = ev.verdicts[ev.ranked[r]];
+    v.rank = static_cast<int>(r + 1);
+    if (r == 0) {
+      v.verdict = Verdict::kChosen;
+      if (v.detail.empty()) v.detail = ev.from_session ? "bound to the session" : "best ranked";
+    } else {
+      v.verdict = Verdict::kRankedLower;
+      const AccountRecord& top = entries_[ev.ranked[0]].record;
+      v.detail = entries_[ev.ranked[r]].record.tier < top.tier
+                     ? absl::StrCat("lower tier than ", TierName(top.tier))
+                     : absl::StrCat("ranked lower by ", PolicyName(options_.policy));
+    }
+  }
+  return ev;
+}
+
+absl::StatusOr<Selection> AccountPool::Select(const SelectRequest& request) {
+  const absl::Time now = clock_.Now();
+  absl::MutexLock lock(&mu_);
+  if (entries_.empty()) {
+    return absl::UnavailableError(
+        "no accounts are loaded; add account files to the accounts directory");
+  }
+  std::optional<std::string> bound;
+  if (!request.session_id.empty()) bound = sessions_.Lookup(request.session_id, now);
+  Evaluation ev = Evaluate(request, now, bound);
+  if (!ev.chosen) {
+    std::map<absl::string_view, int> counts;
+    for (const AccountVerdict& v : ev.verdicts) ++counts[VerdictCountName(v.verdict)];
+    std::vector<std::string> parts;
+    for (const auto& [name, count] : counts) parts.push_back(absl::StrCat(count, " ", name));
+    return absl::ResourceExhaustedError(absl::StrCat("no account can serve model ", request.model,
+                                                     " now: ", absl::StrJoin(parts, ", ")));
+  }
+  Entry& entry = entries_[*ev.chosen];
+  entry.last_used = now;
+  last_for_model_[request.model] = entry.record.id;
+  if (!request.session_id.empty() && !ev.from_session) {
+    std::string reason = !bound ? "new" : request.force_rotate ? "force_rotate" : "ineligible";
+    ++rebinds_[reason];
+    sessions_.Bind(request.session_id, entry.record.id, now);
+  }
+
+  Selection sel;
+  sel.account_id = entry.record.id;
+  sel.email = entry.record.email;
+  sel.tier = entry.record.tier;
+  sel.project_id = entry.record.project_id;
+  sel.from_session = ev.from_session;
+  if (const ModelQuota* q = QuotaFor(entry.record, request.model)) {
+    sel.remaining_fraction = q->remaining_fraction;
+  }
+  return sel;
+}
+
+Explanation AccountPool::Explain(const SelectRequest& request) const {
+  const absl::Time now = clock_.Now();
+  absl::ReaderMutexLock lock(&mu_);
+  std::optional<std::string> bound;
+  if (!request.session_id.empty()) bound = sessions_.Peek(request.session_id, now);
+  Evaluation ev = Evaluate(request, now, bound);
+  Explanation out;
+  out.policy = options_.policy;
+  out.from_session = ev.from_session;
+  if (ev.chosen) out.chosen_account_id = entries_[*ev.chosen].record.id;
+  for (size_t i : ev.ranked) out.accounts.push_back(ev.verdicts[i]);
+  for (AccountVerdict& v : ev.verdicts) {
+    if (v.rank == 0) out.accounts.push_back(std::move(v));
+  }
+  return out;
+}
+
+std::vector<AccountView> AccountPool::List() const {
+  absl::ReaderMutexLock lock(&mu_);
+  std::vector<AccountView> out;
+  out.reserve(entries_.size());
+  for (const Entry& e : entries_) {
+    AccountView v;
+    v.account_id = e.record.id;
+    v.email = e.record.email;
+    v.tier = e.record.tier;
+    v.project_id = e.record.project_id;
+    v.disabled = e.record.disabled;
+    v.disabled_reason = e.record.disabled_reason;
+    v.proxy_disabled = e.record.proxy_disabled;
+    v.protected_models = e.record.protected_models;
+    if (!e.record.access_token.empty()) v.token_expiry = e.record.access_expiry;
+    if (e.last_used != absl::InfinitePast()) v.last_used = e.last_used;
+    v.quotas = e.record.quotas;
+    v.bound_sessions = sessions_.CountFor(e.record.id);
+    out.push_back(std::move(v));
+  }
+  return out;
+}
+
+absl::StatusOr<Credentials> AccountPool::GetCredentials(const std::string& account_id) const {
+  absl::ReaderMutexLock lock(&mu_);
+  auto it = index_.find(account_id);
+  if (it == index_.end()) return absl::NotFoundError(absl::StrCat("no account ", account_id));
+  const AccountRecord& rec = entries_[it->second].record;
+  return Credentials{rec.refresh_token, rec.access_token, rec.access_expiry, rec.disabled};
+}
+
+void AccountPool::SetToken(const std::string& account_id, const std::string& access_token,
+                           absl::Time expiry, const std::optional<std::string>& refresh_token) {
+  absl::MutexLock lock(&mu_);
+  auto it = index_.find(account_id);
+  if (it == index_.end()) return;
+  AccountRecord& rec = entries_[it->second].record;
+  rec.access_token = access_token;
+  rec.access_expiry = expiry;
+  if (refresh_token) rec.refresh_token = *refresh_token;
+}
+
+void AccountPool::Disable(const std::string& account_id, const std::string& reason) {
+  absl::MutexLock lock(&mu_);
+  auto it = index_.find(account_id);
+  if (it == index_.end()) return;
+  AccountRecord& rec = entries_[it->second].record;
+  rec.disabled = true;
+  rec.disabled_reason = reason;
+}
+
+std::vector<std::string> AccountPool::ExpiringBefore(absl::Time deadline) const {
+  absl::ReaderMutexLock lock(&mu_);
+  std::vector<std::string> out;
+  for (const Entry& e : entries_) {
+    if (e.record.disabled || e.record.proxy_disabled) continue;
+    if (e.record.access_expiry < deadline) out.push_back(e.record.id);
+  }
+  return out;
+}
+
+std::map<std::string, int64_t> AccountPool::RebindCounts() const {
+  absl::ReaderMutexLock lock(&mu_);
+  return rebinds_;
+}
+
+}  // namespace tokenbroker

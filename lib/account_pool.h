@@ -1,0 +1,170 @@
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/strings/string_view.h"
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "lib/account.h"
+#include "lib/clock.h"
+#include "lib/session_binder.h"
+
+namespace tokenbroker {
+
+// How eligible accounts of the same tier are ranked (DESIGN §4).
+enum class Policy { kBalance, kFillFirst, kResetSoonest, kRoundRobin };
+
+// Accepts "balance", "fill_first", "reset_soonest", "round_robin".
+absl::StatusOr<Policy> ParsePolicy(absl::string_view name);
+absl::string_view PolicyName(Policy policy);
+
+// Why an account would or would not be chosen.
+enum class Verdict {
+  kChosen,
+  kRankedLower,
+  kDisabled,
+  kProxyDisabled,
+  kProtected,
+  kCooldown,
+  kExhausted,
+  kLeaseCap,
+  kRotatedAway,
+};
+
+struct SelectRequest {
+  std::string model;       // validated by the caller
+  std::string session_id;  // empty: no session
+  bool force_rotate = false;
+  // Accounts to leave out of this one selection (e.g. whose token refresh just failed).
+  absl::flat_hash_set<std::string> exclude;
+};
+
+struct Selection {
+  std::string account_id;
+  std::string email;
+  Tier tier = Tier::kUnknown;
+  std::string project_id;
+  bool from_session = false;  // the session's existing binding was kept
+  std::optional<double> remaining_fraction;
+};
+
+struct AccountVerdict {
+  std::string account_id;
+  std::string email;
+  Tier tier = Tier::kUnknown;
+  Verdict verdict = Verdict::kRankedLower;
+  std::string detail;
+  int rank = 0;  // 1-based among eligible accounts, 0 when not eligible
+};
+
+struct Explanation {
+  std::string chosen_account_id;  // empty when nothing is eligible
+  bool from_session = false;
+  Policy policy = Policy::kBalance;
+  std::vector<AccountVerdict> accounts;  // chosen, then eligible by rank, then skipped by id
+};
+
+// An account as operators may see it: no secrets.
+struct AccountView {
+  std::string account_id;
+  std::string email;
+  Tier tier = Tier::kUnknown;
+  std::string project_id;
+  bool disabled = false;
+  std::string disabled_reason;
+  bool proxy_disabled = false;
+  std::vector<std::string> protected_models;
+  std::optional<absl::Time> token_expiry;
+  std::optional<absl::Time> last_used;
+  std::vector<ModelQuota> quotas;
+  int bound_sessions = 0;
+};
+
+// What the token refresher needs of an account. Holds secrets.
+struct Credentials {
+  std::string refresh_token;
+  std::string access_token;
+  absl::Time access_expiry = absl::InfinitePast();
+  bool disabled = false;
+};
+
+struct PoolOptions {
+  Policy policy = Policy::kBalance;
+  absl::Duration session_idle_ttl = absl::Hours(1);
+  size_t max_sessions = 100'000;
+};
+
+// The loaded accounts, their runtime state, session bindings and the selection rules of
+// DESIGN §4. Thread-safe. `clock` must outlive the pool.
+class AccountPool {
+ public:
+  AccountPool(PoolOptions options, const Clock& clock);
+
+  // Replaces the set of accounts. Runtime state (last use, bindings) of ids that stay is kept.
+  void Load(std::vector<AccountRecord> records);
+
+  size_t size() const;
+  // Accounts that are neither disabled nor proxy-disabled.
+  size_t UsableCount() const;
+  Policy policy() const { return options_.policy; }
+
+  // Chooses an account and records the choice (session binding, last use). UNAVAILABLE when no
+  // account is loaded; RESOURCE_EXHAUSTED, with a message counting the reasons, when none is
+  // eligible for the model.
+  absl::StatusOr<Selection> Select(const SelectRequest& request);
+
+  // What Select would do now, for every account; changes nothing.
+  Explanation Explain(const SelectRequest& request) const;
+
+  std::vector<AccountView> List() const;
+
+  // NOT_FOUND for an unknown id.
+  absl::StatusOr<Credentials> GetCredentials(const std::string& account_id) const;
+  // Stores a refreshed token; `refresh_token`, when set, replaces the stored one.
+  void SetToken(const std::string& account_id, const std::string& access_token, absl::Time expiry,
+                const std::optional<std::string>& refresh_token);
+  // Disables the account with `reason` (for example after invalid_grant).
+  void Disable(const std::string& account_id, const std::string& reason);
+  // Ids of usable accounts whose access token expires before `deadline`.
+  std::vector<std::string> ExpiringBefore(absl::Time deadline) const;
+
+  // Session rebinds since start, by reason ("new", "force_rotate", "ineligible", "expired").
+  std::map<std::string, int64_t> RebindCounts() const;
+
+ private:
+  struct Entry {
+    AccountRecord record;
+    absl::Time last_used = absl::InfinitePast();
+    int in_flight = 0;
+  };
+  struct Evaluation;
+
+  Evaluation Evaluate(const SelectRequest& request, absl::Time now,
+                      const std::optional<std::string>& bound) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  std::optional<std::string> PreviousFor(const SelectRequest& request,
+                                         const std::optional<std::string>& bound) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
+
+  const PoolOptions options_;
+  const Clock& clock_;
+
+  mutable absl::Mutex mu_;
+  std::vector<Entry> entries_ ABSL_GUARDED_BY(mu_);  // sorted by id
+  absl::flat_hash_map<std::string, size_t> index_ ABSL_GUARDED_BY(mu_);
+  SessionBinder sessions_ ABSL_GUARDED_BY(mu_);
+  // Account last chosen per model: fill_first's sticky choice, round_robin's cursor, and what
+  // force_rotate moves away from when there is no session.
+  absl::flat_hash_map<std::string, std::string> last_for_model_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, int64_t> rebinds_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace tokenbroker

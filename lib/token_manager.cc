@@ -1,0 +1,184 @@
+#include "lib/token_manager.h"
+
+#include "absl/strings/str_cat.h"
+#include "spdlog/spdlog.h"
+
+namespace tokenbroker {
+
+TokenManager::TokenManager(TokenManagerOptions options, AccountPool& pool, const OAuthClient& oauth,
+                           const AccountStore* store, const Clock& clock)
+    : options_(options), pool_(pool), oauth_(oauth), store_(store), clock_(clock) {}
+
+TokenManager::~TokenManager() { Stop(); }
+
+void TokenManager::Start() {
+  absl::MutexLock lock(&mu_);
+  if (started_) return;
+  started_ = true;
+  for (int i = 0; i < std::max(1, options_.workers); ++i) threads_.emplace_back([this] { WorkerLoop(); });
+  threads_.emplace_back([this] { BackgroundLoop(); });
+}
+
+void TokenManager::Stop() {
+  absl::flat_hash_map<std::string, std::vector<Callback>> abandoned;
+  {
+    absl::MutexLock lock(&mu_);
+    if (stopping_) return;
+    stopping_ = true;
+    queue_.clear();
+  }
+  for (std::thread& t : threads_) t.join();
+  threads_.clear();
+  {
+    absl::MutexLock lock(&mu_);
+    abandoned.swap(inflight_);
+  }
+  for (auto& [id, waiters] : abandoned) {
+    for (Callback& cb : waiters) std::move(cb)(absl::UnavailableError("token manager is shutting down"));
+  }
+}
+
+void TokenManager::Acquire(const std::string& account_id, Callback done) {
+  absl::StatusOr<Credentials> creds = pool_.GetCredentials(account_id);
+  if (!creds.ok()) {
+    std::move(done)(creds.status());
+    return;
+  }
+  if (creds->disabled) {
+    std::move(done)(absl::FailedPreconditionError(absl::StrCat("account ", account_id, " is disabled")));
+    return;
+  }
+  if (!creds->access_token.empty() && creds->access_expiry - clock_.Now() >= options_.min_token_ttl) {
+    std::move(done)(AccessToken{creds->access_token, creds->access_expiry});
+    return;
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    if (started_ && !stopping_) {
+      ScheduleLocked(account_id, &done);
+      return;
+    }
+  }
+  std::move(done)(absl::UnavailableError("token manager is not running"));
+}
+
+void TokenManager::ScheduleLocked(const std::string& account_id, Callback* done) {
+  auto [it, inserted] = inflight_.try_emplace(account_id);
+  if (done != nullptr) it->second.push_back(std::move(*done));
+  if (inserted) queue_.push_back(account_id);
+}
+
+void TokenManager::WorkerLoop() {
+  while (true) {
+    std::string id;
+    {
+      absl::MutexLock lock(&mu_);
+      mu_.Await(absl::Condition(
+          +[](TokenManager* self) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+            return self->stopping_ || !self->queue_.empty();
+          },
+          this));
+      if (stopping_) return;
+      id = std::move(queue_.front());
+      queue_.pop_front();
+    }
+    RunRefresh(id);
+  }
+}
+
+void TokenManager::BackgroundLoop() {
+  while (true) {
+    std::vector<std::string> due = pool_.ExpiringBefore(clock_.Now() + options_.refresh_ahead);
+    absl::MutexLock lock(&mu_);
+    if (stopping_) return;
+    for (const std::string& id : due) ScheduleLocked(id, nullptr);
+    mu_.AwaitWithTimeout(absl::Condition(&stopping_), options_.scan_interval);
+    if (stopping_) return;
+  }
+}
+
+void TokenManager::RunRefresh(const std::string& account_id) {
+  absl::StatusOr<AccessToken> result = DoRefresh(account_id);
+  std::vector<Callback> waiters;
+  {
+    absl::MutexLock lock(&mu_);
+    if (auto it = inflight_.find(account_id); it != inflight_.end()) {
+      waiters.swap(it->second);
+      inflight_.erase(it);
+    }
+  }
+  for (Callback& cb : waiters) std::move(cb)(result);
+}
+
+absl::StatusOr<AccessToken> TokenManager::DoRefresh(const std::string& account_id) {
+  absl::StatusOr<Credentials> creds = pool_.GetCredentials(account_id);
+  if (!creds.ok()) return creds.status();
+  if (creds->disabled) {
+    return absl::FailedPreconditionError(absl::StrCat("account ", account_id, " is disabled"));
+  }
+  const absl::Time start = clock_.Now();
+  // Another path may have refreshed it since this was queued.
+  if (!creds->access_token.empty() && creds->access_expiry - start > options_.refresh_ahead) {
+    return AccessToken{creds->access_token, creds->access_expiry};
+  }
+  absl::StatusOr<TokenGrant> grant = oauth_.Refresh(creds->refresh_token);
+  if (grant.ok()) {
+    const absl::Time expiry = start + grant->expires_in;
+    pool_.SetToken(account_id, grant->access_token, expiry, grant->refresh_token);
+    {
+      absl::MutexLock lock(&mu_);
+      ++counts_["ok"];
+    }
+    spdlog::debug("refreshed token of account {}; it expires in {}", account_id,
+                  absl::FormatDuration(grant->expires_in));
+    AccountUpdate update;
+    update.access_token = grant->access_token;
+    update.access_expiry = expiry;
+    update.refresh_token = grant->refresh_token;
+    WriteBack(account_id, update);
+    return AccessToken{grant->access_token, expiry};
+  }
+  if (IsInvalidGrant(grant.status())) {
+    std::string reason(grant.status().message());
+    pool_.Disable(account_id, reason);
+    {
+      absl::MutexLock lock(&mu_);
+      ++counts_["invalid_grant"];
+    }
+    spdlog::warn("account {} disabled: the token endpoint answered {}", account_id, reason);
+    AccountUpdate update;
+    update.disabled_reason = reason;
+    WriteBack(account_id, update);
+    return absl::FailedPreconditionError(absl::StrCat("account ", account_id, " disabled: ", reason));
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    ++counts_["error"];
+  }
+  spdlog::warn("token refresh of account {} failed: {}", account_id, std::string(grant.status().message()));
+  return absl::UnavailableError(
+      absl::StrCat("token refresh of account ", account_id, " failed: ", grant.status().message()));
+}
+
+void TokenManager::WriteBack(const std::string& account_id, const AccountUpdate& update) {
+  if (store_ == nullptr) return;
+  absl::Status s = store_->Update(account_id, update);
+  absl::MutexLock lock(&mu_);
+  if (s.ok()) {
+    write_failed_.erase(account_id);
+    return;
+  }
+  if (write_failed_.insert(account_id).second) {
+    spdlog::error(
+        "could not update the file of account {} ({}); the change is kept in memory for the life of "
+        "this process",
+        account_id, std::string(s.message()));
+  }
+}
+
+std::map<std::string, int64_t> TokenManager::RefreshCounts() const {
+  absl::MutexLock lock(&mu_);
+  return counts_;
+}
+
+}  // namespace tokenbroker

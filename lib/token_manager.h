@@ -1,0 +1,92 @@
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
+#include "absl/functional/any_invocable.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "lib/account_pool.h"
+#include "lib/account_store.h"
+#include "lib/clock.h"
+#include "lib/oauth_client.h"
+
+namespace tokenbroker {
+
+struct AccessToken {
+  std::string token;  // secret
+  absl::Time expiry;
+};
+
+struct TokenManagerOptions {
+  // A token handed out stays valid at least this long.
+  absl::Duration min_token_ttl = absl::Minutes(5);
+  // The background refresher renews tokens expiring within this window.
+  absl::Duration refresh_ahead = absl::Minutes(15);
+  // How often the background refresher looks for expiring tokens.
+  absl::Duration scan_interval = absl::Seconds(15);
+  // Refreshes running at once.
+  int workers = 4;
+};
+
+// Keeps the pool's access tokens fresh: a background loop renews tokens well before expiry, and
+// Acquire refreshes on demand when a token is too old. At most one refresh per account runs at a
+// time (single-flight); concurrent Acquires for it wait for the same result. `invalid_grant`
+// disables the account in the pool and, persistently, in its file.
+// Thread-safe. `pool`, `oauth` and `clock` must outlive it; `store` may be null (no write-back).
+class TokenManager {
+ public:
+  using Callback = absl::AnyInvocable<void(absl::StatusOr<AccessToken>) &&>;
+
+  TokenManager(TokenManagerOptions options, AccountPool& pool, const OAuthClient& oauth,
+               const AccountStore* store, const Clock& clock);
+  ~TokenManager();  // Stop()s
+
+  // Starts the workers and the background refresher. Call once.
+  void Start();
+  // Stops accepting work; pending callbacks get UNAVAILABLE; joins the threads. Idempotent.
+  void Stop();
+
+  // Calls `done` exactly once with a token valid for min_token_ttl (or the freshest the token
+  // endpoint gives): inline when the pool holds one, else on a worker thread after a refresh.
+  // Errors: FAILED_PRECONDITION when the account is disabled (also after invalid_grant),
+  // UNAVAILABLE when the refresh failed or the manager is stopped, NOT_FOUND for an unknown id.
+  void Acquire(const std::string& account_id, Callback done);
+
+  // Refresh attempts so far by result: "ok", "invalid_grant", "error".
+  std::map<std::string, int64_t> RefreshCounts() const;
+
+ private:
+  // Schedules a refresh of `account_id` unless one is in flight; adds `done` to its waiters.
+  void ScheduleLocked(const std::string& account_id, Callback* done) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void WorkerLoop();
+  void BackgroundLoop();
+  void RunRefresh(const std::string& account_id);
+  absl::StatusOr<AccessToken> DoRefresh(const std::string& account_id);
+  void WriteBack(const std::string& account_id, const AccountUpdate& update);
+
+  const TokenManagerOptions options_;
+  AccountPool& pool_;
+  const OAuthClient& oauth_;
+  const AccountStore* store_;
+  const Clock& clock_;
+
+  mutable absl::Mutex mu_;
+  bool started_ ABSL_GUARDED_BY(mu_) = false;
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  absl::flat_hash_map<std::string, std::vector<Callback>> inflight_ ABSL_GUARDED_BY(mu_);
+  std::deque<std::string> queue_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, int64_t> counts_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_set<std::string> write_failed_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::thread> threads_;
+};
+
+}  // namespace tokenbroker

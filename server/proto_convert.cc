@@ -1,0 +1,92 @@
+#include "server/proto_convert.h"
+
+namespace tokenbroker {
+
+v1::Tier ToProto(Tier tier) {
+  switch (tier) {
+    case Tier::kFree: return v1::TIER_FREE;
+    case Tier::kPro: return v1::TIER_PRO;
+    case Tier::kUltra: return v1::TIER_ULTRA;
+    case Tier::kUnknown: break;
+  }
+  return v1::TIER_UNSPECIFIED;
+}
+
+v1::Verdict ToProto(Verdict verdict) {
+  switch (verdict) {
+    case Verdict::kChosen: return v1::VERDICT_CHOSEN;
+    case Verdict::kRankedLower: return v1::VERDICT_RANKED_LOWER;
+    case Verdict::kDisabled: return v1::VERDICT_DISABLED;
+    case Verdict::kProxyDisabled: return v1::VERDICT_PROXY_DISABLED;
+    case Verdict::kProtected: return v1::VERDICT_PROTECTED;
+    case Verdict::kCooldown: return v1::VERDICT_COOLDOWN;
+    case Verdict::kExhausted: return v1::VERDICT_EXHAUSTED;
+    case Verdict::kLeaseCap: return v1::VERDICT_LEASE_CAP;
+    case Verdict::kRotatedAway: return v1::VERDICT_ROTATED_AWAY;
+  }
+  return v1::VERDICT_UNSPECIFIED;
+}
+
+v1::SelectionPolicy ToProto(Policy policy) {
+  switch (policy) {
+    case Policy::kBalance: return v1::SELECTION_POLICY_BALANCE;
+    case Policy::kFillFirst: return v1::SELECTION_POLICY_FILL_FIRST;
+    case Policy::kResetSoonest: return v1::SELECTION_POLICY_RESET_SOONEST;
+    case Policy::kRoundRobin: return v1::SELECTION_POLICY_ROUND_ROBIN;
+  }
+  return v1::SELECTION_POLICY_UNSPECIFIED;
+}
+
+void ToProto(absl::Time t, google::protobuf::Timestamp* out) {
+  const int64_t nanos = absl::ToUnixNanos(t);
+  int64_t seconds = nanos / 1'000'000'000;
+  int64_t rem = nanos % 1'000'000'000;
+  if (rem < 0) {
+    rem += 1'000'000'000;
+    --seconds;
+  }
+  out->set_seconds(seconds);
+  out->set_nanos(static_cast<int32_t>(rem));
+}
+
+absl::Duration FromProto(const google::protobuf::Duration& d) {
+  return absl::Seconds(d.seconds()) + absl::Nanoseconds(d.nanos());
+}
+
+void ToProto(const AccountView& view, v1::Account* out) {
+  out->set_account_id(view.account_id);
+  out->set_email(view.email);
+  out->set_tier(ToProto(view.tier));
+  out->set_project_id(view.project_id);
+  out->set_state(view.disabled         ? v1::ACCOUNT_STATE_DISABLED
+                 : view.proxy_disabled ? v1::ACCOUNT_STATE_PROXY_DISABLED
+                                       : v1::ACCOUNT_STATE_ENABLED);
+  out->set_disabled_reason(view.disabled_reason);
+  for (const std::string& m : view.protected_models) out->add_protected_models(m);
+  if (view.token_expiry) ToProto(*view.token_expiry, out->mutable_token_expire_time());
+  if (view.last_used) ToProto(*view.last_used, out->mutable_last_used_time());
+  for (const ModelQuota& q : view.quotas) {
+    v1::ModelQuota* mq = out->add_quotas();
+    mq->set_model(q.model);
+    mq->set_remaining_fraction(q.remaining_fraction);
+    if (q.reset_time) ToProto(*q.reset_time, mq->mutable_reset_time());
+  }
+  out->set_bound_sessions(view.bound_sessions);
+}
+
+void ToProto(const Explanation& explanation, v1::ExplainSelectionResponse* out) {
+  out->set_chosen_account_id(explanation.chosen_account_id);
+  out->set_from_session(explanation.from_session);
+  out->set_policy(ToProto(explanation.policy));
+  for (const AccountVerdict& v : explanation.accounts) {
+    v1::AccountVerdict* pv = out->add_accounts();
+    pv->set_account_id(v.account_id);
+    pv->set_email(v.email);
+    pv->set_tier(ToProto(v.tier));
+    pv->set_verdict(ToProto(v.verdict));
+    pv->set_detail(v.detail);
+    pv->set_rank(v.rank);
+  }
+}
+
+}  // namespace tokenbroker

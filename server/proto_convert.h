@@ -1,0 +1,20 @@
+#pragma once
+
+#include "absl/time/time.h"
+#include "google/protobuf/duration.pb.h"
+#include "google/protobuf/timestamp.pb.h"
+#include "lib/account_pool.h"
+#include "tokenbroker/v1/broker.pb.h"
+
+namespace tokenbroker {
+
+// Domain -> proto translations for the broker's responses. Pure functions.
+v1::Tier ToProto(Tier tier);
+v1::Verdict ToProto(Verdict verdict);
+v1::SelectionPolicy ToProto(Policy policy);
+void ToProto(absl::Time t, google::protobuf::Timestamp* out);
+void ToProto(const AccountView& view, v1::Account* out);
+void ToProto(const Explanation& explanation, v1::ExplainSelectionResponse* out);
+absl::Duration FromProto(const google::protobuf::Duration& d);
+
+}  // namespace tokenbroker

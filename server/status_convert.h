@@ -1,0 +1,15 @@
+#pragma once
+
+#include <grpcpp/support/status.h>
+
+#include "absl/status/status.h"
+#include "absl/time/time.h"
+
+namespace tokenbroker {
+
+// The one place absl::Status becomes grpc::Status. Same code and message; a status made by
+// InvalidFieldError carries a google.rpc.BadRequest field violation in the rich error details
+// (grpc-status-details-bin), readable by grpcurl, buf curl and every gRPC client.
+grpc::Status ToGrpcStatus(const absl::Status& status);
+
+}  // namespace tokenbroker

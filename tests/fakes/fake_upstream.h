@@ -1,0 +1,99 @@
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+
+namespace tokenbroker::testing {
+
+// A scripted answer that replaces the normal one.
+struct ScriptedReply {
+  int status = 500;
+  std::string body;
+  absl::Duration delay = absl::ZeroDuration();  // wait before answering (a slow upstream)
+  int times = 1;                                // how many requests it answers; 0 = forever
+  std::string match;  // for /token: only this refresh token; empty matches any request
+};
+
+// What Cloud Code says about the account behind a refresh token.
+struct AccountProfile {
+  std::string project;  // empty: loadCodeAssist answers without cloudaicompanionProject
+  std::string tier_id = "free-tier";
+  std::string models_json = "{}";  // the "models" object of fetchAvailableModels
+};
+
+// A real HTTP/1.1 server on loopback that answers like Google's OAuth token endpoint
+// (POST /token) and Cloud Code (POST /v1internal:loadCodeAssist, /v1internal:fetchAvailableModels).
+// Every refresh token is accepted unless a reply is scripted. Tests script failures and read call
+// counts through the methods here, or over HTTP through /__fake/* (see fake_upstream_main.cc).
+// Thread-safe.
+class FakeUpstream {
+ public:
+  struct Options {
+    std::string host = "127.0.0.1";
+    int port = 0;  // 0: any free port
+    int expires_in = 3599;
+  };
+  static absl::StatusOr<std::unique_ptr<FakeUpstream>> Start(Options options);
+  ~FakeUpstream();
+
+  int port() const { return port_; }
+  std::string base_url() const;
+  std::string token_url() const { return base_url() + "/token"; }
+
+  void Script(const std::string& path, ScriptedReply reply);
+  void SetExpiresIn(int seconds);
+  void SetProfile(const std::string& refresh_token, AccountProfile profile);
+
+  int64_t Calls(const std::string& path) const;
+  int64_t TokenCallsFor(const std::string& refresh_token) const;
+  std::vector<std::string> IssuedAccessTokens() const;
+  // Requests being answered right now, and the most ever at once, per path.
+  int64_t MaxInFlight(const std::string& path) const;
+  // Everything above as JSON (what GET /__fake/stats returns).
+  std::string StatsJson() const;
+
+ private:
+  struct Response {
+    int status = 200;
+    std::string body;
+  };
+  FakeUpstream(Options options, int listen_fd, int port);
+  void AcceptLoop();
+  void Serve(int fd);
+  Response Handle(const std::string& method, const std::string& path,
+                  const std::map<std::string, std::string>& headers, const std::string& body);
+  Response HandleToken(const std::string& body);
+  Response HandleCloudCode(const std::string& path, const std::map<std::string, std::string>& headers);
+  Response HandleAdmin(const std::string& path, const std::string& body);
+
+  const Options options_;
+  const int listen_fd_;
+  const int port_;
+  std::atomic<bool> stopping_{false};
+  std::thread accept_thread_;
+
+  mutable absl::Mutex mu_;
+  std::vector<std::thread> workers_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, std::vector<ScriptedReply>> scripts_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, int64_t> calls_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, int64_t> in_flight_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, int64_t> max_in_flight_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, int64_t> token_calls_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, AccountProfile> profiles_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, std::string> access_to_refresh_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::string> issued_ ABSL_GUARDED_BY(mu_);
+  int expires_in_ ABSL_GUARDED_BY(mu_);
+  int64_t next_token_ ABSL_GUARDED_BY(mu_) = 1;
+};
+
+}  // namespace tokenbroker::testing
