@@ -16,7 +16,7 @@ void TokenManager::Start() {
   if (started_) return;
   started_ = true;
   for (int i = 0; i < std::max(1, options_.workers); ++i) threads_.emplace_back([this] { WorkerLoop(); });
-  threads_.emplace_back([this] { BackgroundLoop(); });
+  if (options_.background_refresh) threads_.emplace_back([this] { BackgroundLoop(); });
 }
 
 void TokenManager::Stop() {
@@ -92,6 +92,7 @@ void TokenManager::BackgroundLoop() {
     absl::MutexLock lock(&mu_);
     if (stopping_) return;
     for (const std::string& id : due) ScheduleLocked(id, nullptr);
+    ++scans_;
     mu_.AwaitWithTimeout(absl::Condition(&stopping_), options_.scan_interval);
     if (stopping_) return;
   }
@@ -179,6 +180,15 @@ void TokenManager::WriteBack(const std::string& account_id, const AccountUpdate&
 std::map<std::string, int64_t> TokenManager::RefreshCounts() const {
   absl::MutexLock lock(&mu_);
   return counts_;
+}
+
+}  // namespace tokenbroker
+
+namespace tokenbroker {
+
+int64_t TokenManager::ScanCount() const {
+  absl::MutexLock lock(&mu_);
+  return scans_;
 }
 
 }  // namespace tokenbroker

@@ -35,6 +35,9 @@ struct TokenManagerOptions {
   absl::Duration scan_interval = absl::Seconds(15);
   // Refreshes running at once.
   int workers = 4;
+  // Run the background refresher (a first pass at Start, then every scan_interval). Off: tokens
+  // are refreshed only on demand by Acquire.
+  bool background_refresh = true;
 };
 
 // Keeps the pool's access tokens fresh: a background loop renews tokens well before expiry, and
@@ -63,6 +66,8 @@ class TokenManager {
 
   // Refresh attempts so far by result: "ok", "invalid_grant", "error".
   std::map<std::string, int64_t> RefreshCounts() const;
+  // Completed passes of the background refresher over the pool.
+  int64_t ScanCount() const;
 
  private:
   // Schedules a refresh of `account_id` unless one is in flight; adds `done` to its waiters.
@@ -86,6 +91,7 @@ class TokenManager {
   std::deque<std::string> queue_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, int64_t> counts_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_set<std::string> write_failed_ ABSL_GUARDED_BY(mu_);
+  int64_t scans_ ABSL_GUARDED_BY(mu_) = 0;
   std::vector<std::thread> threads_;
 };
 

@@ -1,0 +1,320 @@
+#include "lib/account_pool.h"
+
+#include <map>
+#include <set>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace tokenbroker {
+namespace {
+
+using ::testing::HasSubstr;
+
+AccountRecord Account(const std::string& id, Tier tier) {
+  AccountRecord r;
+  r.id = id;
+  r.email = id + "@example.com";
+  r.refresh_token = "rt-" + id;
+  r.tier = tier;
+  return r;
+}
+
+AccountRecord WithQuota(AccountRecord r, const std::string& model, double fraction,
+                        std::optional<absl::Time> reset = std::nullopt) {
+  r.quotas.push_back(ModelQuota{model, fraction, reset});
+  return r;
+}
+
+SelectRequest Req(const std::string& model, const std::string& session = "", bool rotate = false) {
+  SelectRequest r;
+  r.model = model;
+  r.session_id = session;
+  r.force_rotate = rotate;
+  return r;
+}
+
+std::string Pick(AccountPool& pool, const SelectRequest& r) {
+  absl::StatusOr<Selection> s = pool.Select(r);
+  EXPECT_TRUE(s.ok()) << s.status();
+  return s.ok() ? s->account_id : "";
+}
+
+PoolOptions WithPolicy(Policy p) {
+  PoolOptions o;
+  o.policy = p;
+  return o;
+}
+
+TEST(AccountPool, EmptyPoolIsUnavailable) {
+  FakeClock clock;
+  AccountPool pool(PoolOptions(), clock);
+  absl::StatusOr<Selection> s = pool.Select(Req("m"));
+  EXPECT_EQ(s.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(s.status().message(), HasSubstr("no accounts are loaded"));
+}
+
+TEST(AccountPool, ServesTiersInOrderUltraProFree) {
+  FakeClock clock;
+  AccountPool pool(PoolOptions(), clock);
+  AccountRecord ultra = Account("u", Tier::kUltra);
+  ultra.protected_models = {"only-pro-and-free", "only-free"};
+  AccountRecord pro = Account("p", Tier::kPro);
+  pro.protected_models = {"only-free"};
+  pool.Load({Account("f", Tier::kFree), pro, ultra, Account("x", Tier::kUnknown)});
+  for (int i = 0; i < 5; ++i) EXPECT_EQ(Pick(pool, Req("m")), "u");
+  EXPECT_EQ(Pick(pool, Req("only-pro-and-free")), "p");
+  EXPECT_EQ(Pick(pool, Req("only-free")), "f");
+}
+
+TEST(AccountPool, SkipsDisabledProxyDisabledAndProtected) {
+  FakeClock clock;
+  AccountPool pool(PoolOptions(), clock);
+  AccountRecord a = Account("a", Tier::kUltra);
+  a.disabled = true;
+  a.disabled_reason = "invalid_grant: revoked";
+  AccountRecord b = Account("b", Tier::kUltra);
+  b.proxy_disabled = true;
+  AccountRecord c = Account("c", Tier::kUltra);
+  c.protected_models = {"m"};
+  pool.Load({a, b, c, Account("d", Tier::kFree)});
+  EXPECT_EQ(pool.UsableCount(), 2u);
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(Pick(pool, Req("m")), "d");
+  EXPECT_EQ(Pick(pool, Req("other")), "c");
+
+  Explanation e = pool.Explain(Req("m"));
+  EXPECT_EQ(e.chosen_account_id, "d");
+  std::map<std::string, AccountVerdict> by_id;
+  for (const AccountVerdict& v : e.accounts) by_id[v.account_id] = v;
+  EXPECT_EQ(by_id["a"].verdict, Verdict::kDisabled);
+  EXPECT_THAT(by_id["a"].detail, HasSubstr("invalid_grant"));
+  EXPECT_EQ(by_id["b"].verdict, Verdict::kProxyDisabled);
+  EXPECT_EQ(by_id["c"].verdict, Verdict::kProtected);
+  EXPECT_THAT(by_id["c"].detail, HasSubstr("protected_models"));
+  EXPECT_EQ(by_id["d"].verdict, Verdict::kChosen);
+  EXPECT_EQ(by_id["d"].rank, 1);
+  EXPECT_EQ(e.accounts.front().account_id, "d");
+}
+
+TEST(AccountPool, NothingEligibleIsResourceExhaustedWithCounts) {
+  FakeClock clock;
+  AccountPool pool(PoolOptions(), clock);
+  AccountRecord a = Account("a", Tier::kPro);
+  a.disabled = true;
+  AccountRecord b = Account("b", Tier::kPro);
+  b.protected_models = {"m"};
+  pool.Load({a, b});
+  absl::StatusOr<Selection> s = pool.Select(Req("m"));
+  EXPECT_EQ(s.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(s.status().message(), HasSubstr("1 disabled"));
+  EXPECT_THAT(s.status().message(), HasSubstr("1 protected for this model"));
+}
+
+TEST(AccountPool, SessionStaysOnItsAccountAndForceRotateMovesIt) {
+  FakeClock clock;
+  AccountPool pool(PoolOptions(), clock);
+  pool.Load({Account("u1", Tier::kUltra), Account("u2", Tier::kUltra), Account("u3", Tier::kUltra)});
+  std::string first = Pick(pool, Req("m", "s1"));
+  for (int i = 0; i < 10; ++i) {
+    // Other traffic moves "least recently used" around; the session does not follow it.
+    Pick(pool, Req("m"));
+    absl::StatusOr<Selection> s = pool.Select(Req("m", "s1"));
+    ASSERT_TRUE(s.ok());
+    EXPECT_EQ(s->account_id, first);
+    EXPECT_TRUE(s->from_session);
+  }
+  std::string moved = Pick(pool, Req("m", "s1", /*rotate=*/true));
+  EXPECT_NE(moved, first);
+  // The session is now bound to the new account.
+  EXPECT_EQ(Pick(pool, Req("m", "s1")), moved);
+  auto counts = pool.RebindCounts();
+  EXPECT_EQ(counts["new"], 1);
+  EXPECT_EQ(counts["force_rotate"], 1);
+}
+
+TEST(AccountPool, ForceRotateWithNoAlternativeKeepsTheOnlyAccount) {
+  FakeClock clock;
+  AccountPool pool(PoolOptions(), clock);
+  pool.Load({Account("only", Tier::kPro)});
+  EXPECT_EQ(Pick(pool, Req("m", "s")), "only");
+  EXPECT_EQ(Pick(pool, Req("m", "s", true)), "only");
+}
+
+TEST(AccountPool, SessionMovesWhenItsAccountBecomesIneligible) {
+  FakeClock clock;
+  AccountPool pool(PoolOptions(), clock);
+  pool.Load({Account("u1", Tier::kUltra), Account("p1", Tier::kPro)});
+  EXPECT_EQ(Pick(pool, Req("m", "s")), "u1");
+  pool.Disable("u1", "invalid_grant: revoked");
+  EXPECT_EQ(Pick(pool, Req("m", "s")), "p1");
+  EXPECT_EQ(pool.RebindCounts()["ineligible"], 1);
+}
+
+TEST(AccountPool, SessionBindingExpiresAfterIdleTtl) {
+  FakeClock clock;
+  PoolOptions o;
+  o.session_idle_ttl = absl::Minutes(30);
+  o.policy = Policy::kRoundRobin;
+  AccountPool pool(o, clock);
+  pool.Load({Account("a", Tier::kPro), Account("b", Tier::kPro)});
+  std::string first = Pick(pool, Req("m", "s"));
+  clock.Advance(absl::Minutes(29));
+  EXPECT_EQ(Pick(pool, Req("m", "s")), first);
+  clock.Advance(absl::Minutes(31));
+  // Expired: round robin moves on to the other account.
+  EXPECT_NE(Pick(pool, Req("m", "s")), first);
+}
+
+TEST(AccountPool, ForceRotateWithoutSessionMovesAwayFromLastChoiceForModel) {
+  FakeClock clock;
+  AccountPool pool(WithPolicy(Policy::kFillFirst), clock);
+  pool.Load({Account("a", Tier::kPro), Account("b", Tier::kPro)});
+  EXPECT_EQ(Pick(pool, Req("m")), "a");
+  EXPECT_EQ(Pick(pool, Req("m", "", true)), "b");
+  EXPECT_EQ(Pick(pool, Req("m")), "b");  // fill_first now sticks to b
+}
+
+TEST(AccountPool, BalancePrefersMostRemainingQuotaForTheRequestedModel) {
+  FakeClock clock;
+  AccountPool pool(WithPolicy(Policy::kBalance), clock);
+  // a has plenty of another model but little of m: the requested model decides.
+  pool.Load({WithQuota(WithQuota(Account("a", Tier::kPro), "m", 0.2), "other", 1.0),
+             WithQuota(Account("b", Tier::kPro), "m", 0.7), WithQuota(Account("c", Tier::kPro), "m", 0.5)});
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(Pick(pool, Req("m")), "b");
+  EXPECT_EQ(Pick(pool, Req("other")), "a");
+}
+
+TEST(AccountPool, BalanceSpreadsByLeastRecentlyUsed) {
+  FakeClock clock;
+  AccountPool pool(WithPolicy(Policy::kBalance), clock);
+  pool.Load({Account("a", Tier::kPro), Account("b", Tier::kPro), Account("c", Tier::kPro)});
+  std::set<std::string> seen;
+  for (int i = 0; i < 3; ++i) {
+    seen.insert(Pick(pool, Req("m")));
+    clock.Advance(absl::Seconds(1));
+  }
+  EXPECT_EQ(seen.size(), 3u);
+}
+
+TEST(AccountPool, FillFirstKeepsTheSameAccount) {
+  FakeClock clock;
+  AccountPool pool(WithPolicy(Policy::kFillFirst), clock);
+  pool.Load({Account("a", Tier::kPro), Account("b", Tier::kPro)});
+  for (int i = 0; i < 5; ++i) {
+    EXPECT_EQ(Pick(pool, Req("m")), "a");
+    clock.Advance(absl::Seconds(1));
+  }
+  AccountRecord a = Account("a", Tier::kPro);
+  a.protected_models = {"m"};
+  pool.Load({a, Account("b", Tier::kPro)});
+  EXPECT_EQ(Pick(pool, Req("m")), "b");
+  // a is eligible again, but fill_first stays on b (its prompt cache is warm).
+  pool.Load({Account("a", Tier::kPro), Account("b", Tier::kPro)});
+  EXPECT_EQ(Pick(pool, Req("m")), "b");
+}
+
+TEST(AccountPool, ResetSoonestUsesQuotaThatResetsFirst) {
+  FakeClock clock;
+  AccountPool pool(WithPolicy(Policy::kResetSoonest), clock);
+  absl::Time t = clock.Now();
+  pool.Load({WithQuota(Account("late", Tier::kPro), "m", 0.9, t + absl::Hours(5)),
+             WithQuota(Account("soon", Tier::kPro), "m", 0.3, t + absl::Hours(1)),
+             Account("unknown", Tier::kPro)});
+  EXPECT_EQ(Pick(pool, Req("m")), "soon");
+  Explanation e = pool.Explain(Req("m"));
+  ASSERT_EQ(e.accounts.size(), 3u);
+  EXPECT_EQ(e.accounts[1].account_id, "late");
+  EXPECT_EQ(e.accounts[2].account_id, "unknown");
+}
+
+TEST(AccountPool, RoundRobinCyclesWithinTheBestTier) {
+  FakeClock clock;
+  AccountPool pool(WithPolicy(Policy::kRoundRobin), clock);
+  pool.Load({Account("a", Tier::kPro), Account("b", Tier::kPro), Account("c", Tier::kPro),
+             Account("z", Tier::kFree)});
+  std::vector<std::string> got;
+  for (int i = 0; i < 6; ++i) got.push_back(Pick(pool, Req("m")));
+  EXPECT_EQ(got, (std::vector<std::string>{"a", "b", "c", "a", "b", "c"}));
+}
+
+TEST(AccountPool, ExcludeLeavesAccountsOut) {
+  FakeClock clock;
+  AccountPool pool(PoolOptions(), clock);
+  pool.Load({Account("u", Tier::kUltra), Account("p", Tier::kPro)});
+  SelectRequest r = Req("m");
+  r.exclude.insert("u");
+  EXPECT_EQ(Pick(pool, r), "p");
+}
+
+TEST(AccountPool, ExplainChangesNothing) {
+  FakeClock clock;
+  AccountPool pool(WithPolicy(Policy::kRoundRobin), clock);
+  pool.Load({Account("a", Tier::kPro), Account("b", Tier::kPro)});
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(pool.Explain(Req("m", "s")).chosen_account_id, "a");
+  EXPECT_EQ(Pick(pool, Req("m", "s")), "a");
+  Explanation e = pool.Explain(Req("m", "s"));
+  EXPECT_TRUE(e.from_session);
+  EXPECT_EQ(e.chosen_account_id, "a");
+}
+
+TEST(AccountPool, ReloadKeepsRuntimeStateAndNewerTokens) {
+  FakeClock clock;
+  AccountPool pool(PoolOptions(), clock);
+  pool.Load({Account("a", Tier::kPro), Account("b", Tier::kPro)});
+  EXPECT_EQ(Pick(pool, Req("m", "s")), "a");
+  pool.SetToken("a", "ya29.fresh", clock.Now() + absl::Hours(1), std::nullopt);
+  pool.Disable("b", "invalid_grant: revoked");
+  // The files still hold the old state (say the folder is read-only).
+  pool.Load({Account("a", Tier::kPro), Account("b", Tier::kPro), Account("c", Tier::kPro)});
+  EXPECT_EQ(pool.size(), 3u);
+  auto creds = pool.GetCredentials("a");
+  ASSERT_TRUE(creds.ok());
+  EXPECT_EQ(creds->access_token, "ya29.fresh");
+  EXPECT_TRUE(pool.GetCredentials("b")->disabled);
+  EXPECT_EQ(Pick(pool, Req("m", "s")), "a");  // the session survived the reload
+  pool.Load({Account("c", Tier::kPro)});
+  EXPECT_EQ(pool.GetCredentials("a").status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST(AccountPool, ListCarriesStateButNoSecrets) {
+  FakeClock clock;
+  AccountPool pool(PoolOptions(), clock);
+  AccountRecord a = Account("a", Tier::kUltra);
+  a.access_token = "ya29.secret";
+  a.access_expiry = clock.Now() + absl::Hours(1);
+  pool.Load({a});
+  Pick(pool, Req("m", "s"));
+  std::vector<AccountView> views = pool.List();
+  ASSERT_EQ(views.size(), 1u);
+  EXPECT_EQ(views[0].bound_sessions, 1);
+  EXPECT_EQ(views[0].token_expiry, clock.Now() + absl::Hours(1));
+  EXPECT_EQ(views[0].last_used, clock.Now());
+}
+
+TEST(AccountPool, ExpiringBeforeListsUsableAccountsOnly) {
+  FakeClock clock;
+  AccountPool pool(PoolOptions(), clock);
+  AccountRecord fresh = Account("fresh", Tier::kPro);
+  fresh.access_token = "t";
+  fresh.access_expiry = clock.Now() + absl::Hours(1);
+  AccountRecord stale = Account("stale", Tier::kPro);
+  stale.access_token = "t";
+  stale.access_expiry = clock.Now() + absl::Minutes(5);
+  AccountRecord dead = Account("dead", Tier::kPro);
+  dead.disabled = true;
+  pool.Load({fresh, stale, dead, Account("none", Tier::kPro)});
+  EXPECT_EQ(pool.ExpiringBefore(clock.Now() + absl::Minutes(15)),
+            (std::vector<std::string>{"none", "stale"}));
+}
+
+TEST(ParsePolicy, NamesAndErrors) {
+  for (Policy p : {Policy::kBalance, Policy::kFillFirst, Policy::kResetSoonest, Policy::kRoundRobin}) {
+    EXPECT_EQ(*ParsePolicy(PolicyName(p)), p);
+  }
+  absl::StatusOr<Policy> bad = ParsePolicy("random");
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(bad.status().message(), HasSubstr("balance, fill_first, reset_soonest, round_robin"));
+}
+
+}  // namespace
+}  // namespace tokenbroker

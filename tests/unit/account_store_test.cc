@@ -1,0 +1,217 @@
+#include "lib/account_store.h"
+
+#include <sys/stat.h>
+
+#include <filesystem>
+#include <thread>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+#include "tests/unit/test_util.h"
+
+namespace tokenbroker {
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+using ::testing::SizeIs;
+using testing::AccountJson;
+using testing::ReadText;
+using testing::TempDir;
+using testing::WriteText;
+
+constexpr char kFullAccount[] = R"({
+  "id": "a1", "email": "a1@example.com", "name": "Alice",
+  "token": {"access_token": "ya29.old", "refresh_token": "1//rt-a1", "expires_in": 3599,
+            "expiry_timestamp": 1800000000, "token_type": "Bearer", "project_id": "vivid-river-a1b2c"},
+  "quota": {"models": [{"name": "gemini-3-pro-high", "percentage": 62, "reset_time": "2026-11-29T04:00:00Z"},
+                       {"name": "claude-sonnet-4-6-thinking", "percentage": 0}],
+            "last_updated": 1799990000, "is_forbidden": false, "subscription_tier": "g1-ultra-tier"},
+  "disabled": false, "disabled_reason": null, "proxy_disabled": false,
+  "protected_models": ["claude-opus-4-5"], "created_at": 1700000000, "custom": {"keep": [1, 2, 3]}
+})";
+
+TEST(ParseAccountJson, ReadsAntigravityManagerFields) {
+  absl::StatusOr<AccountRecord> rec = ParseAccountJson("a1", kFullAccount);
+  ASSERT_TRUE(rec.ok()) << rec.status();
+  EXPECT_EQ(rec->id, "a1");
+  EXPECT_EQ(rec->email, "a1@example.com");
+  EXPECT_EQ(rec->refresh_token, "1//rt-a1");
+  EXPECT_EQ(rec->access_token, "ya29.old");
+  EXPECT_EQ(rec->access_expiry, absl::FromUnixSeconds(1800000000));
+  EXPECT_EQ(rec->project_id, "vivid-river-a1b2c");
+  EXPECT_EQ(rec->tier, Tier::kUltra);
+  EXPECT_FALSE(rec->disabled);
+  EXPECT_THAT(rec->protected_models, ElementsAre("claude-opus-4-5"));
+  ASSERT_THAT(rec->quotas, SizeIs(2));
+  EXPECT_DOUBLE_EQ(rec->quotas[0].remaining_fraction, 0.62);
+  ASSERT_TRUE(rec->quotas[0].reset_time.has_value());
+  EXPECT_EQ(*rec->quotas[0].reset_time, absl::FromUnixSeconds(1795924800));
+  EXPECT_DOUBLE_EQ(rec->quotas[1].remaining_fraction, 0.0);
+  EXPECT_FALSE(rec->quotas[1].reset_time.has_value());
+}
+
+TEST(ParseAccountJson, ErrorsNameTheFieldAndNeverQuoteSecrets) {
+  struct Case {
+    const char* text;
+    const char* want;
+  } cases[] = {
+      {"", "file is empty"},
+      {"  \n", "file is empty"},
+      {"{\"email\": \"x\", \"token\": ", "not valid JSON"},
+      {"[1,2]", "JSON object"},
+      {R"({"email":"x"})", "'token'"},
+      {R"({"email":"x","token":{"refresh_token":""}})", "'token.refresh_token'"},
+      {R"({"email":"x","token":{"refresh_token":"1//secret-rt","expiry_timestamp":"soon"}})",
+       "'token.expiry_timestamp'"},
+      {R"({"email":"x","token":{"refresh_token":"1//secret-rt"},"disabled":"yes"})", "'disabled'"},
+      {R"({"email":"x","token":{"refresh_token":"1//secret-rt"},"protected_models":"m"})", "'protected_models'"},
+  };
+  for (const Case& c : cases) {
+    absl::StatusOr<AccountRecord> rec = ParseAccountJson("x", c.text);
+    ASSERT_FALSE(rec.ok()) << c.text;
+    EXPECT_THAT(rec.status().message(), HasSubstr(c.want)) << c.text;
+    EXPECT_THAT(rec.status().message(), ::testing::Not(HasSubstr("secret"))) << c.text;
+  }
+}
+
+TEST(ParseTier, MapsIdsAndNames) {
+  EXPECT_EQ(ParseTier("g1-ultra-tier"), Tier::kUltra);
+  EXPECT_EQ(ParseTier("Google AI Pro"), Tier::kPro);
+  EXPECT_EQ(ParseTier("PRO"), Tier::kPro);
+  EXPECT_EQ(ParseTier("free-tier"), Tier::kFree);
+  EXPECT_EQ(ParseTier("standard-tier"), Tier::kFree);
+  EXPECT_EQ(ParseTier(""), Tier::kUnknown);
+}
+
+TEST(AccountStore, OpenFailsClearlyForMissingDirectory) {
+  TempDir dir;
+  absl::StatusOr<std::unique_ptr<AccountStore>> store = AccountStore::Open(dir.Join("nope"));
+  ASSERT_FALSE(store.ok());
+  EXPECT_EQ(store.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(store.status().message(), HasSubstr("nope"));
+}
+
+TEST(AccountStore, LoadsGoodFilesAndReportsEachBadOneByPath) {
+  TempDir dir;
+  WriteText(dir.Join("good1.json"), AccountJson("g1@example.com", "rt-1", "PRO"));
+  WriteText(dir.Join("good2.json"), AccountJson("g2@example.com", "rt-2", "FREE"));
+  WriteText(dir.Join("malformed.json"), "{\"email\": ");
+  WriteText(dir.Join("empty.json"), "");
+  // Unreadable: a link to nowhere (chmod 000 would not stop root, which CI runs as).
+  std::filesystem::create_symlink(dir.Join("missing-target"), dir.Join("unreadable.json"));
+  WriteText(dir.Join("notes.txt"), "not an account");
+  WriteText(dir.Join(".hidden.json"), "{}");
+
+  auto store = AccountStore::Open(dir.path());
+  ASSERT_TRUE(store.ok());
+  LoadResult r = (*store)->LoadAll();
+  ASSERT_THAT(r.accounts, SizeIs(2));
+  EXPECT_EQ(r.accounts[0].id, "good1");
+  EXPECT_EQ(r.accounts[1].id, "good2");
+  ASSERT_THAT(r.problems, SizeIs(3));
+  EXPECT_EQ(r.problems[0].path, dir.Join("empty.json"));
+  EXPECT_THAT(r.problems[0].reason, HasSubstr("empty"));
+  EXPECT_EQ(r.problems[1].path, dir.Join("malformed.json"));
+  EXPECT_THAT(r.problems[1].reason, HasSubstr("not valid JSON"));
+  EXPECT_EQ(r.problems[2].path, dir.Join("unreadable.json"));
+  EXPECT_THAT(r.problems[2].reason, HasSubstr("cannot open"));
+}
+
+TEST(AccountStore, UpdateKeepsUnknownFieldsAndWritesMode0600Atomically) {
+  TempDir dir;
+  WriteText(dir.Join("a1.json"), kFullAccount);
+  ::chmod(dir.Join("a1.json").c_str(), 0644);
+  auto store = AccountStore::Open(dir.path());
+  ASSERT_TRUE(store.ok());
+  AccountUpdate update;
+  update.access_token = "ya29.new";
+  update.access_expiry = absl::FromUnixSeconds(1900000000);
+  update.disabled_reason = "invalid_grant: Token has been expired or revoked.";
+  ASSERT_TRUE((*store)->Update("a1", update).ok());
+
+  nlohmann::json before = nlohmann::json::parse(kFullAccount);
+  nlohmann::json after = nlohmann::json::parse(ReadText(dir.Join("a1.json")));
+  EXPECT_EQ(after["token"]["access_token"], "ya29.new");
+  EXPECT_EQ(after["token"]["expiry_timestamp"], 1900000000);
+  EXPECT_EQ(after["disabled"], true);
+  EXPECT_EQ(after["disabled_reason"], "invalid_grant: Token has been expired or revoked.");
+  EXPECT_TRUE(after.contains("disabled_at"));
+  // Every field it had is still there, untouched unless updated.
+  for (auto& [key, value] : before.items()) {
+    ASSERT_TRUE(after.contains(key)) << key;
+    if (key != "token" && key != "disabled" && key != "disabled_reason") {
+      EXPECT_EQ(after[key], value) << key;
+    }
+  }
+  for (auto& [key, value] : before["token"].items()) {
+    if (key != "access_token" && key != "expiry_timestamp") {
+      EXPECT_EQ(after["token"][key], value) << key;
+    }
+  }
+  struct stat st {};
+  ASSERT_EQ(::stat(dir.Join("a1.json").c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600);
+  // No temp file is left behind.
+  for (const auto& e : std::filesystem::directory_iterator(dir.path())) {
+    EXPECT_THAT(e.path().filename().string(), ::testing::Not(HasSubstr(".tmp"))) << e.path();
+  }
+  // And it still loads.
+  LoadResult r = (*store)->LoadAll();
+  ASSERT_THAT(r.accounts, SizeIs(1));
+  EXPECT_TRUE(r.accounts[0].disabled);
+}
+
+TEST(AccountStore, UpdateOfMissingFileIsNotFound) {
+  TempDir dir;
+  auto store = AccountStore::Open(dir.path());
+  ASSERT_TRUE(store.ok());
+  AccountUpdate update;
+  update.access_token = "x";
+  EXPECT_EQ((*store)->Update("gone", update).code(), absl::StatusCode::kNotFound);
+}
+
+TEST(AccountStore, ConcurrentUpdatesNeverLoseAWrite) {
+  TempDir dir;
+  WriteText(dir.Join("a1.json"), kFullAccount);
+  auto store = AccountStore::Open(dir.path());
+  ASSERT_TRUE(store.ok());
+  // Two writers change different fields of one file; the lock makes each read-modify-write whole,
+  // so the last value of each field survives.
+  auto writer = [&](bool access) {
+    for (int i = 0; i < 40; ++i) {
+      AccountUpdate u;
+      if (access) {
+        u.access_token = "a-" + std::to_string(i);
+      } else {
+        u.refresh_token = "r-" + std::to_string(i);
+      }
+      ASSERT_TRUE((*store)->Update("a1", u).ok());
+    }
+  };
+  std::thread t1(writer, true);
+  std::thread t2(writer, false);
+  t1.join();
+  t2.join();
+  nlohmann::json after = nlohmann::json::parse(ReadText(dir.Join("a1.json")));
+  EXPECT_EQ(after["token"]["access_token"], "a-39");
+  EXPECT_EQ(after["token"]["refresh_token"], "r-39");
+}
+
+TEST(AccountStore, FingerprintChangesWhenAFileChanges) {
+  TempDir dir;
+  WriteText(dir.Join("a.json"), AccountJson("a@example.com", "rt-a", "PRO"));
+  auto store = AccountStore::Open(dir.path());
+  ASSERT_TRUE(store.ok());
+  uint64_t f1 = (*store)->Fingerprint();
+  EXPECT_EQ(f1, (*store)->Fingerprint());
+  WriteText(dir.Join("b.json"), AccountJson("b@example.com", "rt-b", "PRO"));
+  uint64_t f2 = (*store)->Fingerprint();
+  EXPECT_NE(f1, f2);
+  WriteText(dir.Join("b.json"), AccountJson("b@example.com", "rt-b-longer", "PRO"));
+  EXPECT_NE(f2, (*store)->Fingerprint());
+}
+
+}  // namespace
+}  // namespace tokenbroker

@@ -1,0 +1,177 @@
+// BrokerService through a real in-process gRPC server, with the real pool, token manager and the
+// fake upstream on loopback.
+#include "server/broker_service.h"
+
+#include <grpcpp/grpcpp.h>
+
+#include "gmock/gmock.h"
+#include "google/rpc/error_details.pb.h"
+#include "google/rpc/status.pb.h"
+#include "gtest/gtest.h"
+#include "tests/fakes/fake_upstream.h"
+
+namespace tokenbroker {
+namespace {
+
+using ::testing::HasSubstr;
+using testing::FakeUpstream;
+using testing::ScriptedReply;
+
+AccountRecord Account(const std::string& id, Tier tier) {
+  AccountRecord r;
+  r.id = id;
+  r.email = id + "@example.com";
+  r.refresh_token = "rt-" + id;
+  r.project_id = "proj-" + id;
+  r.tier = tier;
+  return r;
+}
+
+class BrokerServiceTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto up = FakeUpstream::Start({});
+    ASSERT_TRUE(up.ok());
+    upstream_ = *std::move(up);
+    OAuthOptions o;
+    o.token_url = upstream_->token_url();
+    o.max_attempts = 1;
+    oauth_ = std::make_unique<OAuthClient>(o, http_);
+    pool_.Load({Account("u1", Tier::kUltra), Account("p1", Tier::kPro), Account("f1", Tier::kFree)});
+    TokenManagerOptions to;
+    to.background_refresh = false;  // tokens are fetched only when a test asks
+    tokens_ = std::make_unique<TokenManager>(to, pool_, *oauth_, nullptr, Clock::Real());
+    tokens_->Start();
+    service_ = std::make_unique<BrokerService>(pool_, *tokens_);
+    grpc::ServerBuilder builder;
+    builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+    int port = 0;
+    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+    builder.RegisterService(service_.get());
+    server_ = builder.BuildAndStart();
+    ASSERT_NE(port, 0);
+    stub_ = v1::TokenBrokerService::NewStub(
+        grpc::CreateChannel("127.0.0.1:" + std::to_string(port), grpc::InsecureChannelCredentials()));
+  }
+  void TearDown() override {
+    server_->Shutdown();
+    tokens_->Stop();
+  }
+
+  grpc::Status GetToken(const v1::GetTokenRequest& req, v1::GetTokenResponse* resp) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    return stub_->GetToken(&ctx, req, resp);
+  }
+
+  AccountPool pool_{PoolOptions(), Clock::Real()};
+  HttpClient http_;
+  std::unique_ptr<FakeUpstream> upstream_;
+  std::unique_ptr<OAuthClient> oauth_;
+  std::unique_ptr<TokenManager> tokens_;
+  std::unique_ptr<BrokerService> service_;
+  std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<v1::TokenBrokerService::Stub> stub_;
+};
+
+TEST_F(BrokerServiceTest, GetTokenReturnsTheBestAccountsFreshToken) {
+  v1::GetTokenRequest req;
+  req.set_model("gemini-3-pro-high");
+  v1::GetTokenResponse resp;
+  grpc::Status s = GetToken(req, &resp);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(resp.account_id(), "u1");
+  EXPECT_EQ(resp.email(), "u1@example.com");
+  EXPECT_EQ(resp.project_id(), "proj-u1");
+  EXPECT_EQ(resp.tier(), v1::TIER_ULTRA);
+  EXPECT_THAT(resp.access_token(), HasSubstr("ya29.fake-"));
+  EXPECT_GT(resp.expire_time().seconds(), absl::ToUnixSeconds(absl::Now() + absl::Minutes(50)));
+}
+
+TEST_F(BrokerServiceTest, InvalidFieldsGetInvalidArgumentWithBadRequest) {
+  struct Case {
+    std::string model, session, field;
+  } cases[] = {
+      {"", "", "model"},
+      {"gemini pro", "", "model"},
+      {"m", std::string(10 * 1024, 's'), "session_id"},
+  };
+  for (const Case& c : cases) {
+    v1::GetTokenRequest req;
+    req.set_model(c.model);
+    req.set_session_id(c.session);
+    v1::GetTokenResponse resp;
+    grpc::Status s = GetToken(req, &resp);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << c.field;
+    EXPECT_THAT(s.error_message(), HasSubstr(c.field));
+    google::rpc::Status rich;
+    ASSERT_TRUE(rich.ParseFromString(s.error_details()));
+    ASSERT_EQ(rich.details_size(), 1);
+    google::rpc::BadRequest bad;
+    ASSERT_TRUE(rich.details(0).UnpackTo(&bad));
+    ASSERT_EQ(bad.field_violations_size(), 1);
+    EXPECT_EQ(bad.field_violations(0).field(), c.field);
+  }
+  EXPECT_EQ(upstream_->Calls("/token"), 0);
+}
+
+TEST_F(BrokerServiceTest, RefreshFailureFallsBackToTheNextAccount) {
+  upstream_->Script("/token", ScriptedReply{.status = 503, .body = "{}", .times = 1, .match = "rt-u1"});
+  v1::GetTokenRequest req;
+  req.set_model("m");
+  v1::GetTokenResponse resp;
+  grpc::Status s = GetToken(req, &resp);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(resp.account_id(), "p1");
+}
+
+TEST_F(BrokerServiceTest, NoTokenAnywhereIsUnavailable) {
+  upstream_->Script("/token", ScriptedReply{.status = 503, .body = "{}", .times = 0});
+  v1::GetTokenRequest req;
+  req.set_model("m");
+  v1::GetTokenResponse resp;
+  grpc::Status s = GetToken(req, &resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_THAT(s.error_message(), HasSubstr("HTTP 503"));
+}
+
+TEST_F(BrokerServiceTest, ListAccountsCarriesNoSecrets) {
+  v1::GetTokenRequest req;
+  req.set_model("m");
+  v1::GetTokenResponse token;
+  ASSERT_TRUE(GetToken(req, &token).ok());
+  grpc::ClientContext ctx;
+  v1::ListAccountsResponse resp;
+  ASSERT_TRUE(stub_->ListAccounts(&ctx, v1::ListAccountsRequest(), &resp).ok());
+  ASSERT_EQ(resp.accounts_size(), 3);
+  std::string dump = resp.DebugString();
+  EXPECT_THAT(dump, ::testing::Not(HasSubstr(token.access_token())));
+  EXPECT_THAT(dump, ::testing::Not(HasSubstr("rt-")));
+  EXPECT_EQ(resp.accounts(0).account_id(), "f1");
+  EXPECT_EQ(resp.accounts(0).state(), v1::ACCOUNT_STATE_ENABLED);
+}
+
+TEST_F(BrokerServiceTest, ExplainSelectionRanksByTier) {
+  grpc::ClientContext ctx;
+  v1::ExplainSelectionRequest req;
+  req.set_model("m");
+  v1::ExplainSelectionResponse resp;
+  ASSERT_TRUE(stub_->ExplainSelection(&ctx, req, &resp).ok());
+  EXPECT_EQ(resp.chosen_account_id(), "u1");
+  ASSERT_EQ(resp.accounts_size(), 3);
+  EXPECT_EQ(resp.accounts(0).verdict(), v1::VERDICT_CHOSEN);
+  EXPECT_EQ(resp.accounts(1).account_id(), "p1");
+  EXPECT_EQ(resp.accounts(1).verdict(), v1::VERDICT_RANKED_LOWER);
+  EXPECT_THAT(resp.accounts(1).detail(), HasSubstr("lower tier"));
+  EXPECT_EQ(resp.accounts(2).account_id(), "f1");
+}
+
+TEST_F(BrokerServiceTest, NotYetImplementedRpcsSaySo) {
+  grpc::ClientContext ctx;
+  v1::ReportOutcomeResponse resp;
+  grpc::Status s = stub_->ReportOutcome(&ctx, v1::ReportOutcomeRequest(), &resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNIMPLEMENTED);
+}
+
+}  // namespace
+}  // namespace tokenbroker

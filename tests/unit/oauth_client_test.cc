@@ -1,0 +1,134 @@
+#include "lib/oauth_client.h"
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/fakes/fake_upstream.h"
+
+namespace tokenbroker {
+namespace {
+
+using ::testing::HasSubstr;
+using ::testing::Not;
+using testing::FakeUpstream;
+using testing::ScriptedReply;
+
+TEST(ParseTokenResponse, Success) {
+  auto g = ParseTokenResponse(200, R"({"access_token":"ya29.a0Af","expires_in":3599,"token_type":"Bearer","scope":"x","id_token":"eyJ"})");
+  ASSERT_TRUE(g.ok()) << g.status();
+  EXPECT_EQ(g->access_token, "ya29.a0Af");
+  EXPECT_EQ(g->expires_in, absl::Seconds(3599));
+  EXPECT_FALSE(g->refresh_token.has_value());
+}
+
+TEST(ParseTokenResponse, RotatedRefreshToken) {
+  auto g = ParseTokenResponse(200, R"({"access_token":"ya29.b","expires_in":10,"refresh_token":"1//new"})");
+  ASSERT_TRUE(g.ok());
+  EXPECT_EQ(g->refresh_token, "1//new");
+}
+
+TEST(ParseTokenResponse, ErrorsByKind) {
+  auto invalid_grant =
+      ParseTokenResponse(400, R"({"error":"invalid_grant","error_description":"Token has been expired or revoked."})");
+  EXPECT_TRUE(IsInvalidGrant(invalid_grant.status()));
+  EXPECT_THAT(invalid_grant.status().message(), HasSubstr("Token has been expired or revoked."));
+
+  auto client = ParseTokenResponse(401, R"({"error":"invalid_client","error_description":"The OAuth client was not found."})");
+  EXPECT_EQ(client.status().code(), absl::StatusCode::kUnauthenticated);
+  EXPECT_THAT(client.status().message(), HasSubstr("--oauth_client_id"));
+  EXPECT_FALSE(IsInvalidGrant(client.status()));
+
+  EXPECT_EQ(ParseTokenResponse(503, "<html>oops</html>").status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(ParseTokenResponse(429, "{}").status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(ParseTokenResponse(404, "{}").status().code(), absl::StatusCode::kInternal);
+  EXPECT_EQ(ParseTokenResponse(200, "not json").status().code(), absl::StatusCode::kInternal);
+  EXPECT_EQ(ParseTokenResponse(200, R"({"expires_in":1})").status().code(), absl::StatusCode::kInternal);
+  EXPECT_EQ(ParseTokenResponse(200, R"({"access_token":"x"})").status().code(), absl::StatusCode::kInternal);
+}
+
+TEST(ParseTokenResponse, NeverEchoesTheBody) {
+  auto g = ParseTokenResponse(500, R"({"access_token":"ya29.leak","error":"server_error"})");
+  EXPECT_THAT(g.status().message(), Not(HasSubstr("ya29.leak")));
+}
+
+struct Fixture {
+  std::unique_ptr<FakeUpstream> upstream;
+  HttpClient http;
+  std::unique_ptr<OAuthClient> client;
+
+  explicit Fixture(absl::Duration timeout = absl::Seconds(5)) {
+    auto up = FakeUpstream::Start({});
+    EXPECT_TRUE(up.ok()) << up.status();
+    upstream = *std::move(up);
+    OAuthOptions o;
+    o.token_url = upstream->token_url();
+    o.client_id = "client";
+    o.client_secret = "secret";
+    o.timeout = timeout;
+    o.max_attempts = 3;
+    o.initial_backoff = absl::Milliseconds(1);
+    o.max_backoff = absl::Milliseconds(5);
+    client = std::make_unique<OAuthClient>(o, http);
+  }
+};
+
+TEST(OAuthClient, RefreshesAgainstTheTokenEndpoint) {
+  Fixture f;
+  auto g = f.client->Refresh("1//rt a&b");  // form-encoding matters
+  ASSERT_TRUE(g.ok()) << g.status();
+  EXPECT_THAT(g->access_token, HasSubstr("ya29.fake-"));
+  EXPECT_EQ(g->expires_in, absl::Seconds(3599));
+  EXPECT_EQ(f.upstream->TokenCallsFor("1//rt a&b"), 1);
+}
+
+TEST(OAuthClient, RetriesServerErrorsThenSucceeds) {
+  Fixture f;
+  f.upstream->Script("/token", ScriptedReply{.status = 503, .body = "{}", .times = 2});
+  auto g = f.client->Refresh("rt");
+  ASSERT_TRUE(g.ok()) << g.status();
+  EXPECT_EQ(f.upstream->TokenCallsFor("rt"), 3);
+}
+
+TEST(OAuthClient, GivesUpAfterMaxAttempts) {
+  Fixture f;
+  f.upstream->Script("/token", ScriptedReply{.status = 500, .body = "{}", .times = 0});
+  auto g = f.client->Refresh("rt");
+  EXPECT_EQ(g.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(g.status().message(), HasSubstr("after 3 attempts"));
+  EXPECT_EQ(f.upstream->TokenCallsFor("rt"), 3);
+}
+
+TEST(OAuthClient, RetriesTimeouts) {
+  Fixture f(absl::Milliseconds(200));
+  f.upstream->Script("/token", ScriptedReply{.status = 200, .body = "{}", .delay = absl::Seconds(1), .times = 1});
+  auto g = f.client->Refresh("rt");
+  ASSERT_TRUE(g.ok()) << g.status();
+  EXPECT_EQ(f.upstream->TokenCallsFor("rt"), 2);
+}
+
+TEST(OAuthClient, InvalidGrantIsNotRetried) {
+  Fixture f;
+  f.upstream->Script("/token", ScriptedReply{
+                                   .status = 400,
+                                   .body = R"({"error":"invalid_grant","error_description":"Token has been expired or revoked."})",
+                                   .times = 0,
+                                   .match = "revoked"});
+  auto g = f.client->Refresh("revoked");
+  EXPECT_TRUE(IsInvalidGrant(g.status())) << g.status();
+  EXPECT_EQ(f.upstream->TokenCallsFor("revoked"), 1);
+  // Other accounts are unaffected by the scripted failure.
+  EXPECT_TRUE(f.client->Refresh("fine").ok());
+}
+
+TEST(OAuthClient, ConnectionRefusedIsUnavailable) {
+  HttpClient http;
+  OAuthOptions o;
+  o.token_url = "http://127.0.0.1:1/token";
+  o.max_attempts = 2;
+  o.initial_backoff = absl::Milliseconds(1);
+  OAuthClient client(o, http);
+  auto g = client.Refresh("rt");
+  EXPECT_EQ(g.status().code(), absl::StatusCode::kUnavailable);
+}
+
+}  // namespace
+}  // namespace tokenbroker
