@@ -1,0 +1,124 @@
+"""`make demo`: a guided tour of tokenbroker on embedded defaults.
+
+Starts the fake Google upstream and the real broker on free loopback ports with generated sample
+accounts in a temp folder, then drives it with tbctl. Everything is removed at the end.
+"""
+import argparse
+import json
+import os
+import shlex
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "e2e"))
+import harness  # noqa: E402
+
+MODEL = "gemini-3-pro-high"
+ACCOUNTS = [
+    ("ultra-1", "ultra1@example.com", "ULTRA"),
+    ("pro-1", "pro1@example.com", "PRO"),
+    ("pro-2", "pro2@example.com", "PRO"),
+    ("free-1", "free1@example.com", "FREE"),
+    ("free-2", "free2@example.com", "FREE"),
+]
+
+
+def step(n, title):
+    bold, plain = ("\033[1m", "\033[0m") if sys.stdout.isatty() else ("", "")
+    print(f"\n{bold}== {n}. {title}{plain}")
+
+
+def run(cluster, *args):
+    print("$ tbctl " + " ".join(shlex.quote(a) for a in args))
+    r = cluster.tbctl(*args, check=False)
+    out = (r.stdout + r.stderr).rstrip()
+    print("  " + out.replace("\n", "\n  "))
+    return r
+
+
+def get_token(cluster, *args):
+    r = run(cluster, "get-token", "--model", MODEL, *args)
+    if r.returncode != 0:
+        raise SystemExit("demo: get-token failed")
+    account = [line.split()[1] for line in r.stdout.splitlines() if line.startswith("account")][0]
+    tier = [line.split()[1] for line in r.stdout.splitlines() if line.startswith("tier")][0]
+    return account, tier
+
+
+def set_proxy_disabled(cluster, account_ids, value):
+    for account_id in account_ids:
+        path = os.path.join(cluster.accounts_dir, account_id + ".json")
+        with open(path) as f:
+            doc = json.load(f)
+        doc["proxy_disabled"] = value
+        with open(path, "w") as f:
+            json.dump(doc, f, indent=2)
+    want = "ACCOUNT_STATE_PROXY_DISABLED" if value else "ACCOUNT_STATE_ENABLED"
+
+    def applied():
+        states = {a["accountId"]: a["state"] for a in cluster.tbctl_json("list-accounts")["accounts"]}
+        return all(states.get(a) == want for a in account_ids)
+    harness.wait_for(applied, what="the broker to pick up the edited files")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--build", default="build")
+    args = parser.parse_args()
+
+    cluster = harness.Cluster(args.build)
+    try:
+        for account_id, email, tier in ACCOUNTS:
+            cluster.write_account(account_id, harness.account_json(email, "1//demo-" + account_id, tier))
+        cluster.start_upstream()
+        cluster.start_broker()
+        print(f"fake Google upstream on 127.0.0.1:{cluster.upstream.port}, tokenbroker on {cluster.target}")
+        print(f"accounts folder: {cluster.accounts_dir} (Antigravity-Manager format)")
+
+        step(1, "The broker loaded five accounts; health is SERVING")
+        run(cluster, "health")
+        run(cluster, "list-accounts")
+
+        step(2, "Selection ranks tiers ULTRA > PRO > FREE")
+        run(cluster, "explain", "--model", MODEL)
+
+        step(3, "GetToken serves the ULTRA account first")
+        _, tier = get_token(cluster)
+        assert tier == "ULTRA", tier
+
+        step(4, "ULTRA leaves the rotation (proxy_disabled set in its file, picked up without a restart): PRO is served")
+        set_proxy_disabled(cluster, ["ultra-1"], True)
+        _, tier = get_token(cluster)
+        assert tier == "PRO", tier
+
+        step(5, "Both PRO accounts leave too: FREE is served")
+        set_proxy_disabled(cluster, ["pro-1", "pro-2"], True)
+        _, tier = get_token(cluster)
+        assert tier == "FREE", tier
+        set_proxy_disabled(cluster, ["ultra-1", "pro-1", "pro-2"], False)
+        print("(all accounts back in rotation)")
+
+        step(6, "A session stays on its account across calls (prompt caches stay warm)")
+        first, _ = get_token(cluster, "--session", "conversation-42")
+        for _ in range(2):
+            account, _ = get_token(cluster, "--session", "conversation-42")
+            assert account == first, (account, first)
+        print(f"-> three calls, one account: {first}")
+
+        step(7, "force_rotate moves the session to another account, where it then stays")
+        moved, _ = get_token(cluster, "--session", "conversation-42", "--force_rotate")
+        assert moved != first, moved
+        again, _ = get_token(cluster, "--session", "conversation-42")
+        assert again == moved, (again, moved)
+        print(f"-> moved from {first} to {moved}")
+
+        step(8, "Bad input gets a clear error naming the field")
+        run(cluster, "get-token", "--model", "gemini 3 pro")
+
+        print("\nDemo complete. Tokens are redacted in tbctl's output; --show_token prints them.")
+        return 0
+    finally:
+        cluster.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

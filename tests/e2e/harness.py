@@ -1,0 +1,180 @@
+"""Starts the real binaries (fake upstream, broker) on free loopback ports in a temp folder.
+
+Shared by the end-to-end tests and `make demo`. Standard library only (/usr/bin/python3).
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import urllib.request
+
+
+def wait_for(cond, timeout=15.0, what="condition"):
+    """Polls cond() until it is truthy or the deadline passes; returns its value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def account_json(email, refresh_token, tier, **extra):
+    """An account file body in Antigravity-Manager's format."""
+    doc = {
+        "id": email.split("@")[0],
+        "email": email,
+        "name": email.split("@")[0].title(),
+        "token": {
+            "access_token": "",
+            "refresh_token": refresh_token,
+            "expires_in": 0,
+            "expiry_timestamp": 0,
+            "token_type": "Bearer",
+            "project_id": "proj-" + email.split("@")[0],
+        },
+        "quota": {"models": [], "subscription_tier": tier, "is_forbidden": False},
+        "disabled": False,
+        "disabled_reason": None,
+        "proxy_disabled": False,
+        "protected_models": [],
+        "created_at": 1764000000,
+    }
+    doc.update(extra)
+    return doc
+
+
+class Process:
+    def __init__(self, name, argv, log_path, port_file, env=None):
+        self.name = name
+        self.log_path = log_path
+        self.port_file = port_file
+        if os.path.exists(port_file):
+            os.remove(port_file)
+        self.log = open(log_path, "ab")
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=env)
+        self.port = int(wait_for(self._read_port, what=f"{name} to listen"))
+
+    def _read_port(self):
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; log:\n{self.read_log()}")
+        try:
+            with open(self.port_file) as f:
+                return f.read().strip()
+        except FileNotFoundError:
+            return None
+
+    def read_log(self):
+        with open(self.log_path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    def stop(self, sig=signal.SIGTERM, timeout=15):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+class Cluster:
+    """A temp folder with an accounts/ dir, a fake upstream and (re)startable brokers."""
+
+    def __init__(self, build_dir, buf=None):
+        self.build_dir = os.path.abspath(build_dir)
+        self.buf = os.path.abspath(buf) if buf else None
+        self.dir = tempfile.mkdtemp(prefix="tokenbroker-e2e-")
+        self.accounts_dir = os.path.join(self.dir, "accounts")
+        os.mkdir(self.accounts_dir)
+        self.upstream = None
+        self.broker = None
+        self.broker_runs = 0
+
+    def bin(self, *parts):
+        return os.path.join(self.build_dir, *parts)
+
+    def write_account(self, account_id, doc):
+        path = os.path.join(self.accounts_dir, account_id + ".json")
+        with open(path, "w") as f:
+            json.dump(doc, f, indent=2)
+        os.chmod(path, 0o600)
+        return path
+
+    def start_upstream(self):
+        self.upstream = Process(
+            "fake_upstream",
+            [self.bin("tests", "fakes", "fake_upstream"), "--port_file", os.path.join(self.dir, "upstream.port")],
+            os.path.join(self.dir, "upstream.log"),
+            os.path.join(self.dir, "upstream.port"),
+        )
+        return self.upstream
+
+    def upstream_call(self, path, body=None):
+        url = f"http://127.0.0.1:{self.upstream.port}{path}"
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(url, data=data, method="GET" if body is None else "POST")
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read().decode())
+
+    def start_broker(self, *flags, listen="127.0.0.1:0"):
+        self.broker_runs += 1
+        argv = [
+            self.bin("server", "tokenbroker"),
+            "--accounts_dir", self.accounts_dir,
+            "--listen", listen,
+            "--port_file", os.path.join(self.dir, "broker.port"),
+            "--oauth_token_url", f"http://127.0.0.1:{self.upstream.port}/token",
+            "--cloudcode_base_url", f"http://127.0.0.1:{self.upstream.port}",
+            "--reload_interval", "200ms",
+        ] + list(flags)
+        # The OAuth client comes from the environment, as an operator would pass a secret.
+        env = dict(os.environ, TOKENBROKER_OAUTH_CLIENT_ID="demo-client",
+                   TOKENBROKER_OAUTH_CLIENT_SECRET="demo-secret")
+        self.broker = Process(
+            "tokenbroker", argv, os.path.join(self.dir, f"broker-{self.broker_runs}.log"),
+            os.path.join(self.dir, "broker.port"), env=env)
+        return self.broker
+
+    @property
+    def target(self):
+        return f"127.0.0.1:{self.broker.port}"
+
+    def tbctl(self, *args, check=True):
+        argv = [self.bin("client", "tbctl"), "--target", self.target] + list(args)
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        if check and r.returncode != 0:
+            raise RuntimeError(f"tbctl {' '.join(args)} failed ({r.returncode}): {r.stderr}")
+        return r
+
+    def tbctl_json(self, *args):
+        return json.loads(self.tbctl("--json", *args).stdout)
+
+    def buf_curl(self, method, body=None):
+        """Calls `method` ("pkg.Service/Method") with buf curl, schema from server reflection only."""
+        argv = [self.buf, "curl", "--http2-prior-knowledge", "--protocol", "grpc"]
+        if body is not None:
+            argv += ["--data", json.dumps(body)]
+        argv.append(f"http://{self.target}/{method}")
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=self.dir)
+
+    def broker_logs(self):
+        out = []
+        for i in range(1, self.broker_runs + 1):
+            with open(os.path.join(self.dir, f"broker-{i}.log"), encoding="utf-8", errors="replace") as f:
+                out.append(f.read())
+        return "\n".join(out)
+
+    def close(self):
+        for p in (self.broker, self.upstream):
+            if p is not None:
+                p.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
