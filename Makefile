@@ -5,7 +5,9 @@ BUILD_TYPE ?= RelWithDebInfo
 PYTHON := /usr/bin/python3
 BUF := tools/node_modules/.bin/buf
 
-.PHONY: all deps configure build test demo lint clean
+TSA_BUILD ?= build-clang
+
+.PHONY: all deps configure build test demo lint tsa clean
 
 all: build
 
@@ -22,11 +24,18 @@ build: configure
 lint: deps
 	@cd proto && ../$(BUF) lint && echo "buf lint: clean"
 
-test: build lint
+# Clang's thread-safety analysis over the libraries (-Werror=thread-safety): GUARDED_BY is checked.
+tsa: deps
+	@if [ ! -f $(TSA_BUILD)/build.ninja ]; then \
+	  CC=clang CXX=clang++ cmake -S . -B $(TSA_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Debug >/dev/null; fi
+	@cmake --build $(TSA_BUILD) --target tb_core tb_server tb_fake_upstream
+	@echo "thread-safety analysis: clean"
+
+test: build lint tsa
 	@cd $(BUILD) && ctest --output-on-failure --timeout 300 -j2
 
 demo: build
 	@$(PYTHON) scripts/demo.py --build=$(BUILD)
 
 clean:
-	rm -rf $(BUILD)
+	rm -rf $(BUILD) $(TSA_BUILD)

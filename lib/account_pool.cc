@@ -164,9 +164,12 @@ AccountPool::Evaluation AccountPool::Evaluate(const SelectRequest& request, absl
   const std::string* sticky =
       last_for_model_.contains(request.model) ? &last_for_model_.at(request.model) : nullptr;
 
+  // The lambdas below run under the caller's lock; they read through this pointer because the
+  // thread-safety analysis does not follow a lock into a lambda.
+  const std::vector<Entry>* entries = &entries_;
   auto balance_better = [&](size_t a, size_t b) {
-    const Entry& ea = entries_[a];
-    const Entry& eb = entries_[b];
+    const Entry& ea = (*entries)[a];
+    const Entry& eb = (*entries)[b];
     const ModelQuota* qa = QuotaFor(ea.record, request.model);
     const ModelQuota* qb = QuotaFor(eb.record, request.model);
     double fa = qa ? qa->remaining_fraction : -1;
@@ -177,8 +180,8 @@ AccountPool::Evaluation AccountPool::Evaluate(const SelectRequest& request, absl
     return a < b;
   };
   auto better = [&](size_t a, size_t b) {
-    const AccountRecord& ra = entries_[a].record;
-    const AccountRecord& rb = entries_[b].record;
+    const AccountRecord& ra = (*entries)[a].record;
+    const AccountRecord& rb = (*entries)[b].record;
     if (ra.tier != rb.tier) return ra.tier > rb.tier;
     switch (options_.policy) {
       case Policy::kBalance: return balance_better(a, b);

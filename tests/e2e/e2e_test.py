@@ -3,6 +3,7 @@ through tbctl and through `buf curl` with server reflection only (no proto files
 import json
 import os
 import signal
+import subprocess
 import sys
 import unittest
 
@@ -211,10 +212,30 @@ class BrokerLifecycle(unittest.TestCase):
         finally:
             c.close()
 
+    def test_unix_socket_and_json_logs(self):
+        c = harness.Cluster(BUILD, BUF)
+        try:
+            c.write_account("a", harness.account_json("a@example.com", "1//rt-a", "PRO"))
+            c.start_upstream()
+            sock = os.path.join(c.dir, "broker.sock")
+            c.start_broker("--log_format=json", "--log_level=debug", listen="unix:" + sock)
+            r = subprocess.run([c.bin("client", "tbctl"), "--target", "unix:" + sock, "--json", "get-token",
+                                "--model", MODEL], capture_output=True, text=True, timeout=30)
+            self.assertEqual(r.returncode, 0, r.stderr)
+            self.assertEqual(json.loads(r.stdout)["accountId"], "a")
+            self.assertEqual(c.broker.stop(), 0)
+            lines = [line for line in c.broker_logs().splitlines() if line.strip()]
+            self.assertGreater(len(lines), 3)
+            for line in lines:
+                entry = json.loads(line)  # every line is one JSON object
+                self.assertEqual(sorted(entry), ["level", "msg", "time"])
+            self.assertTrue(any("GetToken" in json.loads(line)["msg"] for line in lines))
+        finally:
+            c.close()
+
     def test_bad_flags_exit_with_one_clear_line(self):
         c = harness.Cluster(BUILD, BUF)
         try:
-            import subprocess
             r = subprocess.run([c.bin("server", "tokenbroker"), "--accounts_dir", c.accounts_dir, "--policy", "random"],
                                capture_output=True, text=True, timeout=30)
             self.assertEqual(r.returncode, 2)

@@ -132,3 +132,44 @@ TEST(OAuthClient, ConnectionRefusedIsUnavailable) {
 
 }  // namespace
 }  // namespace tokenbroker
+
+namespace tokenbroker {
+namespace {
+
+// The fake's Cloud Code endpoints answer for the account behind the bearer token, in the shapes
+// of ../shared/reference/upstream-formats.md.
+TEST(FakeUpstreamCloudCode, AnswersForTheAccountBehindTheToken) {
+  auto up = testing::FakeUpstream::Start({});
+  ASSERT_TRUE(up.ok());
+  (*up)->SetProfile("rt-ultra", testing::AccountProfile{
+                                    .project = "vivid-river-a1b2c",
+                                    .tier_id = "g1-ultra-tier",
+                                    .models_json = R"({"gemini-3-pro-high":{"quotaInfo":{"remainingFraction":0.62}}})"});
+  HttpClient http;
+  OAuthOptions o;
+  o.token_url = (*up)->token_url();
+  OAuthClient oauth(o, http);
+  auto grant = oauth.Refresh("rt-ultra");
+  ASSERT_TRUE(grant.ok());
+  HttpRequest req;
+  req.url = (*up)->base_url() + "/v1internal:loadCodeAssist";
+  req.body = R"({"metadata":{"ideType":"ANTIGRAVITY"}})";
+  req.headers = {{"Authorization", "Bearer " + grant->access_token}};
+  auto resp = http.Post(req);
+  ASSERT_TRUE(resp.ok());
+  EXPECT_EQ(resp->status, 200);
+  EXPECT_THAT(resp->body, HasSubstr(R"("cloudaicompanionProject":"vivid-river-a1b2c")"));
+  EXPECT_THAT(resp->body, HasSubstr(R"("paidTier":{"id":"g1-ultra-tier")"));
+  req.url = (*up)->base_url() + "/v1internal:fetchAvailableModels";
+  resp = http.Post(req);
+  ASSERT_TRUE(resp.ok());
+  EXPECT_THAT(resp->body, HasSubstr(R"("remainingFraction":0.62)"));
+  req.headers = {{"Authorization", "Bearer not-issued"}};
+  resp = http.Post(req);
+  ASSERT_TRUE(resp.ok());
+  EXPECT_EQ(resp->status, 401);
+  EXPECT_EQ((*up)->Calls("/v1internal:fetchAvailableModels"), 2);
+}
+
+}  // namespace
+}  // namespace tokenbroker
