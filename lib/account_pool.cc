@@ -5,6 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/status/status.h"
+#include "lib/errors.h"
 
 namespace tokenbroker {
 
@@ -65,8 +66,16 @@ struct AccountPool::Evaluation {
   bool from_session = false;
 };
 
+std::string FormatTimestamp(absl::Time t) {
+  return absl::FormatTime("%Y-%m-%dT%H:%M:%SZ", t, absl::UTCTimeZone());
+}
+
 AccountPool::AccountPool(PoolOptions options, const Clock& clock)
-    : options_(options), clock_(clock), sessions_(options.session_idle_ttl, options.max_sessions) {}
+    : options_(options),
+      clock_(clock),
+      sessions_(options.session_idle_ttl, options.max_sessions),
+      cooldowns_(options.cooldowns),
+      leases_(options.lease_timeout) {}
 
 void AccountPool::Load(std::vector<AccountRecord> records) {
   std::sort(records.begin(), records.end(),
@@ -93,6 +102,15 @@ void AccountPool::Load(std::vector<AccountRecord> records) {
     }
     entry.record = std::move(rec);
     next.push_back(std::move(entry));
+  }
+  for (const Entry& old : entries_) {
+    bool kept = std::binary_search(next.begin(), next.end(), old, [](const Entry& a, const Entry& b) {
+      return a.record.id < b.record.id;
+    });
+    if (!kept) {
+      cooldowns_.Forget(old.record.id);
+      leases_.Forget(old.record.id);
+    }
   }
   entries_ = std::move(next);
   index_.clear();
@@ -141,6 +159,20 @@ AccountPool::Evaluation AccountPool::Evaluate(const SelectRequest& request, absl
     } else if (IsProtected(rec, request.model)) {
       v.verdict = Verdict::kProtected;
       v.detail = absl::StrCat("model ", request.model, " is in its protected_models");
+    } else if (std::optional<CooldownBlock> block = cooldowns_.Check(rec.id, request.model, now)) {
+      v.verdict = Verdict::kCooldown;
+      v.available_at = block->until;
+      v.detail = block->probe_in_flight
+                     ? absl::StrCat(block->reason, " until ", FormatTimestamp(block->until))
+                     : absl::StrCat(block->scope == CooldownScope::kAccount ? "account" : "model",
+                                    " cooling down until ", FormatTimestamp(block->until), " (",
+                                    block->reason, ")");
+    } else if (options_.max_inflight_per_account > 0 &&
+               entries_[i].in_flight >= options_.max_inflight_per_account) {
+      v.verdict = Verdict::kLeaseCap;
+      v.available_at = leases_.EarliestExpiry(rec.id);
+      v.detail = absl::StrCat(entries_[i].in_flight, " leases in flight (cap ",
+                              options_.max_inflight_per_account, ")");
     } else if (request.exclude.contains(rec.id)) {
       v.verdict = Verdict::kRotatedAway;
       v.detail = "excluded for this request (its token could not be refreshed)";
@@ -246,19 +278,35 @@ absl::StatusOr<Selection> AccountPool::Select(const SelectRequest& request) {
     return absl::UnavailableError(
         "no accounts are loaded; add account files to the accounts directory");
   }
+  ExpireLeasesLocked(now);
   std::optional<std::string> bound;
   if (!request.session_id.empty()) bound = sessions_.Lookup(request.session_id, now);
   Evaluation ev = Evaluate(request, now, bound);
   if (!ev.chosen) {
+    std::optional<absl::Time> earliest;
+    for (const AccountVerdict& v : ev.verdicts) {
+      if (v.available_at && (!earliest || *v.available_at < *earliest)) earliest = v.available_at;
+    }
     std::map<absl::string_view, int> counts;
     for (const AccountVerdict& v : ev.verdicts) ++counts[VerdictCountName(v.verdict)];
     std::vector<std::string> parts;
     for (const auto& [name, count] : counts) parts.push_back(absl::StrCat(count, " ", name));
-    return absl::ResourceExhaustedError(absl::StrCat("no account can serve model ", request.model,
-                                                     " now: ", absl::StrJoin(parts, ", ")));
+    std::optional<absl::Duration> retry;
+    std::string when = "; none will free by itself";
+    if (earliest) {
+      retry = std::max(absl::ZeroDuration(), *earliest - now);
+      when = absl::StrCat("; the earliest frees in ", absl::FormatDuration(absl::Ceil(*retry, absl::Milliseconds(1))),
+                          " (", FormatTimestamp(*earliest), ")");
+    }
+    return NoAccountAvailableError(absl::StrCat("no account can serve model ", request.model, " now: ",
+                                                absl::StrJoin(parts, ", "), when),
+                                   request.model, retry);
   }
   Entry& entry = entries_[*ev.chosen];
   entry.last_used = now;
+  ++entry.in_flight;
+  const Lease& lease = leases_.Issue(entry.record.id, request.model, now);
+  cooldowns_.OnIssued(entry.record.id, request.model, now);
   last_for_model_[request.model] = entry.record.id;
   if (!request.session_id.empty() && !ev.from_session) {
     std::string reason = !bound ? "new" : request.force_rotate ? "force_rotate" : "ineligible";
@@ -272,15 +320,17 @@ absl::StatusOr<Selection> AccountPool::Select(const SelectRequest& request) {
   sel.tier = entry.record.tier;
   sel.project_id = entry.record.project_id;
   sel.from_session = ev.from_session;
+  sel.lease_id = lease.id;
   if (const ModelQuota* q = QuotaFor(entry.record, request.model)) {
     sel.remaining_fraction = q->remaining_fraction;
   }
   return sel;
 }
 
-Explanation AccountPool::Explain(const SelectRequest& request) const {
+Explanation AccountPool::Explain(const SelectRequest& request) {
   const absl::Time now = clock_.Now();
-  absl::ReaderMutexLock lock(&mu_);
+  absl::MutexLock lock(&mu_);
+  ExpireLeasesLocked(now);
   std::optional<std::string> bound;
   if (!request.session_id.empty()) bound = sessions_.Peek(request.session_id, now);
   Evaluation ev = Evaluate(request, now, bound);
@@ -296,6 +346,7 @@ Explanation AccountPool::Explain(const SelectRequest& request) const {
 }
 
 std::vector<AccountView> AccountPool::List() const {
+  const absl::Time now = clock_.Now();
   absl::ReaderMutexLock lock(&mu_);
   std::vector<AccountView> out;
   out.reserve(entries_.size());
@@ -313,9 +364,73 @@ std::vector<AccountView> AccountPool::List() const {
     if (e.last_used != absl::InfinitePast()) v.last_used = e.last_used;
     v.quotas = e.record.quotas;
     v.bound_sessions = sessions_.CountFor(e.record.id);
+    v.cooldowns = cooldowns_.List(e.record.id, now);
+    v.validation_url = cooldowns_.ValidationUrl(e.record.id);
+    v.in_flight = e.in_flight;
+    v.failure_streak = cooldowns_.Streak(e.record.id);
     out.push_back(std::move(v));
   }
   return out;
+}
+
+void AccountPool::EndLeaseLocked(const Lease& lease) {
+  if (auto it = index_.find(lease.account); it != index_.end() && entries_[it->second].in_flight > 0) {
+    --entries_[it->second].in_flight;
+  }
+}
+
+void AccountPool::ExpireLeasesLocked(absl::Time now) {
+  for (const Lease& lease : leases_.Expire(now)) EndLeaseLocked(lease);
+}
+
+void AccountPool::ReleaseLease(const std::string& lease_id) {
+  absl::MutexLock lock(&mu_);
+  if (std::optional<Lease> lease = leases_.End(lease_id)) EndLeaseLocked(*lease);
+}
+
+absl::StatusOr<OutcomeResult> AccountPool::ReportOutcome(const Outcome& outcome) {
+  const absl::Time now = clock_.Now();
+  absl::MutexLock lock(&mu_);
+  ExpireLeasesLocked(now);
+  OutcomeResult result;
+  if (!outcome.lease_id.empty()) {
+    if (std::optional<Lease> lease = leases_.End(outcome.lease_id)) {
+      EndLeaseLocked(*lease);
+      result.account_id = lease->account;
+      result.model = lease->model;
+    } else if (outcome.account_id.empty()) {
+      return absl::NotFoundError(absl::StrCat(
+          "lease_id ", outcome.lease_id,
+          " is unknown or has timed out; report with account_id and model instead"));
+    }
+  }
+  if (result.account_id.empty()) {
+    result.account_id = outcome.account_id;
+    result.model = outcome.model;
+  }
+  if (result.model.empty()) {
+    return InvalidFieldError("model", "is required when no known lease_id is given");
+  }
+  auto it = index_.find(result.account_id);
+  if (it == index_.end()) {
+    return absl::NotFoundError(absl::StrCat("account_id ", result.account_id, " is not loaded"));
+  }
+  AccountRecord& rec = entries_[it->second].record;
+  UpstreamError parsed = ParseUpstreamError(outcome.http_status, outcome.retry_after, outcome.error_body, now);
+  CooldownDecision d = cooldowns_.Apply(rec.id, result.model, parsed, now);
+  result.scope = d.scope;
+  result.until = d.until;
+  result.reason = d.reason;
+  if (d.disable && !rec.disabled) {
+    rec.disabled = true;
+    rec.disabled_reason = "invalid_grant: reported by the proxy";
+    result.disabled = true;
+  }
+  if (d.invalidate_token) {
+    rec.access_token.clear();
+    rec.access_expiry = absl::InfinitePast();
+  }
+  return result;
 }
 
 absl::StatusOr<Credentials> AccountPool::GetCredentials(const std::string& account_id) const {

@@ -16,6 +16,8 @@
 #include "absl/time/time.h"
 #include "lib/account.h"
 #include "lib/clock.h"
+#include "lib/cooldowns.h"
+#include "lib/lease_table.h"
 #include "lib/session_binder.h"
 
 namespace tokenbroker {
@@ -55,6 +57,7 @@ struct Selection {
   std::string project_id;
   bool from_session = false;  // the session's existing binding was kept
   std::optional<double> remaining_fraction;
+  std::string lease_id;  // ends at ReportOutcome, ReleaseLease or the lease timeout
 };
 
 struct AccountVerdict {
@@ -64,6 +67,8 @@ struct AccountVerdict {
   Verdict verdict = Verdict::kRankedLower;
   std::string detail;
   int rank = 0;  // 1-based among eligible accounts, 0 when not eligible
+  // For a cooling or lease-capped account: when it may become eligible again.
+  std::optional<absl::Time> available_at;
 };
 
 struct Explanation {
@@ -87,6 +92,29 @@ struct AccountView {
   std::optional<absl::Time> last_used;
   std::vector<ModelQuota> quotas;
   int bound_sessions = 0;
+  std::vector<CooldownView> cooldowns;
+  std::string validation_url;  // set after a 403 VALIDATION_REQUIRED
+  int in_flight = 0;           // leases not yet reported
+  int failure_streak = 0;
+};
+
+// What a proxy reports after using a token. Name the account by lease_id, or by account_id+model.
+struct Outcome {
+  std::string lease_id;
+  std::string account_id;
+  std::string model;
+  int http_status = 0;
+  std::string retry_after;
+  std::string error_body;
+};
+
+struct OutcomeResult {
+  std::string account_id;
+  std::string model;
+  CooldownScope scope = CooldownScope::kNone;
+  absl::Time until = absl::InfinitePast();
+  std::string reason;
+  bool disabled = false;  // the report disabled the account (invalid_grant); persist it
 };
 
 // What the token refresher needs of an account. Holds secrets.
@@ -101,6 +129,11 @@ struct PoolOptions {
   Policy policy = Policy::kBalance;
   absl::Duration session_idle_ttl = absl::Hours(1);
   size_t max_sessions = 100'000;
+  // Leases in flight per account beyond which it is skipped; 0 means no cap.
+  int max_inflight_per_account = 0;
+  // A lease not reported within this long ends by itself.
+  absl::Duration lease_timeout = absl::Minutes(10);
+  CooldownPolicy cooldowns;
 };
 
 // The loaded accounts, their runtime state, session bindings and the selection rules of
@@ -117,13 +150,23 @@ class AccountPool {
   size_t UsableCount() const;
   Policy policy() const { return options_.policy; }
 
-  // Chooses an account and records the choice (session binding, last use). UNAVAILABLE when no
-  // account is loaded; RESOURCE_EXHAUSTED, with a message counting the reasons, when none is
-  // eligible for the model.
+  // Chooses an account and records the choice (session binding, last use, a lease). UNAVAILABLE
+  // when no account is loaded; RESOURCE_EXHAUSTED (made by NoAccountAvailableError: a message
+  // counting the reasons, the model, and the exact delay until the earliest account can be used
+  // again when one will) when none is eligible for the model.
   absl::StatusOr<Selection> Select(const SelectRequest& request);
 
-  // What Select would do now, for every account; changes nothing.
-  Explanation Explain(const SelectRequest& request) const;
+  // What Select would do now, for every account; changes no selection state.
+  Explanation Explain(const SelectRequest& request);
+
+  // Applies what the upstream answered: ends the lease, parses the answer, cools down the account
+  // or model, resets the streak on success, disables on invalid_grant, drops the token on 401.
+  // NOT_FOUND for an unknown lease (without account_id) or account; INVALID_ARGUMENT when the model
+  // is missing.
+  absl::StatusOr<OutcomeResult> ReportOutcome(const Outcome& outcome);
+
+  // Ends a lease without an outcome (e.g. its token could not be had). Unknown ids are ignored.
+  void ReleaseLease(const std::string& lease_id);
 
   std::vector<AccountView> List() const;
 
@@ -148,6 +191,8 @@ class AccountPool {
   };
   struct Evaluation;
 
+  void ExpireLeasesLocked(absl::Time now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void EndLeaseLocked(const Lease& lease) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   Evaluation Evaluate(const SelectRequest& request, absl::Time now,
                       const std::optional<std::string>& bound) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
   std::optional<std::string> PreviousFor(const SelectRequest& request,
@@ -165,6 +210,8 @@ class AccountPool {
   // force_rotate moves away from when there is no session.
   absl::flat_hash_map<std::string, std::string> last_for_model_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, int64_t> rebinds_ ABSL_GUARDED_BY(mu_);
+  Cooldowns cooldowns_ ABSL_GUARDED_BY(mu_);
+  LeaseTable leases_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace tokenbroker

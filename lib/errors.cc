@@ -2,11 +2,14 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/cord.h"
+#include "absl/strings/numbers.h"
 
 namespace tokenbroker {
 namespace {
 
 constexpr char kFieldPayload[] = "type.tokenbroker.dev/field";
+constexpr char kRetryPayload[] = "type.tokenbroker.dev/retry_delay_nanos";
+constexpr char kModelPayload[] = "type.tokenbroker.dev/exhausted_model";
 
 bool IsModelChar(char c) {
   return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' ||
@@ -23,6 +26,29 @@ absl::Status InvalidFieldError(absl::string_view field, absl::string_view descri
 
 std::optional<std::string> InvalidField(const absl::Status& status) {
   auto payload = status.GetPayload(kFieldPayload);
+  if (!payload) return std::nullopt;
+  return std::string(*payload);
+}
+
+absl::Status NoAccountAvailableError(absl::string_view message, absl::string_view model,
+                                     std::optional<absl::Duration> retry_delay) {
+  absl::Status status = absl::ResourceExhaustedError(message);
+  status.SetPayload(kModelPayload, absl::Cord(model));
+  if (retry_delay) {
+    status.SetPayload(kRetryPayload, absl::Cord(absl::StrCat(absl::ToInt64Nanoseconds(*retry_delay))));
+  }
+  return status;
+}
+
+std::optional<absl::Duration> RetryDelay(const absl::Status& status) {
+  auto payload = status.GetPayload(kRetryPayload);
+  int64_t nanos = 0;
+  if (!payload || !absl::SimpleAtoi(std::string(*payload), &nanos)) return std::nullopt;
+  return absl::Nanoseconds(nanos);
+}
+
+std::optional<std::string> ExhaustedModel(const absl::Status& status) {
+  auto payload = status.GetPayload(kModelPayload);
   if (!payload) return std::nullopt;
   return std::string(*payload);
 }

@@ -6,6 +6,7 @@
 
 #include "absl/strings/string_view.h"
 #include "absl/status/status.h"
+#include "absl/time/time.h"
 
 namespace tokenbroker {
 
@@ -16,6 +17,14 @@ absl::Status InvalidFieldError(absl::string_view field, absl::string_view descri
 
 // The field named by InvalidFieldError, if the status carries one.
 std::optional<std::string> InvalidField(const absl::Status& status);
+
+// RESOURCE_EXHAUSTED for "no account can serve `model` now". `retry_delay`, when set, is the
+// exact time until the earliest account becomes eligible; both travel in payloads so the gRPC edge
+// can attach google.rpc.RetryInfo and google.rpc.QuotaFailure.
+absl::Status NoAccountAvailableError(absl::string_view message, absl::string_view model,
+                                     std::optional<absl::Duration> retry_delay);
+std::optional<absl::Duration> RetryDelay(const absl::Status& status);
+std::optional<std::string> ExhaustedModel(const absl::Status& status);
 
 // Validates GetToken/ExplainSelection inputs against the limits of DESIGN §3. Each returns
 // InvalidFieldError naming `field` on violation; nothing is ever truncated.

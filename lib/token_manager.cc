@@ -161,6 +161,14 @@ absl::StatusOr<AccessToken> TokenManager::DoRefresh(const std::string& account_i
       absl::StrCat("token refresh of account ", account_id, " failed: ", grant.status().message()));
 }
 
+void TokenManager::Disable(const std::string& account_id, const std::string& reason) {
+  pool_.Disable(account_id, reason);
+  spdlog::warn("account {} disabled: {}", account_id, reason);
+  AccountUpdate update;
+  update.disabled_reason = reason;
+  WriteBack(account_id, update);
+}
+
 void TokenManager::WriteBack(const std::string& account_id, const AccountUpdate& update) {
   if (store_ == nullptr) return;
   absl::Status s = store_->Update(account_id, update);

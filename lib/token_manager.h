@@ -64,6 +64,10 @@ class TokenManager {
   // UNAVAILABLE when the refresh failed or the manager is stopped, NOT_FOUND for an unknown id.
   void Acquire(const std::string& account_id, Callback done);
 
+  // Disables the account in the pool and, persistently, in its file (e.g. a proxy reported
+  // invalid_grant). A file that cannot be written is logged once; the pool keeps the state.
+  void Disable(const std::string& account_id, const std::string& reason);
+
   // Refresh attempts so far by result: "ok", "invalid_grant", "error".
   std::map<std::string, int64_t> RefreshCounts() const;
   // Completed passes of the background refresher over the pool.

@@ -43,6 +43,14 @@ ABSL_FLAG(std::string, cloudcode_base_url, "https://cloudcode-pa.googleapis.com"
 ABSL_FLAG(std::string, policy, "balance", "Selection policy: balance, fill_first, reset_soonest, round_robin.");
 ABSL_FLAG(absl::Duration, session_ttl, absl::Hours(1), "A session binding expires after this long unused.");
 ABSL_FLAG(int, max_sessions, 100000, "Most session bindings kept; the least recently used go first.");
+ABSL_FLAG(int, max_inflight_per_account, 0,
+          "Leases in flight per account beyond which it is skipped (0: no cap).");
+ABSL_FLAG(absl::Duration, lease_timeout, absl::Minutes(10),
+          "A lease not reported with ReportOutcome within this long ends by itself.");
+ABSL_FLAG(absl::Duration, probe_timeout, absl::Seconds(60),
+          "After a cooldown ends, how long the single probe request may take to report before another is allowed.");
+ABSL_FLAG(absl::Duration, validation_block, absl::Hours(1),
+          "How long a 403 VALIDATION_REQUIRED blocks an account when the upstream names no delay.");
 ABSL_FLAG(absl::Duration, min_token_ttl, absl::Minutes(5), "A token handed out stays valid at least this long.");
 ABSL_FLAG(absl::Duration, refresh_ahead, absl::Minutes(15),
           "Tokens expiring within this window are renewed in the background.");
@@ -101,6 +109,12 @@ int Run() {
   if (absl::GetFlag(FLAGS_max_sessions) < 1) return Fail("--max_sessions must be at least 1");
   if (absl::GetFlag(FLAGS_refresh_workers) < 1) return Fail("--refresh_workers must be at least 1");
   if (absl::GetFlag(FLAGS_session_ttl) <= absl::ZeroDuration()) return Fail("--session_ttl must be positive");
+  if (absl::GetFlag(FLAGS_max_inflight_per_account) < 0) return Fail("--max_inflight_per_account must be 0 or more");
+  for (const auto& [name, value] : {std::pair{"--lease_timeout", absl::GetFlag(FLAGS_lease_timeout)},
+                                    std::pair{"--probe_timeout", absl::GetFlag(FLAGS_probe_timeout)},
+                                    std::pair{"--validation_block", absl::GetFlag(FLAGS_validation_block)}}) {
+    if (value <= absl::ZeroDuration()) return Fail(absl::StrCat(name, " must be positive"));
+  }
   if (absl::GetFlag(FLAGS_reload_interval) <= absl::ZeroDuration()) {
     return Fail("--reload_interval must be positive");
   }
@@ -119,6 +133,10 @@ int Run() {
   pool_options.policy = *policy;
   pool_options.session_idle_ttl = absl::GetFlag(FLAGS_session_ttl);
   pool_options.max_sessions = static_cast<size_t>(absl::GetFlag(FLAGS_max_sessions));
+  pool_options.max_inflight_per_account = absl::GetFlag(FLAGS_max_inflight_per_account);
+  pool_options.lease_timeout = absl::GetFlag(FLAGS_lease_timeout);
+  pool_options.cooldowns.probe_timeout = absl::GetFlag(FLAGS_probe_timeout);
+  pool_options.cooldowns.validation_block = absl::GetFlag(FLAGS_validation_block);
   AccountPool pool(pool_options, Clock::Real());
   ProblemReporter problems;
   uint64_t fingerprint = (*store)->Fingerprint();
@@ -210,8 +228,10 @@ int Run() {
     }
   }
 
-  // Drain: probes see NOT_SERVING at once; running RPCs get until the deadline.
+  // Drain: probes see NOT_SERVING at once; calls waiting for an account get their answer now;
+  // running RPCs get until the deadline.
   health->Shutdown();
+  service.Shutdown();
   server->Shutdown(std::chrono::system_clock::now() +
                    absl::ToChronoSeconds(absl::GetFlag(FLAGS_drain_timeout)));
   tokens.Stop();

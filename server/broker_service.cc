@@ -3,6 +3,7 @@
 #include <functional>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "lib/errors.h"
 #include "server/proto_convert.h"
 #include "server/status_convert.h"
@@ -12,6 +13,7 @@ namespace tokenbroker {
 namespace {
 
 constexpr int kMaxAttempts = 3;
+constexpr size_t kMaxErrorBody = 64 * 1024;
 
 // Session ids are caller data: logs carry a short hash, never the id itself.
 std::string SessionTag(const std::string& session_id) {
@@ -27,7 +29,20 @@ grpc::ServerUnaryReactor* FinishNow(grpc::CallbackServerContext* context, const 
 
 }  // namespace
 
+struct BrokerService::Pending {
+  grpc::ServerUnaryReactor* reactor = nullptr;
+  v1::GetTokenResponse* response = nullptr;
+  SelectRequest request;
+  int attempt = 0;
+  absl::Status last_error;
+  absl::Time deadline = absl::InfinitePast();  // end of max_wait; in the past: no waiting
+};
+
 BrokerService::BrokerService(AccountPool& pool, TokenManager& tokens) : pool_(pool), tokens_(tokens) {}
+
+BrokerService::~BrokerService() { Shutdown(); }
+
+void BrokerService::Shutdown() { waits_.Shutdown(); }
 
 grpc::ServerUnaryReactor* BrokerService::GetToken(grpc::CallbackServerContext* context,
                                                   const v1::GetTokenRequest* request,
@@ -37,70 +52,135 @@ grpc::ServerUnaryReactor* BrokerService::GetToken(grpc::CallbackServerContext* c
                                 ValidateModel("quota_group", request->quota_group(), /*required=*/false)}) {
     if (!s.ok()) return FinishNow(context, s);
   }
-  if (request->has_max_wait() &&
-      (request->max_wait().seconds() < 0 || request->max_wait().nanos() < 0)) {
-    return FinishNow(context, InvalidFieldError("max_wait", "must not be negative"));
+  absl::Duration max_wait = absl::ZeroDuration();
+  if (request->has_max_wait()) {
+    max_wait = FromProto(request->max_wait());
+    if (max_wait < absl::ZeroDuration() || max_wait > kMaxWait || request->max_wait().nanos() < 0 ||
+        request->max_wait().nanos() >= 1'000'000'000) {
+      return FinishNow(context, InvalidFieldError("max_wait", absl::StrCat("must be between 0 and ",
+                                                                           absl::FormatDuration(kMaxWait))));
+    }
   }
-  SelectRequest select;
-  select.model = request->model();
-  select.session_id = request->session_id();
-  select.force_rotate = request->force_rotate();
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  Issue(reactor, std::move(select), response, 0, absl::OkStatus());
+  auto pending = std::make_unique<Pending>();
+  pending->reactor = context->DefaultReactor();
+  pending->response = response;
+  pending->request.model = request->model();
+  pending->request.session_id = request->session_id();
+  pending->request.force_rotate = request->force_rotate();
+  if (max_wait > absl::ZeroDuration()) pending->deadline = absl::Now() + max_wait;
+  grpc::ServerUnaryReactor* reactor = pending->reactor;
+  Issue(std::move(pending), /*may_wait=*/true);
   return reactor;
 }
 
-void BrokerService::Issue(grpc::ServerUnaryReactor* reactor, SelectRequest request,
-                          v1::GetTokenResponse* response, int attempt, absl::Status last_error) {
-  absl::StatusOr<Selection> selection = pool_.Select(request);
+void BrokerService::Issue(std::unique_ptr<Pending> p, bool may_wait) {
+  absl::StatusOr<Selection> selection = pool_.Select(p->request);
   if (!selection.ok()) {
     absl::Status status = selection.status();
-    if (!last_error.ok()) {
+    if (!p->last_error.ok()) {
       // Accounts were left out because their tokens could not be had: that is the real cause.
-      status = absl::UnavailableError(absl::StrCat(
-          "no account with a valid token for model ", request.model, "; last error: ",
-          last_error.message()));
+      status = absl::UnavailableError(absl::StrCat("no account with a valid token for model ", p->request.model,
+                                                   "; last error: ", p->last_error.message()));
+    } else if (absl::IsResourceExhausted(status) && may_wait && absl::Now() < p->deadline) {
+      // Wait (without a thread) until the earliest account frees, a report frees one, or max_wait ends.
+      absl::Time next = p->deadline;
+      if (std::optional<absl::Duration> delay = RetryDelay(status)) next = std::min(next, absl::Now() + *delay);
+      waits_.Park(next, [this, p = std::move(p)](bool final_attempt) mutable {
+        Issue(std::move(p), /*may_wait=*/!final_attempt);
+      });
+      return;
     }
-    spdlog::debug("GetToken model={} session={}: {}", request.model, SessionTag(request.session_id),
+    spdlog::debug("GetToken model={} session={}: {}", p->request.model, SessionTag(p->request.session_id),
                   std::string(status.message()));
-    reactor->Finish(ToGrpcStatus(status));
+    p->reactor->Finish(ToGrpcStatus(status));
     return;
   }
   std::string account_id = selection->account_id;
-  tokens_.Acquire(account_id, [this, reactor, response, attempt, request = std::move(request),
-                               selection = *std::move(selection)](
+  tokens_.Acquire(account_id, [this, p = std::move(p), may_wait, selection = *std::move(selection)](
                                   absl::StatusOr<AccessToken> token) mutable {
     if (!token.ok()) {
-      if (attempt + 1 < kMaxAttempts) {
-        request.exclude.insert(selection.account_id);
-        Issue(reactor, std::move(request), response, attempt + 1, token.status());
+      pool_.ReleaseLease(selection.lease_id);
+      if (p->attempt + 1 < kMaxAttempts) {
+        ++p->attempt;
+        p->last_error = token.status();
+        p->request.exclude.insert(selection.account_id);
+        Issue(std::move(p), may_wait);
         return;
       }
-      reactor->Finish(ToGrpcStatus(absl::UnavailableError(absl::StrCat(
-          "no valid token could be obtained for model ", request.model, "; last error: ",
+      p->reactor->Finish(ToGrpcStatus(absl::UnavailableError(absl::StrCat(
+          "no valid token could be obtained for model ", p->request.model, "; last error: ",
           token.status().message()))));
       return;
     }
+    v1::GetTokenResponse* response = p->response;
     response->set_access_token(token->token);
     response->set_account_id(selection.account_id);
     response->set_email(selection.email);
     response->set_project_id(selection.project_id);
     ToProto(token->expiry, response->mutable_expire_time());
     response->set_tier(ToProto(selection.tier));
+    response->set_lease_id(selection.lease_id);
     response->set_quota_decision(v1::QUOTA_DECISION_UNSPECIFIED);
     if (selection.remaining_fraction) response->set_remaining_fraction(*selection.remaining_fraction);
-    spdlog::debug("GetToken model={} session={} -> account={} tier={}{}", request.model,
-                  SessionTag(request.session_id), selection.account_id, std::string(TierName(selection.tier)),
+    spdlog::debug("GetToken model={} session={} -> account={} tier={}{}", p->request.model,
+                  SessionTag(p->request.session_id), selection.account_id, std::string(TierName(selection.tier)),
                   selection.from_session ? " (session)" : "");
-    reactor->Finish(grpc::Status::OK);
+    p->reactor->Finish(grpc::Status::OK);
   });
 }
 
 grpc::ServerUnaryReactor* BrokerService::ReportOutcome(grpc::CallbackServerContext* context,
-                                                       const v1::ReportOutcomeRequest*,
-                                                       v1::ReportOutcomeResponse*) {
-  return FinishNow(context, absl::UnimplementedError(
-                                "ReportOutcome is not implemented in this version of tokenbroker"));
+                                                       const v1::ReportOutcomeRequest* request,
+                                                       v1::ReportOutcomeResponse* response) {
+  if (request->lease_id().empty() && request->account_id().empty()) {
+    return FinishNow(context, InvalidFieldError("lease_id", "give the lease_id from GetToken, or account_id and model"));
+  }
+  if (request->lease_id().size() > 64) {
+    return FinishNow(context, InvalidFieldError("lease_id", "is longer than 64 bytes; pass the lease_id GetToken returned"));
+  }
+  if (request->account_id().size() > 256) {
+    return FinishNow(context, InvalidFieldError("account_id", "is longer than 256 bytes"));
+  }
+  if (absl::Status s = ValidateModel("model", request->model(), /*required=*/false); !s.ok()) {
+    return FinishNow(context, s);
+  }
+  if (request->http_status() < 100 || request->http_status() > 599) {
+    return FinishNow(context, InvalidFieldError("http_status", absl::StrCat("is ", request->http_status(),
+                                                                            "; give the upstream's HTTP status, 100 to 599")));
+  }
+  if (request->retry_after().size() > 256) {
+    return FinishNow(context, InvalidFieldError("retry_after", "is longer than 256 bytes; pass the raw header value"));
+  }
+  if (request->error_body().size() > kMaxErrorBody) {
+    return FinishNow(context, InvalidFieldError("error_body", absl::StrCat("is ", request->error_body().size(),
+                                                                           " bytes; at most 65536 are allowed")));
+  }
+  Outcome outcome;
+  outcome.lease_id = request->lease_id();
+  outcome.account_id = request->account_id();
+  outcome.model = request->model();
+  outcome.http_status = request->http_status();
+  outcome.retry_after = request->retry_after();
+  outcome.error_body = request->error_body();
+  absl::StatusOr<OutcomeResult> result = pool_.ReportOutcome(outcome);
+  if (!result.ok()) return FinishNow(context, result.status());
+  if (result->disabled) tokens_.Disable(result->account_id, "invalid_grant: reported by the proxy");
+  response->set_account_id(result->account_id);
+  response->set_model(result->model);
+  response->set_scope(ToProto(result->scope));
+  response->set_reason(result->reason);
+  response->set_account_disabled(result->disabled);
+  if (result->scope != CooldownScope::kNone && result->until != absl::InfiniteFuture()) {
+    ToProto(result->until, response->mutable_cooldown_until());
+  }
+  if (result->scope != CooldownScope::kNone) {
+    spdlog::info("account {} {}: HTTP {} -> {} cooldown until {} ({})", result->account_id, result->model,
+                 request->http_status(), result->scope == CooldownScope::kAccount ? "account" : "model",
+                 absl::FormatTime("%Y-%m-%dT%H:%M:%SZ", result->until, absl::UTCTimeZone()), result->reason);
+  }
+  // A success or an ended lease may free an account that waiting calls want.
+  waits_.Notify();
+  return FinishNow(context, absl::OkStatus());
 }
 
 grpc::ServerUnaryReactor* BrokerService::SetQuotaManager(grpc::CallbackServerContext* context,

@@ -1,7 +1,10 @@
 #pragma once
 
+#include <memory>
+
 #include "lib/account_pool.h"
 #include "lib/token_manager.h"
+#include "server/wait_queue.h"
 #include "tokenbroker/v1/broker.grpc.pb.h"
 
 namespace tokenbroker {
@@ -13,6 +16,17 @@ namespace tokenbroker {
 class BrokerService final : public v1::TokenBrokerService::CallbackService {
  public:
   BrokerService(AccountPool& pool, TokenManager& tokens);
+  ~BrokerService() override;
+
+  // Longest max_wait a GetToken may ask for.
+  static constexpr absl::Duration kMaxWait = absl::Minutes(10);
+
+  // Answers every GetToken that is waiting for an account (one last try, then the error), so a
+  // draining server is not held up by them. Call before grpc::Server::Shutdown.
+  void Shutdown();
+
+  // GetToken calls parked until an account frees.
+  size_t WaitingCalls() const { return waits_.size(); }
 
   grpc::ServerUnaryReactor* GetToken(grpc::CallbackServerContext* context,
                                      const v1::GetTokenRequest* request,
@@ -31,13 +45,15 @@ class BrokerService final : public v1::TokenBrokerService::CallbackService {
                                              v1::ExplainSelectionResponse* response) override;
 
  private:
-  // Selects an account and finishes `reactor` with its token; when the token cannot be had, tries
-  // again without that account, up to a few times.
-  void Issue(grpc::ServerUnaryReactor* reactor, SelectRequest request, v1::GetTokenResponse* response,
-             int attempt, absl::Status last_error);
+  struct Pending;
+  // Selects an account and finishes the call with its token; when the token cannot be had, tries
+  // again without that account, up to a few times; when no account is eligible and the caller
+  // gave max_wait, parks the call in the wait queue until an account frees or the deadline.
+  void Issue(std::unique_ptr<Pending> pending, bool may_wait);
 
   AccountPool& pool_;
   TokenManager& tokens_;
+  WaitQueue waits_;
 };
 
 }  // namespace tokenbroker

@@ -72,6 +72,25 @@ void ToProto(const AccountView& view, v1::Account* out) {
     if (q.reset_time) ToProto(*q.reset_time, mq->mutable_reset_time());
   }
   out->set_bound_sessions(view.bound_sessions);
+  for (const CooldownView& c : view.cooldowns) {
+    v1::Cooldown* pc = out->add_cooldowns();
+    pc->set_model(c.model);
+    ToProto(c.until, pc->mutable_end_time());
+    pc->set_reason(c.reason);
+    pc->set_half_open(c.half_open);
+  }
+  out->set_validation_url(view.validation_url);
+  out->set_inflight_leases(view.in_flight);
+  out->set_failure_streak(view.failure_streak);
+}
+
+v1::CooldownScope ToProto(CooldownScope scope) {
+  switch (scope) {
+    case CooldownScope::kModel: return v1::COOLDOWN_SCOPE_MODEL;
+    case CooldownScope::kAccount: return v1::COOLDOWN_SCOPE_ACCOUNT;
+    case CooldownScope::kNone: break;
+  }
+  return v1::COOLDOWN_SCOPE_UNSPECIFIED;
 }
 
 void ToProto(const Explanation& explanation, v1::ExplainSelectionResponse* out) {
@@ -86,6 +105,7 @@ void ToProto(const Explanation& explanation, v1::ExplainSelectionResponse* out) 
     pv->set_verdict(ToProto(v.verdict));
     pv->set_detail(v.detail);
     pv->set_rank(v.rank);
+    if (v.available_at) ToProto(*v.available_at, pv->mutable_available_time());
   }
 }
 

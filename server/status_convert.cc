@@ -2,6 +2,7 @@
 
 #include "google/rpc/error_details.pb.h"
 #include "google/rpc/status.pb.h"
+#include "absl/strings/str_cat.h"
 #include "lib/errors.h"
 
 namespace tokenbroker {
@@ -20,6 +21,20 @@ grpc::Status ToGrpcStatus(const absl::Status& status) {
     std::string prefix = *field + ": ";
     v->set_description(message.rfind(prefix, 0) == 0 ? message.substr(prefix.size()) : message);
     rich.add_details()->PackFrom(bad);
+  }
+  if (std::optional<std::string> model = ExhaustedModel(status)) {
+    google::rpc::QuotaFailure failure;
+    google::rpc::QuotaFailure::Violation* v = failure.add_violations();
+    v->set_subject(absl::StrCat("model:", *model));
+    v->set_description(message);
+    rich.add_details()->PackFrom(failure);
+  }
+  if (std::optional<absl::Duration> delay = RetryDelay(status)) {
+    google::rpc::RetryInfo retry;
+    const int64_t nanos = absl::ToInt64Nanoseconds(*delay);
+    retry.mutable_retry_delay()->set_seconds(nanos / 1'000'000'000);
+    retry.mutable_retry_delay()->set_nanos(static_cast<int32_t>(nanos % 1'000'000'000));
+    rich.add_details()->PackFrom(retry);
   }
   if (rich.details_size() == 0) return grpc::Status(code, message);
   return grpc::Status(code, message, rich.SerializeAsString());

@@ -9,7 +9,9 @@ namespace tokenbroker {
 
 // The one place absl::Status becomes grpc::Status. Same code and message; a status made by
 // InvalidFieldError carries a google.rpc.BadRequest field violation in the rich error details
-// (grpc-status-details-bin), readable by grpcurl, buf curl and every gRPC client.
+// (grpc-status-details-bin), readable by grpcurl, buf curl and every gRPC client; one made by
+// NoAccountAvailableError carries google.rpc.QuotaFailure (subject "model:<model>") and, when
+// an account will free, google.rpc.RetryInfo with the exact delay.
 grpc::Status ToGrpcStatus(const absl::Status& status);
 
 }  // namespace tokenbroker

@@ -5,6 +5,7 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "lib/errors.h"
 
 namespace tokenbroker {
 namespace {
@@ -305,6 +306,183 @@ TEST(AccountPool, ExpiringBeforeListsUsableAccountsOnly) {
   pool.Load({fresh, stale, dead, Account("none", Tier::kPro)});
   EXPECT_EQ(pool.ExpiringBefore(clock.Now() + absl::Minutes(15)),
             (std::vector<std::string>{"none", "stale"}));
+}
+
+Outcome Report(const std::string& lease, int status, const std::string& retry_after = "",
+               const std::string& body = "") {
+  Outcome o;
+  o.lease_id = lease;
+  o.http_status = status;
+  o.retry_after = retry_after;
+  o.error_body = body;
+  return o;
+}
+
+constexpr char kQuota429[] = R"({"error":{"code":429,"status":"RESOURCE_EXHAUSTED","message":"You have exhausted your capacity on this model.",
+  "details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"QUOTA_EXHAUSTED","metadata":{"quotaResetDelay":"2h"}}]}})";
+
+TEST(AccountPoolOutcomes, QuotaExhaustedSkipsTheAccountForThatModelOnly) {
+  FakeClock clock;
+  AccountPool pool(PoolOptions(), clock);
+  pool.Load({Account("a", Tier::kUltra), Account("b", Tier::kPro)});
+  absl::StatusOr<Selection> s = pool.Select(Req("m"));
+  ASSERT_TRUE(s.ok());
+  ASSERT_EQ(s->account_id, "a");
+  absl::StatusOr<OutcomeResult> r = pool.ReportOutcome(Report(s->lease_id, 429, "", kQuota429));
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->account_id, "a");
+  EXPECT_EQ(r->model, "m");
+  EXPECT_EQ(r->scope, CooldownScope::kModel);
+  EXPECT_EQ(r->until, clock.Now() + absl::Hours(2));
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(Pick(pool, Req("m")), "b");
+  EXPECT_EQ(Pick(pool, Req("n")), "a");
+  clock.Advance(absl::Hours(2));
+  EXPECT_EQ(Pick(pool, Req("m")), "a");
+}
+
+TEST(AccountPoolOutcomes, NothingEligibleGivesTheExactDelayToTheEarliestAccount) {
+  FakeClock clock;
+  AccountPool pool(PoolOptions(), clock);
+  pool.Load({Account("a", Tier::kPro), Account("b", Tier::kPro)});
+  absl::StatusOr<Selection> s1 = pool.Select(Req("m"));
+  absl::StatusOr<Selection> s2 = pool.Select(Req("m"));
+  ASSERT_TRUE(pool.ReportOutcome(Report(s1->lease_id, 429, "300")).ok());
+  ASSERT_TRUE(pool.ReportOutcome(Report(s2->lease_id, 429, "90.5")).ok());
+  clock.Advance(absl::Seconds(10));
+  absl::StatusOr<Selection> none = pool.Select(Req("m"));
+  ASSERT_EQ(none.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(RetryDelay(none.status()), absl::Milliseconds(80500));
+  EXPECT_EQ(ExhaustedModel(none.status()), "m");
+  EXPECT_THAT(none.status().message(), HasSubstr("2 cooling down"));
+  EXPECT_THAT(none.status().message(), HasSubstr("frees in 1m20.5s"));
+}
+
+TEST(AccountPoolOutcomes, NoRetryDelayWhenNothingWillFreeByItself) {
+  FakeClock clock;
+  AccountPool pool(PoolOptions(), clock);
+  AccountRecord a = Account("a", Tier::kPro);
+  a.disabled = true;
+  pool.Load({a});
+  absl::StatusOr<Selection> none = pool.Select(Req("m"));
+  ASSERT_EQ(none.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_FALSE(RetryDelay(none.status()).has_value());
+}
+
+TEST(AccountPoolOutcomes, LeaseCapSkipsBusyAccountsUntilLeasesEnd) {
+  FakeClock clock;
+  PoolOptions o;
+  o.max_inflight_per_account = 2;
+  o.lease_timeout = absl::Minutes(1);
+  AccountPool pool(o, clock);
+  pool.Load({Account("a", Tier::kPro)});
+  absl::StatusOr<Selection> l1 = pool.Select(Req("m"));
+  absl::StatusOr<Selection> l2 = pool.Select(Req("m"));
+  ASSERT_TRUE(l1.ok() && l2.ok());
+  absl::StatusOr<Selection> full = pool.Select(Req("m"));
+  ASSERT_EQ(full.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(RetryDelay(full.status()), absl::Minutes(1));
+  Explanation e = pool.Explain(Req("m"));
+  ASSERT_EQ(e.accounts.size(), 1u);
+  EXPECT_EQ(e.accounts[0].verdict, Verdict::kLeaseCap);
+  EXPECT_THAT(e.accounts[0].detail, HasSubstr("2 leases in flight (cap 2)"));
+  // A report ends a lease.
+  ASSERT_TRUE(pool.ReportOutcome(Report(l1->lease_id, 200)).ok());
+  EXPECT_TRUE(pool.Select(Req("m")).ok());
+  // A lease never reported times out.
+  clock.Advance(absl::Minutes(1));
+  EXPECT_TRUE(pool.Select(Req("m")).ok());
+  EXPECT_EQ(pool.List()[0].in_flight, 1);
+}
+
+TEST(AccountPoolOutcomes, ReleaseLeaseFreesTheSlot) {
+  FakeClock clock;
+  PoolOptions o;
+  o.max_inflight_per_account = 1;
+  AccountPool pool(o, clock);
+  pool.Load({Account("a", Tier::kPro)});
+  absl::StatusOr<Selection> l1 = pool.Select(Req("m"));
+  ASSERT_FALSE(pool.Select(Req("m")).ok());
+  pool.ReleaseLease(l1->lease_id);
+  EXPECT_TRUE(pool.Select(Req("m")).ok());
+}
+
+TEST(AccountPoolOutcomes, HalfOpenLetsOneProbeThroughAfterTheCooldown) {
+  FakeClock clock;
+  AccountPool pool(PoolOptions(), clock);
+  pool.Load({Account("a", Tier::kUltra), Account("b", Tier::kPro)});
+  absl::StatusOr<Selection> s = pool.Select(Req("m"));
+  ASSERT_TRUE(pool.ReportOutcome(Report(s->lease_id, 429, "30")).ok());
+  clock.Advance(absl::Seconds(30));
+  absl::StatusOr<Selection> probe = pool.Select(Req("m"));
+  ASSERT_TRUE(probe.ok());
+  EXPECT_EQ(probe->account_id, "a");
+  // While the probe is out, others go to b.
+  EXPECT_EQ(Pick(pool, Req("m")), "b");
+  Explanation e = pool.Explain(Req("m"));
+  EXPECT_EQ(e.accounts.back().account_id, "a");
+  EXPECT_EQ(e.accounts.back().verdict, Verdict::kCooldown);
+  EXPECT_THAT(e.accounts.back().detail, HasSubstr("probe"));
+  ASSERT_TRUE(pool.ReportOutcome(Report(probe->lease_id, 200)).ok());
+  EXPECT_EQ(Pick(pool, Req("m")), "a");
+  EXPECT_EQ(Pick(pool, Req("m")), "a");
+}
+
+TEST(AccountPoolOutcomes, ReportByAccountAndModelAndErrors) {
+  FakeClock clock;
+  AccountPool pool(PoolOptions(), clock);
+  pool.Load({Account("a", Tier::kPro)});
+  Outcome o;
+  o.account_id = "a";
+  o.model = "m";
+  o.http_status = 429;
+  o.retry_after = "60";
+  absl::StatusOr<OutcomeResult> r = pool.ReportOutcome(o);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->until, clock.Now() + absl::Seconds(60));
+  o.account_id = "nobody";
+  EXPECT_EQ(pool.ReportOutcome(o).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(pool.ReportOutcome(Report("l-unknown", 200)).status().code(), absl::StatusCode::kNotFound);
+  Outcome no_model;
+  no_model.account_id = "a";
+  no_model.http_status = 200;
+  EXPECT_EQ(pool.ReportOutcome(no_model).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(AccountPoolOutcomes, UnauthorizedDropsTheTokenAndInvalidGrantDisables) {
+  FakeClock clock;
+  AccountPool pool(PoolOptions(), clock);
+  AccountRecord a = Account("a", Tier::kPro);
+  a.access_token = "ya29.x";
+  a.access_expiry = clock.Now() + absl::Hours(1);
+  pool.Load({a, Account("b", Tier::kFree)});
+  absl::StatusOr<Selection> s = pool.Select(Req("m"));
+  absl::StatusOr<OutcomeResult> r = pool.ReportOutcome(Report(s->lease_id, 401));
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->scope, CooldownScope::kAccount);
+  EXPECT_TRUE(pool.GetCredentials("a")->access_token.empty());
+  s = pool.Select(Req("m"));
+  ASSERT_EQ(s->account_id, "a");
+  r = pool.ReportOutcome(Report(s->lease_id, 400, "", R"({"error":"invalid_grant","error_description":"Token has been expired or revoked."})"));
+  ASSERT_TRUE(r.ok());
+  EXPECT_TRUE(r->disabled);
+  EXPECT_TRUE(pool.GetCredentials("a")->disabled);
+  EXPECT_EQ(Pick(pool, Req("m")), "b");
+}
+
+TEST(AccountPoolOutcomes, ListShowsCooldownsStreakAndValidationUrl) {
+  FakeClock clock;
+  AccountPool pool(PoolOptions(), clock);
+  pool.Load({Account("a", Tier::kPro)});
+  absl::StatusOr<Selection> s = pool.Select(Req("m"));
+  ASSERT_TRUE(pool.ReportOutcome(Report(s->lease_id, 403, "", R"({"error":{"code":403,"details":[
+      {"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"VALIDATION_REQUIRED","metadata":{"validation_url":"https://accounts.google.com/v/9"}}]}})")).ok());
+  std::vector<AccountView> views = pool.List();
+  ASSERT_EQ(views.size(), 1u);
+  EXPECT_EQ(views[0].validation_url, "https://accounts.google.com/v/9");
+  EXPECT_EQ(views[0].failure_streak, 1);
+  ASSERT_EQ(views[0].cooldowns.size(), 1u);
+  EXPECT_EQ(views[0].cooldowns[0].until, clock.Now() + absl::Hours(1));
+  EXPECT_EQ(views[0].in_flight, 0);
 }
 
 TEST(ParsePolicy, NamesAndErrors) {

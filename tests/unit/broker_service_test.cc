@@ -4,6 +4,8 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <thread>
+
 #include "gmock/gmock.h"
 #include "google/rpc/error_details.pb.h"
 #include "google/rpc/status.pb.h"
@@ -166,10 +168,170 @@ TEST_F(BrokerServiceTest, ExplainSelectionRanksByTier) {
   EXPECT_EQ(resp.accounts(2).account_id(), "f1");
 }
 
+// Reports `status` for a token just handed out for `model`.
+v1::ReportOutcomeResponse ReportFor(v1::TokenBrokerService::Stub& stub, const std::string& lease, int status,
+                                    const std::string& retry_after) {
+  grpc::ClientContext ctx;
+  v1::ReportOutcomeRequest req;
+  req.set_lease_id(lease);
+  req.set_http_status(status);
+  req.set_retry_after(retry_after);
+  v1::ReportOutcomeResponse resp;
+  grpc::Status s = stub.ReportOutcome(&ctx, req, &resp);
+  EXPECT_TRUE(s.ok()) << s.error_message();
+  return resp;
+}
+
+TEST_F(BrokerServiceTest, AllCoolingGivesResourceExhaustedWithRetryInfoAndQuotaFailure) {
+  for (int i = 0; i < 3; ++i) {
+    v1::GetTokenRequest req;
+    req.set_model("m");
+    v1::GetTokenResponse resp;
+    ASSERT_TRUE(GetToken(req, &resp).ok());
+    ASSERT_FALSE(resp.lease_id().empty());
+    v1::ReportOutcomeResponse r = ReportFor(*stub_, resp.lease_id(), 429, i == 1 ? "40" : "600");
+    EXPECT_EQ(r.scope(), v1::COOLDOWN_SCOPE_MODEL);
+    EXPECT_EQ(r.model(), "m");
+  }
+  v1::GetTokenRequest req;
+  req.set_model("m");
+  v1::GetTokenResponse resp;
+  grpc::Status s = GetToken(req, &resp);
+  ASSERT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  google::rpc::Status rich;
+  ASSERT_TRUE(rich.ParseFromString(s.error_details()));
+  google::rpc::RetryInfo retry;
+  google::rpc::QuotaFailure failure;
+  for (const auto& any : rich.details()) {
+    if (any.Is<google::rpc::RetryInfo>()) any.UnpackTo(&retry);
+    if (any.Is<google::rpc::QuotaFailure>()) any.UnpackTo(&failure);
+  }
+  EXPECT_GT(retry.retry_delay().seconds(), 38);
+  EXPECT_LE(retry.retry_delay().seconds(), 40);
+  ASSERT_EQ(failure.violations_size(), 1);
+  EXPECT_EQ(failure.violations(0).subject(), "model:m");
+  // Another model is still served.
+  req.set_model("n");
+  EXPECT_TRUE(GetToken(req, &resp).ok());
+}
+
+TEST_F(BrokerServiceTest, MaxWaitServesAsSoonAsAnAccountFrees) {
+  for (int i = 0; i < 3; ++i) {
+    v1::GetTokenRequest req;
+    req.set_model("m");
+    v1::GetTokenResponse resp;
+    ASSERT_TRUE(GetToken(req, &resp).ok());
+    ReportFor(*stub_, resp.lease_id(), 429, i == 2 ? "1" : "600");
+  }
+  v1::GetTokenRequest req;
+  req.set_model("m");
+  req.mutable_max_wait()->set_seconds(8);
+  v1::GetTokenResponse resp;
+  const absl::Time start = absl::Now();
+  grpc::Status s = GetToken(req, &resp);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(resp.account_id(), "f1");  // the one whose cooldown was 1 s
+  EXPECT_LT(absl::Now() - start, absl::Seconds(6));
+}
+
+TEST_F(BrokerServiceTest, MaxWaitShorterThanTheCooldownGivesTheErrorAtTheDeadline) {
+  for (int i = 0; i < 3; ++i) {
+    v1::GetTokenRequest req;
+    req.set_model("m");
+    v1::GetTokenResponse resp;
+    ASSERT_TRUE(GetToken(req, &resp).ok());
+    ReportFor(*stub_, resp.lease_id(), 429, "600");
+  }
+  v1::GetTokenRequest req;
+  req.set_model("m");
+  req.mutable_max_wait()->set_nanos(300'000'000);
+  v1::GetTokenResponse resp;
+  const absl::Time start = absl::Now();
+  grpc::Status s = GetToken(req, &resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_GE(absl::Now() - start, absl::Milliseconds(290));
+  EXPECT_LT(absl::Now() - start, absl::Milliseconds(900));
+}
+
+TEST_F(BrokerServiceTest, ASuccessReportWakesAWaitingCall) {
+  for (int i = 0; i < 3; ++i) {
+    v1::GetTokenRequest req;
+    req.set_model("m");
+    v1::GetTokenResponse resp;
+    ASSERT_TRUE(GetToken(req, &resp).ok());
+    ReportFor(*stub_, resp.lease_id(), 429, "600");
+  }
+  absl::Time start = absl::Now();
+  std::string got;
+  std::thread waiter([&] {
+    v1::GetTokenRequest req;
+    req.set_model("m");
+    req.mutable_max_wait()->set_seconds(30);
+    v1::GetTokenResponse resp;
+    grpc::Status s = GetToken(req, &resp);
+    EXPECT_TRUE(s.ok()) << s.error_message();
+    got = resp.account_id();
+  });
+  // Poll (with a deadline) until the call is parked, then report a success for p1 on m.
+  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  while (service_->WaitingCalls() == 0 && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(2));
+  ASSERT_EQ(service_->WaitingCalls(), 1u);
+  grpc::ClientContext ctx;
+  v1::ReportOutcomeRequest ok;
+  ok.set_account_id("p1");
+  ok.set_model("m");
+  ok.set_http_status(200);
+  v1::ReportOutcomeResponse resp;
+  ASSERT_TRUE(stub_->ReportOutcome(&ctx, ok, &resp).ok());
+  waiter.join();
+  EXPECT_EQ(got, "p1");
+  EXPECT_LT(absl::Now() - start, absl::Seconds(10));
+  EXPECT_EQ(service_->WaitingCalls(), 0u);
+}
+
+TEST_F(BrokerServiceTest, ReportOutcomeValidatesItsFields) {
+  struct Case {
+    v1::ReportOutcomeRequest req;
+    std::string field;
+  };
+  std::vector<Case> cases(5);
+  cases[0].field = "lease_id";
+  cases[0].req.set_http_status(200);
+  cases[1].req.set_account_id("u1");
+  cases[1].req.set_model("m");
+  cases[1].req.set_http_status(42);
+  cases[1].field = "http_status";
+  cases[2].req.set_account_id("u1");
+  cases[2].req.set_model("bad model");
+  cases[2].req.set_http_status(429);
+  cases[2].field = "model";
+  cases[3].req.set_account_id("u1");
+  cases[3].req.set_model("m");
+  cases[3].req.set_http_status(429);
+  cases[3].req.set_error_body(std::string(70000, 'x'));
+  cases[3].field = "error_body";
+  cases[4].req.set_account_id("u1");
+  cases[4].req.set_http_status(429);
+  cases[4].field = "model";
+  for (const Case& c : cases) {
+    grpc::ClientContext ctx;
+    v1::ReportOutcomeResponse resp;
+    grpc::Status s = stub_->ReportOutcome(&ctx, c.req, &resp);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << c.field;
+    EXPECT_THAT(s.error_message(), HasSubstr(c.field));
+  }
+  grpc::ClientContext ctx;
+  v1::ReportOutcomeRequest unknown;
+  unknown.set_lease_id("l-0000");
+  unknown.set_http_status(200);
+  v1::ReportOutcomeResponse resp;
+  EXPECT_EQ(stub_->ReportOutcome(&ctx, unknown, &resp).error_code(), grpc::StatusCode::NOT_FOUND);
+}
+
 TEST_F(BrokerServiceTest, NotYetImplementedRpcsSaySo) {
   grpc::ClientContext ctx;
-  v1::ReportOutcomeResponse resp;
-  grpc::Status s = stub_->ReportOutcome(&ctx, v1::ReportOutcomeRequest(), &resp);
+  v1::SetQuotaManagerResponse resp;
+  grpc::Status s = stub_->SetQuotaManager(&ctx, v1::SetQuotaManagerRequest(), &resp);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::UNIMPLEMENTED);
 }
 

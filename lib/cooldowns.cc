@@ -1,0 +1,172 @@
+#include "lib/cooldowns.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+
+namespace tokenbroker {
+
+absl::Duration Cooldowns::Backoff(int streak) const {
+  if (policy_.backoff.empty()) return absl::Seconds(60);
+  size_t i = static_cast<size_t>(std::max(1, streak)) - 1;
+  return policy_.backoff[std::min(i, policy_.backoff.size() - 1)];
+}
+
+CooldownDecision Cooldowns::Apply(const std::string& account, const std::string& model,
+                                  const UpstreamError& error, absl::Time now) {
+  CooldownDecision d;
+  PerAccount& acc = accounts_[account];
+  const std::string summary = error.Summary();
+  absl::Duration wait = absl::ZeroDuration();
+  std::string why;
+  switch (error.kind) {
+    case FailureKind::kSuccess:
+      acc.streak = 0;
+      acc.models.erase(model);
+      // A success shows the account works: a whole-account cooldown that has run out is closed.
+      if (acc.whole && acc.whole->until <= now) {
+        acc.whole.reset();
+        acc.validation_url.clear();
+      }
+      if (!acc.whole && acc.models.empty() && acc.validation_url.empty()) accounts_.erase(account);
+      d.reason = "success: failure streak reset";
+      return d;
+    case FailureKind::kInvalidGrant:
+      d.scope = CooldownScope::kAccount;
+      d.until = absl::InfiniteFuture();
+      d.disable = true;
+      d.reason = "invalid_grant: the refresh token is revoked; account disabled";
+      return d;
+    case FailureKind::kClientError:
+      d.reason = absl::StrCat(summary, ": the request's fault, no cooldown");
+      return d;
+    case FailureKind::kQuotaExhausted:
+    case FailureKind::kRateLimited:
+      ++acc.streak;
+      d.scope = CooldownScope::kModel;
+      wait = error.delay ? *error.delay : Backoff(acc.streak);
+      why = error.delay ? summary : absl::StrCat(summary, ", backoff step ", acc.streak);
+      break;
+    case FailureKind::kCapacityExhausted:
+      d.scope = CooldownScope::kModel;
+      wait = error.delay ? *error.delay : policy_.capacity;
+      why = summary;
+      break;
+    case FailureKind::kServerError:
+      d.scope = CooldownScope::kModel;
+      wait = error.delay ? *error.delay : policy_.server_error;
+      why = summary;
+      break;
+    case FailureKind::kUnauthorized:
+      ++acc.streak;
+      d.scope = CooldownScope::kAccount;
+      d.invalidate_token = true;
+      // The first 401 only needs a fresh token; repeated ones back off.
+      wait = error.delay ? *error.delay : acc.streak == 1 ? absl::ZeroDuration() : Backoff(acc.streak - 1);
+      why = absl::StrCat(summary, ", token will be refreshed before the next use");
+      break;
+    case FailureKind::kValidationRequired:
+      ++acc.streak;
+      d.scope = CooldownScope::kAccount;
+      wait = error.delay ? *error.delay : policy_.validation_block;
+      if (!error.validation_url.empty()) acc.validation_url = error.validation_url;
+      why = absl::StrCat(summary, acc.validation_url.empty() ? "" : ", verify at " + acc.validation_url);
+      break;
+    case FailureKind::kForbidden:
+      ++acc.streak;
+      d.scope = CooldownScope::kAccount;
+      wait = error.delay ? *error.delay : Backoff(acc.streak);
+      why = error.delay ? summary : absl::StrCat(summary, ", backoff step ", acc.streak);
+      break;
+  }
+
+  std::optional<Entry>* slot_whole = d.scope == CooldownScope::kAccount ? &acc.whole : nullptr;
+  Entry* existing = nullptr;
+  if (slot_whole != nullptr) {
+    if (*slot_whole) existing = &**slot_whole;
+  } else if (auto it = acc.models.find(model); it != acc.models.end()) {
+    existing = &it->second;
+  }
+  const absl::Time proposed = now + wait;
+  if (existing == nullptr && wait <= absl::ZeroDuration()) {
+    d.until = now;
+    d.reason = why;
+    return d;
+  }
+  if (existing == nullptr) {
+    Entry fresh{proposed, why, std::nullopt};
+    if (slot_whole != nullptr) {
+      *slot_whole = fresh;
+    } else {
+      acc.models.emplace(model, fresh);
+    }
+    d.until = proposed;
+    d.reason = why;
+    return d;
+  }
+  // A failure ends any probe; a new cooldown never shortens a live one.
+  existing->probe_until.reset();
+  if (proposed > existing->until) {
+    existing->until = proposed;
+    existing->reason = why;
+  }
+  d.until = existing->until;
+  d.reason = existing->reason;
+  return d;
+}
+
+std::optional<CooldownBlock> Cooldowns::BlockOf(const Entry& e, CooldownScope scope, absl::Time now) {
+  if (now < e.until) return CooldownBlock{scope, e.until, e.reason, false};
+  if (e.probe_until && now < *e.probe_until) {
+    return CooldownBlock{scope, *e.probe_until,
+                         absl::StrCat("half-open after ", e.reason, ": one probe is in flight"), true};
+  }
+  return std::nullopt;
+}
+
+std::optional<CooldownBlock> Cooldowns::Check(const std::string& account, const std::string& model,
+                                              absl::Time now) const {
+  auto it = accounts_.find(account);
+  if (it == accounts_.end()) return std::nullopt;
+  std::optional<CooldownBlock> block;
+  if (it->second.whole) block = BlockOf(*it->second.whole, CooldownScope::kAccount, now);
+  if (auto m = it->second.models.find(model); m != it->second.models.end()) {
+    std::optional<CooldownBlock> mb = BlockOf(m->second, CooldownScope::kModel, now);
+    if (mb && (!block || mb->until > block->until)) block = mb;
+  }
+  return block;
+}
+
+void Cooldowns::OnIssued(const std::string& account, const std::string& model, absl::Time now) {
+  auto it = accounts_.find(account);
+  if (it == accounts_.end()) return;
+  auto mark = [&](Entry& e) {
+    if (e.until <= now) e.probe_until = now + policy_.probe_timeout;
+  };
+  if (it->second.whole) mark(*it->second.whole);
+  if (auto m = it->second.models.find(model); m != it->second.models.end()) mark(m->second);
+}
+
+int Cooldowns::Streak(const std::string& account) const {
+  auto it = accounts_.find(account);
+  return it == accounts_.end() ? 0 : it->second.streak;
+}
+
+std::string Cooldowns::ValidationUrl(const std::string& account) const {
+  auto it = accounts_.find(account);
+  return it == accounts_.end() ? "" : it->second.validation_url;
+}
+
+std::vector<CooldownView> Cooldowns::List(const std::string& account, absl::Time now) const {
+  std::vector<CooldownView> out;
+  auto it = accounts_.find(account);
+  if (it == accounts_.end()) return out;
+  if (it->second.whole) {
+    out.push_back({"", it->second.whole->until, it->second.whole->reason, it->second.whole->until <= now});
+  }
+  for (const auto& [model, e] : it->second.models) out.push_back({model, e.until, e.reason, e.until <= now});
+  std::sort(out.begin(), out.end(), [](const CooldownView& a, const CooldownView& b) { return a.model < b.model; });
+  return out;
+}
+
+}  // namespace tokenbroker

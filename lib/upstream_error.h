@@ -1,0 +1,58 @@
+#pragma once
+
+#include <optional>
+#include <string>
+
+#include "absl/strings/string_view.h"
+#include "absl/time/time.h"
+
+namespace tokenbroker {
+
+// What an upstream (Cloud Code / Gemini) answer means for the account that got it.
+enum class FailureKind {
+  kSuccess,             // 2xx
+  kQuotaExhausted,      // 429 QUOTA_EXHAUSTED, or a per-day quota violation
+  kRateLimited,         // 429 RATE_LIMIT_EXCEEDED, a per-minute quota, or a bare 429
+  kCapacityExhausted,   // MODEL_CAPACITY_EXHAUSTED: the model is busy, not the account's fault
+  kUnauthorized,        // 401: the access token is no good
+  kValidationRequired,  // 403 VALIDATION_REQUIRED: the account must be verified by a person
+  kForbidden,           // any other 403
+  kInvalidGrant,        // the refresh token is revoked ("invalid_grant")
+  kServerError,         // 5xx other than capacity
+  kClientError,         // other 4xx: the request's fault, not the account's
+};
+
+absl::string_view FailureKindName(FailureKind kind);
+
+// Everything one upstream answer says, parsed. Pure data.
+struct UpstreamError {
+  FailureKind kind = FailureKind::kSuccess;
+  // The delay the upstream asked for, from whichever form carried it (the longest when several
+  // did), clamped to [0, kMaxUpstreamDelay]. Unset when the answer named none.
+  std::optional<absl::Duration> delay;
+  std::string delay_source;    // "quotaResetDelay", "RetryInfo", "Retry-After", "message", ...
+  bool delay_clamped = false;  // the upstream's value was negative or absurd and was clamped
+  std::string reason;          // ErrorInfo.reason, e.g. "QUOTA_EXHAUSTED"
+  std::string quota_id;        // QuotaFailure.violations[].quotaId
+  std::string validation_url;  // for kValidationRequired, when the answer carried one
+  std::string model;           // ErrorInfo.metadata.model, when present
+  // One line for operators: what was understood. Never contains the body itself.
+  std::string Summary() const;
+};
+
+inline constexpr absl::Duration kMaxUpstreamDelay = absl::Hours(24 * 7);
+
+// Parses an upstream answer: HTTP status, the raw Retry-After header value (seconds or an HTTP
+// date, relative to `now`) and the raw body (Google's JSON error with google.rpc details, or
+// text). Understands RetryInfo.retryDelay, ErrorInfo.reason and metadata.quotaResetDelay,
+// QuotaFailure.violations[].quotaId, {seconds, nanos} objects, durations like "1h16m0.667s" and
+// "510.79ms", and the text forms "reset after 2h1m1s", "retry after 30 seconds",
+// "try again in 1m30s", "Please wait 12s". Total: any input gives an answer, never a crash.
+UpstreamError ParseUpstreamError(int http_status, absl::string_view retry_after, absl::string_view body,
+                                 absl::Time now);
+
+// Parses a Go/protobuf-style duration: "3.5s", "510.79ms", "1h16m0.667s", "90", "2h1m1s",
+// "30 seconds", "1 minute". Unset for anything else (including negative values).
+std::optional<absl::Duration> ParseUpstreamDuration(absl::string_view text);
+
+}  // namespace tokenbroker
