@@ -7,7 +7,9 @@ BUF := tools/node_modules/.bin/buf
 
 TSA_BUILD ?= build-clang
 
-.PHONY: all deps configure build test demo lint tsa clean
+FUZZ_SECONDS ?= 30
+
+.PHONY: all deps configure build test demo lint tsa fuzz clean
 
 all: build
 
@@ -31,7 +33,17 @@ tsa: deps
 	@cmake --build $(TSA_BUILD) --target tb_core tb_server tb_fake_upstream
 	@echo "thread-safety analysis: clean"
 
-test: build lint tsa
+# The upstream error parser under libFuzzer (ASan + UBSan) for a bounded time, from the seed corpus.
+fuzz: tsa
+	@cmake --build $(TSA_BUILD) --target upstream_error_fuzz
+	@work=$$(mktemp -d) && cp tests/fuzz/corpus/* $$work/ && \
+	  $(TSA_BUILD)/tests/fuzz/upstream_error_fuzz -max_total_time=$(FUZZ_SECONDS) -max_len=4096 \
+	    -artifact_prefix=$(TSA_BUILD)/ $$work > $(TSA_BUILD)/fuzz.log 2>&1; rc=$$?; rm -rf $$work; \
+	  tail -n 3 $(TSA_BUILD)/fuzz.log; \
+	  if [ $$rc -ne 0 ]; then echo "fuzz: FINDING (see $(TSA_BUILD)/fuzz.log)"; exit 1; fi; \
+	  echo "fuzz: $(FUZZ_SECONDS)s of upstream_error_fuzz, no finding"
+
+test: build lint tsa fuzz
 	@cd $(BUILD) && ctest --output-on-failure --timeout 300 -j2
 
 demo: build

@@ -147,6 +147,7 @@ int GetToken(TokenBrokerService::Stub& stub) {
             << "tier     " << TierText(resp.tier()) << "\n"
             << "project  " << (resp.project_id().empty() ? "-" : resp.project_id()) << "\n"
             << "expires  " << FormatTime(resp.expire_time()) << "\n"
+            << "lease    " << resp.lease_id() << "\n"
             << "token    " << resp.access_token() << "\n";
   return 0;
 }

@@ -111,7 +111,20 @@ def main():
         assert again == moved, (again, moved)
         print(f"-> moved from {first} to {moved}")
 
-        step(8, "Bad input gets a clear error naming the field")
+        step(8, "The proxy reports a 429 QUOTA_EXHAUSTED for that account: it cools down for this model only")
+        body = json.dumps({"error": {"code": 429, "status": "RESOURCE_EXHAUSTED",
+                                     "message": "You have exhausted your capacity on this model.",
+                                     "details": [{"@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                                                  "reason": "QUOTA_EXHAUSTED",
+                                                  "metadata": {"model": MODEL, "quotaResetDelay": "2h1m1.5s"}}]}})
+        run(cluster, "report-outcome", "--account", moved, "--model", MODEL, "--http_status", "429",
+            "--error_body", body)
+        run(cluster, "explain", "--model", MODEL, "--session", "conversation-42")
+        after, _ = get_token(cluster, "--session", "conversation-42")
+        assert after != moved, after
+        print(f"-> the session moved off {moved} (cooling for {MODEL}); other models still use it")
+
+        step(9, "Bad input gets a clear error naming the field")
         run(cluster, "get-token", "--model", "gemini 3 pro")
 
         print("\nDemo complete. Tokens are redacted in tbctl's output; --show_token prints them.")
