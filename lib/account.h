@@ -24,6 +24,7 @@ struct ModelQuota {
   std::string model;
   double remaining_fraction = 0;  // 0..1
   std::optional<absl::Time> reset_time;
+  absl::Time observed = absl::InfinitePast();  // when it was read from upstream
 };
 
 // One account as the account store holds it. Contains secrets (refresh and access token): never
@@ -41,6 +42,8 @@ struct AccountRecord {
   bool proxy_disabled = false;
   std::vector<std::string> protected_models;
   std::vector<ModelQuota> quotas;
+  bool quota_forbidden = false;  // the quota API answered 403 for it
+  absl::Time quota_forbidden_observed = absl::InfinitePast();
 };
 
 }  // namespace tokenbroker

@@ -30,6 +30,10 @@ absl::string_view PolicyName(Policy policy) {
 
 namespace {
 
+std::string FormatTimestamp(absl::Time t) {
+  return absl::FormatTime("%Y-%m-%dT%H:%M:%SZ", t, absl::UTCTimeZone());
+}
+
 const ModelQuota* QuotaFor(const AccountRecord& rec, const std::string& model) {
   for (const ModelQuota& q : rec.quotas) {
     if (q.model == model) return &q;
@@ -57,6 +61,52 @@ absl::string_view VerdictCountName(Verdict v) {
   return "eligible";
 }
 
+// The quota fraction to rank by: fresh data when validation is on; any known data, as a hint,
+// when it is off.
+std::optional<double> RankingFraction(const AccountRecord& rec, const std::string& model,
+                                      const QuotaSettings& quota, absl::Time now) {
+  const ModelQuota* q = QuotaFor(rec, model);
+  if (q == nullptr) return std::nullopt;
+  if (quota.enabled && now - q->observed > quota.cache_ttl) return std::nullopt;
+  return q->remaining_fraction;
+}
+
+QuotaDecision DecisionFor(const AccountRecord& rec, const std::string& model, const QuotaSettings& quota,
+                          absl::Time now) {
+  const ModelQuota* q = QuotaFor(rec, model);
+  if (q == nullptr) return QuotaDecision::kUnknown;
+  return DecideQuota(quota, q->remaining_fraction, q->observed, q->reset_time, now);
+}
+
+// Why the account is out of quota for the model, when validation says so.
+std::optional<std::string> ExhaustedReason(const AccountRecord& rec, const std::string& model,
+                                           const QuotaSettings& quota, absl::Time now,
+                                           std::optional<absl::Time>* available_at) {
+  if (!quota.enabled) return std::nullopt;
+  if (rec.quota_forbidden && now - rec.quota_forbidden_observed <= quota.cache_ttl) {
+    return std::string("the quota API answers 403 for this account (forbidden)");
+  }
+  if (DecisionFor(rec, model, quota, now) != QuotaDecision::kExhausted) return std::nullopt;
+  const ModelQuota* q = QuotaFor(rec, model);
+  std::string why = absl::StrCat("quota for ", model, " at ", q->remaining_fraction,
+                                 ", below exhausted_threshold ", quota.exhausted_threshold);
+  if (q->reset_time) {
+    *available_at = *q->reset_time;
+    absl::StrAppend(&why, "; resets at ", FormatTimestamp(*q->reset_time));
+  }
+  return why;
+}
+
+int DecisionRank(QuotaDecision d) {
+  switch (d) {
+    case QuotaDecision::kProceed: return 2;
+    case QuotaDecision::kUnknown: return 1;
+    case QuotaDecision::kLow: return 0;
+    case QuotaDecision::kExhausted: break;
+  }
+  return -1;
+}
+
 }  // namespace
 
 struct AccountPool::Evaluation {
@@ -65,10 +115,6 @@ struct AccountPool::Evaluation {
   std::optional<size_t> chosen;
   bool from_session = false;
 };
-
-std::string FormatTimestamp(absl::Time t) {
-  return absl::FormatTime("%Y-%m-%dT%H:%M:%SZ", t, absl::UTCTimeZone());
-}
 
 AccountPool::AccountPool(PoolOptions options, const Clock& clock)
     : options_(options),
@@ -94,6 +140,22 @@ void AccountPool::Load(std::vector<AccountRecord> records) {
         rec.access_token = old.record.access_token;
         rec.access_expiry = old.record.access_expiry;
       }
+      // Quota the monitor observed after the file was written is newer than the file's.
+      for (const ModelQuota& q : old.record.quotas) {
+        auto mine = std::find_if(rec.quotas.begin(), rec.quotas.end(),
+                                 [&](const ModelQuota& f) { return f.model == q.model; });
+        if (mine == rec.quotas.end()) {
+          rec.quotas.push_back(q);
+        } else if (q.observed > mine->observed) {
+          *mine = q;
+        }
+      }
+      if (old.record.quota_forbidden_observed > rec.quota_forbidden_observed) {
+        rec.quota_forbidden = old.record.quota_forbidden;
+        rec.quota_forbidden_observed = old.record.quota_forbidden_observed;
+      }
+      if (rec.tier == Tier::kUnknown) rec.tier = old.record.tier;
+      if (rec.project_id.empty()) rec.project_id = old.record.project_id;
       // A disable decided at run time stands even if the file could not record it.
       if (old.record.disabled && !rec.disabled) {
         rec.disabled = true;
@@ -173,6 +235,9 @@ AccountPool::Evaluation AccountPool::Evaluate(const SelectRequest& request, absl
       v.available_at = leases_.EarliestExpiry(rec.id);
       v.detail = absl::StrCat(entries_[i].in_flight, " leases in flight (cap ",
                               options_.max_inflight_per_account, ")");
+    } else if (std::optional<std::string> why = ExhaustedReason(rec, request.model, quota_, now, &v.available_at)) {
+      v.verdict = Verdict::kExhausted;
+      v.detail = *why;
     } else if (request.exclude.contains(rec.id)) {
       v.verdict = Verdict::kRotatedAway;
       v.detail = "excluded for this request (its token could not be refreshed)";
@@ -199,13 +264,12 @@ AccountPool::Evaluation AccountPool::Evaluate(const SelectRequest& request, absl
   // The lambdas below run under the caller's lock; they read through this pointer because the
   // thread-safety analysis does not follow a lock into a lambda.
   const std::vector<Entry>* entries = &entries_;
+  const QuotaSettings quota = quota_;
   auto balance_better = [&](size_t a, size_t b) {
     const Entry& ea = (*entries)[a];
     const Entry& eb = (*entries)[b];
-    const ModelQuota* qa = QuotaFor(ea.record, request.model);
-    const ModelQuota* qb = QuotaFor(eb.record, request.model);
-    double fa = qa ? qa->remaining_fraction : -1;
-    double fb = qb ? qb->remaining_fraction : -1;
+    double fa = RankingFraction(ea.record, request.model, quota, now).value_or(-1);
+    double fb = RankingFraction(eb.record, request.model, quota, now).value_or(-1);
     if (fa != fb) return fa > fb;
     if (ea.in_flight != eb.in_flight) return ea.in_flight < eb.in_flight;
     if (ea.last_used != eb.last_used) return ea.last_used < eb.last_used;
@@ -215,6 +279,9 @@ AccountPool::Evaluation AccountPool::Evaluate(const SelectRequest& request, absl
     const AccountRecord& ra = (*entries)[a].record;
     const AccountRecord& rb = (*entries)[b].record;
     if (ra.tier != rb.tier) return ra.tier > rb.tier;
+    const int da = DecisionRank(DecisionFor(ra, request.model, quota, now));
+    const int db = DecisionRank(DecisionFor(rb, request.model, quota, now));
+    if (da != db) return da > db;
     switch (options_.policy) {
       case Policy::kBalance: return balance_better(a, b);
       case Policy::kFillFirst: {
@@ -224,8 +291,8 @@ AccountPool::Evaluation AccountPool::Evaluate(const SelectRequest& request, absl
         return a < b;
       }
       case Policy::kResetSoonest: {
-        const ModelQuota* qa = QuotaFor(ra, request.model);
-        const ModelQuota* qb = QuotaFor(rb, request.model);
+        const ModelQuota* qa = RankingFraction(ra, request.model, quota, now) ? QuotaFor(ra, request.model) : nullptr;
+        const ModelQuota* qb = RankingFraction(rb, request.model, quota, now) ? QuotaFor(rb, request.model) : nullptr;
         absl::Time ta = qa && qa->reset_time ? *qa->reset_time : absl::InfiniteFuture();
         absl::Time tb = qb && qb->reset_time ? *qb->reset_time : absl::InfiniteFuture();
         if (ta != tb) return ta < tb;
@@ -263,9 +330,15 @@ AccountPool::Evaluation AccountPool::Evaluate(const SelectRequest& request, absl
     } else {
       v.verdict = Verdict::kRankedLower;
       const AccountRecord& top = entries_[ev.ranked[0]].record;
-      v.detail = entries_[ev.ranked[r]].record.tier < top.tier
-                     ? absl::StrCat("lower tier than ", TierName(top.tier))
-                     : absl::StrCat("ranked lower by ", PolicyName(options_.policy));
+      const AccountRecord& mine = entries_[ev.ranked[r]].record;
+      const QuotaDecision my_decision = DecisionFor(mine, request.model, quota_, now);
+      if (mine.tier < top.tier) {
+        v.detail = absl::StrCat("lower tier than ", TierName(top.tier));
+      } else if (DecisionRank(my_decision) < DecisionRank(DecisionFor(top, request.model, quota_, now))) {
+        v.detail = absl::StrCat("quota ", QuotaDecisionName(my_decision), " for ", request.model);
+      } else {
+        v.detail = absl::StrCat("ranked lower by ", PolicyName(options_.policy));
+      }
     }
   }
   return ev;
@@ -321,9 +394,8 @@ absl::StatusOr<Selection> AccountPool::Select(const SelectRequest& request) {
   sel.project_id = entry.record.project_id;
   sel.from_session = ev.from_session;
   sel.lease_id = lease.id;
-  if (const ModelQuota* q = QuotaFor(entry.record, request.model)) {
-    sel.remaining_fraction = q->remaining_fraction;
-  }
+  sel.quota_decision = DecisionFor(entry.record, request.model, quota_, now);
+  sel.remaining_fraction = RankingFraction(entry.record, request.model, quota_, now);
   return sel;
 }
 
@@ -363,6 +435,7 @@ std::vector<AccountView> AccountPool::List() const {
     if (!e.record.access_token.empty()) v.token_expiry = e.record.access_expiry;
     if (e.last_used != absl::InfinitePast()) v.last_used = e.last_used;
     v.quotas = e.record.quotas;
+    v.quota_forbidden = e.record.quota_forbidden;
     v.bound_sessions = sessions_.CountFor(e.record.id);
     v.cooldowns = cooldowns_.List(e.record.id, now);
     v.validation_url = cooldowns_.ValidationUrl(e.record.id);
@@ -469,6 +542,52 @@ std::vector<std::string> AccountPool::ExpiringBefore(absl::Time deadline) const 
     if (e.record.access_expiry < deadline) out.push_back(e.record.id);
   }
   return out;
+}
+
+void AccountPool::SetQuotaSettings(const QuotaSettings& settings) {
+  absl::MutexLock lock(&mu_);
+  quota_ = settings;
+}
+
+QuotaSettings AccountPool::quota_settings() const {
+  absl::ReaderMutexLock lock(&mu_);
+  return quota_;
+}
+
+void AccountPool::UpdateQuota(const std::vector<QuotaObservation>& observations) {
+  const absl::Time now = clock_.Now();
+  absl::MutexLock lock(&mu_);
+  for (const QuotaObservation& o : observations) {
+    auto it = index_.find(o.account_id);
+    if (it == index_.end()) continue;
+    AccountRecord& rec = entries_[it->second].record;
+    if (o.tier != Tier::kUnknown) rec.tier = o.tier;
+    if (!o.project_id.empty()) rec.project_id = o.project_id;
+    rec.quota_forbidden = o.forbidden;
+    rec.quota_forbidden_observed = o.observed;
+    if (o.model.empty()) continue;  // an account-level observation (e.g. forbidden)
+    auto q = std::find_if(rec.quotas.begin(), rec.quotas.end(), [&](const ModelQuota& m) { return m.model == o.model; });
+    if (q == rec.quotas.end()) {
+      rec.quotas.push_back(ModelQuota{o.model, o.remaining_fraction, o.reset_time, o.observed});
+      q = std::prev(rec.quotas.end());
+    } else {
+      if (o.observed < q->observed) continue;  // late, older news
+      const bool rose = o.remaining_fraction > q->remaining_fraction;
+      const bool reset_passed = q->reset_time && *q->reset_time <= now;
+      q->remaining_fraction = o.remaining_fraction;
+      q->reset_time = o.reset_time;
+      q->observed = o.observed;
+      if ((rose || reset_passed) && o.remaining_fraction >= quota_.exhausted_threshold) {
+        cooldowns_.EndQuotaCooldown(rec.id, o.model);
+      }
+      continue;
+    }
+    if (o.remaining_fraction >= quota_.exhausted_threshold &&
+        cooldowns_.Check(rec.id, o.model, now) && o.remaining_fraction > 0) {
+      // First sighting with quota available: a quota cooldown on it is stale.
+      cooldowns_.EndQuotaCooldown(rec.id, o.model);
+    }
+  }
 }
 
 std::map<std::string, int64_t> AccountPool::RebindCounts() const {

@@ -18,6 +18,7 @@
 #include "lib/clock.h"
 #include "lib/cooldowns.h"
 #include "lib/lease_table.h"
+#include "lib/quota.h"
 #include "lib/session_binder.h"
 
 namespace tokenbroker {
@@ -56,6 +57,7 @@ struct Selection {
   Tier tier = Tier::kUnknown;
   std::string project_id;
   bool from_session = false;  // the session's existing binding was kept
+  QuotaDecision quota_decision = QuotaDecision::kUnknown;
   std::optional<double> remaining_fraction;
   std::string lease_id;  // ends at ReportOutcome, ReleaseLease or the lease timeout
 };
@@ -91,6 +93,7 @@ struct AccountView {
   std::optional<absl::Time> token_expiry;
   std::optional<absl::Time> last_used;
   std::vector<ModelQuota> quotas;
+  bool quota_forbidden = false;
   int bound_sessions = 0;
   std::vector<CooldownView> cooldowns;
   std::string validation_url;  // set after a 403 VALIDATION_REQUIRED
@@ -180,6 +183,15 @@ class AccountPool {
   // Ids of usable accounts whose access token expires before `deadline`.
   std::vector<std::string> ExpiringBefore(absl::Time deadline) const;
 
+  // Proactive quota validation settings (validated by the caller with ValidateQuotaSettings).
+  void SetQuotaSettings(const QuotaSettings& settings);
+  QuotaSettings quota_settings() const;
+  // Feeds quota observations (from the monitor). Unknown accounts are ignored. When an
+  // (account, model)'s quota comes back — its fraction rises to the exhausted threshold or above,
+  // or its reset time passes — a quota cooldown on it ends. Non-empty tier and project id update
+  // the account's.
+  void UpdateQuota(const std::vector<QuotaObservation>& observations);
+
   // Session rebinds since start, by reason ("new", "force_rotate", "ineligible", "expired").
   std::map<std::string, int64_t> RebindCounts() const;
 
@@ -211,6 +223,7 @@ class AccountPool {
   absl::flat_hash_map<std::string, std::string> last_for_model_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, int64_t> rebinds_ ABSL_GUARDED_BY(mu_);
   Cooldowns cooldowns_ ABSL_GUARDED_BY(mu_);
+  QuotaSettings quota_ ABSL_GUARDED_BY(mu_);
   LeaseTable leases_ ABSL_GUARDED_BY(mu_);
 };
 

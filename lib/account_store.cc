@@ -187,6 +187,10 @@ absl::StatusOr<AccountRecord> ParseAccountJson(const std::string& id, absl::stri
       return s;
     }
     rec.tier = ParseTier(tier);
+    absl::Time observed = absl::InfinitePast();
+    if (auto lu = quota->find("last_updated"); lu != quota->end() && lu->is_number()) {
+      observed = absl::FromUnixSeconds(lu->get<int64_t>());
+    }
     if (auto models = quota->find("models"); models != quota->end() && !models->is_null()) {
       if (!models->is_array()) return FieldError("quota.models", "an array");
       for (const Json& m : *models) {
@@ -202,6 +206,7 @@ absl::StatusOr<AccountRecord> ParseAccountJson(const std::string& id, absl::stri
           return s;
         }
         if (!reset.empty()) q.reset_time = ParseRfc3339(reset);
+        q.observed = observed;
         rec.quotas.push_back(std::move(q));
       }
     }

@@ -94,7 +94,8 @@ CooldownDecision Cooldowns::Apply(const std::string& account, const std::string&
     return d;
   }
   if (existing == nullptr) {
-    Entry fresh{proposed, why, std::nullopt};
+    Entry fresh{proposed, why, std::nullopt,
+                error.kind == FailureKind::kQuotaExhausted || error.kind == FailureKind::kRateLimited};
     if (slot_whole != nullptr) {
       *slot_whole = fresh;
     } else {
@@ -109,6 +110,7 @@ CooldownDecision Cooldowns::Apply(const std::string& account, const std::string&
   if (proposed > existing->until) {
     existing->until = proposed;
     existing->reason = why;
+    existing->quota = error.kind == FailureKind::kQuotaExhausted || error.kind == FailureKind::kRateLimited;
   }
   d.until = existing->until;
   d.reason = existing->reason;
@@ -145,6 +147,15 @@ void Cooldowns::OnIssued(const std::string& account, const std::string& model, a
   };
   if (it->second.whole) mark(*it->second.whole);
   if (auto m = it->second.models.find(model); m != it->second.models.end()) mark(m->second);
+}
+
+bool Cooldowns::EndQuotaCooldown(const std::string& account, const std::string& model) {
+  auto it = accounts_.find(account);
+  if (it == accounts_.end()) return false;
+  auto m = it->second.models.find(model);
+  if (m == it->second.models.end() || !m->second.quota) return false;
+  it->second.models.erase(m);
+  return true;
 }
 
 int Cooldowns::Streak(const std::string& account) const {

@@ -72,6 +72,9 @@ class Cooldowns {
   int Streak(const std::string& account) const;
   std::string ValidationUrl(const std::string& account) const;
   std::vector<CooldownView> List(const std::string& account, absl::Time now) const;
+  // Ends a quota or rate-limit cooldown on (account, model): the monitor saw the quota come back.
+  // Returns whether there was one.
+  bool EndQuotaCooldown(const std::string& account, const std::string& model);
   // Forgets an account (it left the pool).
   void Forget(const std::string& account) { accounts_.erase(account); }
 
@@ -80,6 +83,7 @@ class Cooldowns {
     absl::Time until;
     std::string reason;
     std::optional<absl::Time> probe_until;
+    bool quota = false;  // caused by a quota or rate limit (ends when quota comes back)
   };
   struct PerAccount {
     std::optional<Entry> whole;
