@@ -38,7 +38,8 @@ struct BrokerService::Pending {
   absl::Time deadline = absl::InfinitePast();  // end of max_wait; in the past: no waiting
 };
 
-BrokerService::BrokerService(AccountPool& pool, TokenManager& tokens) : pool_(pool), tokens_(tokens) {}
+BrokerService::BrokerService(AccountPool& pool, TokenManager& tokens, QuotaSubscriber* subscriber)
+    : pool_(pool), tokens_(tokens), subscriber_(subscriber) {}
 
 BrokerService::~BrokerService() { Shutdown(); }
 
@@ -120,7 +121,7 @@ void BrokerService::Issue(std::unique_ptr<Pending> p, bool may_wait) {
     ToProto(token->expiry, response->mutable_expire_time());
     response->set_tier(ToProto(selection.tier));
     response->set_lease_id(selection.lease_id);
-    response->set_quota_decision(v1::QUOTA_DECISION_UNSPECIFIED);
+    response->set_quota_decision(ToProto(selection.quota_decision));
     if (selection.remaining_fraction) response->set_remaining_fraction(*selection.remaining_fraction);
     spdlog::debug("GetToken model={} session={} -> account={} tier={}{}", p->request.model,
                   SessionTag(p->request.session_id), selection.account_id, std::string(TierName(selection.tier)),
@@ -184,10 +185,41 @@ grpc::ServerUnaryReactor* BrokerService::ReportOutcome(grpc::CallbackServerConte
 }
 
 grpc::ServerUnaryReactor* BrokerService::SetQuotaManager(grpc::CallbackServerContext* context,
-                                                         const v1::SetQuotaManagerRequest*,
-                                                         v1::SetQuotaManagerResponse*) {
-  return FinishNow(context, absl::UnimplementedError(
-                                "SetQuotaManager is not implemented in this version of tokenbroker"));
+                                                         const v1::SetQuotaManagerRequest* request,
+                                                         v1::SetQuotaManagerResponse* response) {
+  absl::MutexLock lock(&quota_mu_);
+  QuotaSettings settings = pool_.quota_settings();
+  settings.enabled = request->enabled();
+  if (request->has_cache_ttl()) settings.cache_ttl = FromProto(request->cache_ttl());
+  if (request->has_low_threshold()) settings.low_threshold = request->low_threshold();
+  if (request->has_exhausted_threshold()) settings.exhausted_threshold = request->exhausted_threshold();
+  if (absl::Status s = ValidateQuotaSettings(settings); !s.ok()) return FinishNow(context, s);
+  const std::string& target = request->monitor_target();
+  if (target.size() > 512 || target.find_first_of(" \t\n") != std::string::npos) {
+    return FinishNow(context, InvalidFieldError("monitor_target", "must be host:port or unix:path, without spaces"));
+  }
+  if (!target.empty() && subscriber_ == nullptr) {
+    return FinishNow(context, absl::FailedPreconditionError("this broker cannot attach a quota monitor"));
+  }
+  pool_.SetQuotaSettings(settings);
+  if (subscriber_ != nullptr) {
+    if (!settings.enabled) {
+      subscriber_->Disconnect();
+    } else if (!target.empty() && (target != subscriber_->target() || !subscriber_->connected())) {
+      subscriber_->Connect(target);
+    }
+  }
+  spdlog::info("quota validation {} (monitor {}, cache_ttl {}, low {}, exhausted {})",
+               settings.enabled ? "on" : "off", subscriber_ ? subscriber_->target() : "-",
+               absl::FormatDuration(settings.cache_ttl), settings.low_threshold, settings.exhausted_threshold);
+  response->set_enabled(settings.enabled);
+  if (subscriber_ != nullptr && settings.enabled) response->set_monitor_target(subscriber_->target());
+  response->mutable_cache_ttl()->set_seconds(absl::ToInt64Seconds(settings.cache_ttl));
+  response->mutable_cache_ttl()->set_nanos(
+      static_cast<int32_t>(absl::ToInt64Nanoseconds(settings.cache_ttl - absl::Seconds(absl::ToInt64Seconds(settings.cache_ttl)))));
+  response->set_low_threshold(settings.low_threshold);
+  response->set_exhausted_threshold(settings.exhausted_threshold);
+  return FinishNow(context, absl::OkStatus());
 }
 
 grpc::ServerUnaryReactor* BrokerService::ListAccounts(grpc::CallbackServerContext* context,

@@ -4,6 +4,7 @@
 
 #include "lib/account_pool.h"
 #include "lib/token_manager.h"
+#include "server/quota_subscriber.h"
 #include "server/wait_queue.h"
 #include "tokenbroker/v1/broker.grpc.pb.h"
 
@@ -11,11 +12,11 @@ namespace tokenbroker {
 
 // The gRPC face of the broker: validates requests, asks the pool for an account and the token
 // manager for its token, and translates the answers. Never blocks a callback thread: a token that
-// needs a refresh is finished from the refresher's worker. Thread-safe. `pool` and `tokens` must
-// outlive the service.
+// needs a refresh is finished from the refresher's worker. Thread-safe. `pool`, `tokens` and
+// `subscriber` (may be null: no monitor can be attached) must outlive the service.
 class BrokerService final : public v1::TokenBrokerService::CallbackService {
  public:
-  BrokerService(AccountPool& pool, TokenManager& tokens);
+  BrokerService(AccountPool& pool, TokenManager& tokens, QuotaSubscriber* subscriber);
   ~BrokerService() override;
 
   // Longest max_wait a GetToken may ask for.
@@ -53,6 +54,8 @@ class BrokerService final : public v1::TokenBrokerService::CallbackService {
 
   AccountPool& pool_;
   TokenManager& tokens_;
+  QuotaSubscriber* subscriber_;
+  absl::Mutex quota_mu_;  // serialises SetQuotaManager calls
   WaitQueue waits_;
 };
 

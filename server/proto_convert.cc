@@ -84,6 +84,16 @@ void ToProto(const AccountView& view, v1::Account* out) {
   out->set_failure_streak(view.failure_streak);
 }
 
+v1::QuotaDecision ToProto(QuotaDecision decision) {
+  switch (decision) {
+    case QuotaDecision::kProceed: return v1::QUOTA_DECISION_PROCEED;
+    case QuotaDecision::kLow: return v1::QUOTA_DECISION_LOW;
+    case QuotaDecision::kExhausted: return v1::QUOTA_DECISION_EXHAUSTED;
+    case QuotaDecision::kUnknown: break;
+  }
+  return v1::QUOTA_DECISION_UNSPECIFIED;
+}
+
 v1::CooldownScope ToProto(CooldownScope scope) {
   switch (scope) {
     case CooldownScope::kModel: return v1::COOLDOWN_SCOPE_MODEL;

@@ -13,6 +13,7 @@ v1::Tier ToProto(Tier tier);
 v1::Verdict ToProto(Verdict verdict);
 v1::SelectionPolicy ToProto(Policy policy);
 v1::CooldownScope ToProto(CooldownScope scope);
+v1::QuotaDecision ToProto(QuotaDecision decision);
 void ToProto(absl::Time t, google::protobuf::Timestamp* out);
 void ToProto(const AccountView& view, v1::Account* out);
 void ToProto(const Explanation& explanation, v1::ExplainSelectionResponse* out);

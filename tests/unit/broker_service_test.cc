@@ -44,7 +44,7 @@ class BrokerServiceTest : public ::testing::Test {
     to.background_refresh = false;  // tokens are fetched only when a test asks
     tokens_ = std::make_unique<TokenManager>(to, pool_, *oauth_, nullptr, Clock::Real());
     tokens_->Start();
-    service_ = std::make_unique<BrokerService>(pool_, *tokens_);
+    service_ = std::make_unique<BrokerService>(pool_, *tokens_, nullptr);
     grpc::ServerBuilder builder;
     builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
     int port = 0;
@@ -328,11 +328,29 @@ TEST_F(BrokerServiceTest, ReportOutcomeValidatesItsFields) {
   EXPECT_EQ(stub_->ReportOutcome(&ctx, unknown, &resp).error_code(), grpc::StatusCode::NOT_FOUND);
 }
 
-TEST_F(BrokerServiceTest, NotYetImplementedRpcsSaySo) {
+TEST_F(BrokerServiceTest, SetQuotaManagerValidatesAndAnswersTheEffectiveSettings) {
+  {
+    grpc::ClientContext ctx;
+    v1::SetQuotaManagerRequest req;
+    req.set_enabled(true);
+    req.set_low_threshold(0.02);  // below the default exhausted threshold 0.05
+    v1::SetQuotaManagerResponse resp;
+    grpc::Status s = stub_->SetQuotaManager(&ctx, req, &resp);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_THAT(s.error_message(), HasSubstr("exhausted_threshold"));
+  }
   grpc::ClientContext ctx;
+  v1::SetQuotaManagerRequest req;
+  req.set_enabled(true);
+  req.mutable_cache_ttl()->set_seconds(60);
+  req.set_low_threshold(0.2);
   v1::SetQuotaManagerResponse resp;
-  grpc::Status s = stub_->SetQuotaManager(&ctx, v1::SetQuotaManagerRequest(), &resp);
-  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNIMPLEMENTED);
+  ASSERT_TRUE(stub_->SetQuotaManager(&ctx, req, &resp).ok());
+  EXPECT_TRUE(resp.enabled());
+  EXPECT_EQ(resp.cache_ttl().seconds(), 60);
+  EXPECT_DOUBLE_EQ(resp.low_threshold(), 0.2);
+  EXPECT_DOUBLE_EQ(resp.exhausted_threshold(), 0.05);
+  EXPECT_TRUE(pool_.quota_settings().enabled);
 }
 
 }  // namespace

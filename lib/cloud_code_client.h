@@ -1,0 +1,56 @@
+#pragma once
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "lib/account.h"
+#include "lib/http_client.h"
+
+namespace tokenbroker {
+
+// loadCodeAssist's answer: the account's Cloud Code project (empty: it has none — never made up)
+// and tier (paidTier if present, else currentTier).
+struct CodeAssistInfo {
+  std::string project_id;
+  Tier tier = Tier::kUnknown;
+};
+
+// One model of fetchAvailableModels. A model without remainingFraction is at 0.
+struct ModelQuotaInfo {
+  std::string model;
+  double remaining_fraction = 0;
+  std::optional<absl::Time> reset_time;
+};
+
+// Pure parsers of the two answers (shapes in upstream-formats.md). INVALID_ARGUMENT for a body
+// that is not the expected JSON.
+absl::StatusOr<CodeAssistInfo> ParseLoadCodeAssist(absl::string_view body);
+absl::StatusOr<std::vector<ModelQuotaInfo>> ParseAvailableModels(absl::string_view body);
+
+// Cloud Code's v1internal API. Tries each base URL in turn when one answers 429, 5xx or cannot be
+// reached. Thread-safe; blocking (call from worker threads). `http` must outlive it.
+class CloudCodeClient {
+ public:
+  CloudCodeClient(std::vector<std::string> base_urls, const HttpClient& http,
+                  absl::Duration timeout = absl::Seconds(15));
+
+  // UNAUTHENTICATED on 401, PERMISSION_DENIED on 403, RESOURCE_EXHAUSTED when every base answered
+  // 429, UNAVAILABLE for 5xx or transport failures.
+  absl::StatusOr<CodeAssistInfo> LoadCodeAssist(const std::string& access_token) const;
+  // With a project; on 403 retries once without it; 403 again is PERMISSION_DENIED (forbidden).
+  absl::StatusOr<std::vector<ModelQuotaInfo>> FetchAvailableModels(const std::string& access_token,
+                                                                   const std::string& project_id) const;
+
+ private:
+  absl::StatusOr<HttpResponse> Call(const std::string& method, const std::string& access_token,
+                                    const std::string& body) const;
+
+  const std::vector<std::string> base_urls_;
+  const HttpClient& http_;
+  const absl::Duration timeout_;
+};
+
+}  // namespace tokenbroker

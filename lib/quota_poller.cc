@@ -1,0 +1,175 @@
+#include "lib/quota_poller.h"
+
+#include <algorithm>
+
+#include "absl/synchronization/notification.h"
+#include "spdlog/spdlog.h"
+
+namespace tokenbroker {
+
+QuotaPoller::QuotaPoller(QuotaPollerOptions options, AccountPool& pool, TokenManager& tokens,
+                         const CloudCodeClient& cloud_code, QuotaSink sink, const Clock& clock)
+    : options_(options),
+      pool_(pool),
+      tokens_(tokens),
+      cloud_code_(cloud_code),
+      sink_(std::move(sink)),
+      clock_(clock),
+      backoff_(options.rate_limit_backoff) {}
+
+QuotaPoller::~QuotaPoller() { Stop(); }
+
+void QuotaPoller::Start() {
+  absl::MutexLock lock(&mu_);
+  if (started_) return;
+  started_ = true;
+  for (int i = 0; i < std::max(1, options_.max_in_flight); ++i) threads_.emplace_back([this] { WorkerLoop(); });
+  threads_.emplace_back([this] { SchedulerLoop(); });
+}
+
+void QuotaPoller::Stop() {
+  {
+    absl::MutexLock lock(&mu_);
+    if (stopping_) return;
+    stopping_ = true;
+  }
+  for (std::thread& t : threads_) t.join();
+  threads_.clear();
+}
+
+int64_t QuotaPoller::PollCount() const {
+  absl::MutexLock lock(&mu_);
+  return polls_;
+}
+
+absl::Duration QuotaPoller::NextInterval() {
+  return options_.interval * (1.0 + absl::Uniform(rng_, -options_.jitter, options_.jitter));
+}
+
+void QuotaPoller::SchedulerLoop() {
+  // Due times follow the injected clock; the loop looks at it often enough for tests that move it.
+  const absl::Duration tick = std::clamp(options_.interval / 50, absl::Milliseconds(5), absl::Seconds(1));
+  while (true) {
+    std::vector<AccountView> accounts = pool_.List();
+    const absl::Time now = clock_.Now();
+    absl::MutexLock lock(&mu_);
+    if (stopping_) return;
+    absl::flat_hash_set<std::string> usable;
+    for (const AccountView& a : accounts) {
+      if (a.disabled || a.proxy_disabled) continue;
+      usable.insert(a.account_id);
+      if (!next_due_.contains(a.account_id)) {
+        // New accounts start within the first jitter window, spread out.
+        next_due_[a.account_id] = now + options_.interval * absl::Uniform(rng_, 0.0, options_.jitter);
+      }
+    }
+    for (auto it = next_due_.begin(); it != next_due_.end();) {
+      it = usable.contains(it->first) ? std::next(it) : next_due_.erase(it);
+    }
+    if (now >= paused_until_) {
+      for (auto& [id, due] : next_due_) {
+        if (due <= now && !busy_.contains(id)) {
+          busy_.insert(id);
+          queue_.push_back(id);
+          due = now + NextInterval();
+        }
+      }
+    }
+    mu_.AwaitWithTimeout(absl::Condition(&stopping_), tick);
+    if (stopping_) return;
+  }
+}
+
+void QuotaPoller::WorkerLoop() {
+  while (true) {
+    std::string id;
+    {
+      absl::MutexLock lock(&mu_);
+      mu_.Await(absl::Condition(
+          +[](QuotaPoller* p) ABSL_NO_THREAD_SAFETY_ANALYSIS { return p->stopping_ || !p->queue_.empty(); }, this));
+      if (stopping_) return;
+      id = std::move(queue_.front());
+      queue_.pop_front();
+    }
+    Poll(id);
+    absl::MutexLock lock(&mu_);
+    busy_.erase(id);
+    ++polls_;
+  }
+}
+
+void QuotaPoller::Poll(const std::string& account_id) {
+  absl::Notification got;
+  absl::StatusOr<AccessToken> token;
+  tokens_.Acquire(account_id, [&](absl::StatusOr<AccessToken> t) {
+    token = std::move(t);
+    got.Notify();
+  });
+  if (!got.WaitForNotificationWithTimeout(absl::Seconds(60)) || !token.ok()) {
+    // Acquire always calls back; on timeout the callback still owns `token` and `got`, so wait.
+    got.WaitForNotification();
+    spdlog::debug("quota poll of account {} skipped: no token ({})", account_id,
+                  token.ok() ? "timeout" : std::string(token.status().message()));
+    return;
+  }
+
+  auto on_error = [&](const absl::Status& s, const char* what) {
+    if (absl::IsResourceExhausted(s)) {
+      absl::MutexLock lock(&mu_);
+      paused_until_ = clock_.Now() + backoff_;
+      spdlog::warn("quota API rate-limited us ({}); pausing quota polls for {}", what, absl::FormatDuration(backoff_));
+      backoff_ = std::min(backoff_ * 2, options_.max_rate_limit_backoff);
+      next_due_[account_id] = paused_until_;
+      return;
+    }
+    if (absl::IsPermissionDenied(s)) {
+      QuotaObservation forbidden;
+      forbidden.account_id = account_id;
+      forbidden.observed = clock_.Now();
+      forbidden.forbidden = true;
+      sink_({forbidden});
+      spdlog::warn("account {}: the quota API answered 403; reported as forbidden", account_id);
+      return;
+    }
+    spdlog::warn("quota poll of account {} failed: {}", account_id, std::string(s.message()));
+  };
+
+  std::optional<CodeAssistInfo> info;
+  {
+    absl::MutexLock lock(&mu_);
+    if (auto it = code_assist_.find(account_id); it != code_assist_.end()) info = it->second;
+  }
+  if (!info) {
+    absl::StatusOr<CodeAssistInfo> loaded = cloud_code_.LoadCodeAssist(token->token);
+    if (!loaded.ok()) return on_error(loaded.status(), "loadCodeAssist");
+    info = *loaded;
+    absl::MutexLock lock(&mu_);
+    code_assist_[account_id] = *info;
+    if (info->project_id.empty() && reported_no_project_.insert(account_id).second) {
+      spdlog::warn("account {} has no Cloud Code project (loadCodeAssist named none); its quota is read without one",
+                   account_id);
+    }
+  }
+  absl::StatusOr<std::vector<ModelQuotaInfo>> models = cloud_code_.FetchAvailableModels(token->token, info->project_id);
+  if (!models.ok()) return on_error(models.status(), "fetchAvailableModels");
+  const absl::Time observed = clock_.Now();
+  std::vector<QuotaObservation> out;
+  QuotaObservation account_level;
+  account_level.account_id = account_id;
+  account_level.observed = observed;
+  account_level.tier = info->tier;
+  account_level.project_id = info->project_id;
+  out.push_back(account_level);
+  for (const ModelQuotaInfo& m : *models) {
+    QuotaObservation o = account_level;
+    o.model = m.model;
+    o.remaining_fraction = m.remaining_fraction;
+    o.reset_time = m.reset_time;
+    out.push_back(std::move(o));
+  }
+  sink_(out);
+  absl::MutexLock lock(&mu_);
+  backoff_ = options_.rate_limit_backoff;
+}
+
+}  // namespace tokenbroker

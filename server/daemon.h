@@ -1,0 +1,79 @@
+#pragma once
+
+// What the broker and the monitor binaries share: the flags both take, loading and watching the
+// account folder, the gRPC server set-up, and the signal wait.
+
+#include <grpcpp/grpcpp.h>
+
+#include <memory>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "absl/flags/declare.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "lib/account_pool.h"
+#include "lib/account_store.h"
+#include "lib/oauth_client.h"
+#include "lib/token_manager.h"
+
+ABSL_DECLARE_FLAG(std::string, listen);
+ABSL_DECLARE_FLAG(std::string, port_file);
+ABSL_DECLARE_FLAG(std::string, accounts_dir);
+ABSL_DECLARE_FLAG(std::string, oauth_token_url);
+ABSL_DECLARE_FLAG(std::string, oauth_client_id);
+ABSL_DECLARE_FLAG(std::string, oauth_client_secret);
+ABSL_DECLARE_FLAG(std::string, cloudcode_base_url);
+ABSL_DECLARE_FLAG(absl::Duration, min_token_ttl);
+ABSL_DECLARE_FLAG(absl::Duration, refresh_ahead);
+ABSL_DECLARE_FLAG(absl::Duration, refresh_scan_interval);
+ABSL_DECLARE_FLAG(int, refresh_workers);
+ABSL_DECLARE_FLAG(absl::Duration, reload_interval);
+ABSL_DECLARE_FLAG(absl::Duration, drain_timeout);
+ABSL_DECLARE_FLAG(std::string, log_format);
+ABSL_DECLARE_FLAG(std::string, log_level);
+
+namespace tokenbroker {
+
+// Prints "<program>: <message>" to stderr and returns exit status 2 (bad configuration).
+int FailStartup(const std::string& program, const std::string& message);
+
+// Checks the shared flags and sets up logging. The message names the flag.
+absl::Status CheckCommonFlags();
+
+// OAuth and token-manager options from the shared flags (client id/secret fall back to
+// $TOKENBROKER_OAUTH_CLIENT_ID / $TOKENBROKER_OAUTH_CLIENT_SECRET).
+OAuthOptions OAuthOptionsFromFlags();
+TokenManagerOptions TokenManagerOptionsFromFlags();
+// --cloudcode_base_url, comma-separated, tried in order.
+std::vector<std::string> CloudCodeBaseUrls();
+
+// Loads the account folder into the pool, and again whenever it changes. Logs each bad file once
+// until it is fixed. Not thread-safe (one caller: the main loop).
+class AccountLoader {
+ public:
+  AccountLoader(const AccountStore& store, AccountPool& pool) : store_(store), pool_(pool) {}
+  void Load();
+  // Reloads when the folder's fingerprint changed; returns whether it did.
+  bool ReloadIfChanged();
+
+ private:
+  const AccountStore& store_;
+  AccountPool& pool_;
+  uint64_t fingerprint_ = 0;
+  std::set<std::string> reported_;
+};
+
+// Builds and starts a server on --listen with reflection and the health service, never sharing
+// a port (SO_REUSEPORT off). `port` is 0 for unix sockets.
+absl::StatusOr<std::unique_ptr<grpc::Server>> StartServer(const std::vector<grpc::Service*>& services, int* port);
+// Writes --port_file (atomically), if set. Call once health says what it should.
+void WritePortFile(int port);
+
+// Blocks SIGTERM and SIGINT for the process; call before starting any thread.
+void BlockStopSignals();
+// Waits up to `timeout` for SIGTERM or SIGINT; returns its name, or "" on timeout.
+std::string WaitForStopSignal(absl::Duration timeout);
+
+}  // namespace tokenbroker

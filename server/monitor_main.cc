@@ -1,0 +1,100 @@
+// tokenbroker-monitor: polls every account's quota from Cloud Code and streams it to any number of
+// brokers (WatchQuota). Reads the same account folder as the brokers and refreshes its own tokens.
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/str_cat.h"
+#include "lib/account_pool.h"
+#include "lib/account_store.h"
+#include "lib/cloud_code_client.h"
+#include "lib/http_client.h"
+#include "lib/oauth_client.h"
+#include "lib/quota_hub.h"
+#include "lib/quota_poller.h"
+#include "lib/token_manager.h"
+#include "server/daemon.h"
+#include "server/monitor_service.h"
+#include "spdlog/spdlog.h"
+
+ABSL_FLAG(absl::Duration, poll_interval, absl::Minutes(5), "Each account's quota is read this often (±10 % jitter).");
+ABSL_FLAG(int, poll_concurrency, 4, "Quota requests in flight at most.");
+
+namespace tokenbroker {
+namespace {
+
+constexpr char kProgram[] = "tokenbroker-monitor";
+constexpr char kServiceName[] = "tokenbroker.v1.QuotaMonitorService";
+
+int Run() {
+  if (absl::Status s = CheckCommonFlags(); !s.ok()) return FailStartup(kProgram, std::string(s.message()));
+  if (absl::GetFlag(FLAGS_poll_interval) <= absl::ZeroDuration()) return FailStartup(kProgram, "--poll_interval must be positive");
+  if (absl::GetFlag(FLAGS_poll_concurrency) < 1) return FailStartup(kProgram, "--poll_concurrency must be at least 1");
+  absl::StatusOr<std::unique_ptr<AccountStore>> store = AccountStore::Open(absl::GetFlag(FLAGS_accounts_dir));
+  if (!store.ok()) return FailStartup(kProgram, absl::StrCat("--accounts_dir: ", store.status().message()));
+
+  BlockStopSignals();  // before any thread starts
+
+  AccountPool pool(PoolOptions(), Clock::Real());
+  AccountLoader loader(**store, pool);
+  loader.Load();
+  HttpClient http;
+  OAuthClient oauth(OAuthOptionsFromFlags(), http);
+  TokenManager tokens(TokenManagerOptionsFromFlags(), pool, oauth, store->get(), Clock::Real());
+  tokens.Start();
+  CloudCodeClient cloud_code(CloudCodeBaseUrls(), http);
+  QuotaHub hub;
+  QuotaPollerOptions po;
+  po.interval = absl::GetFlag(FLAGS_poll_interval);
+  po.max_in_flight = absl::GetFlag(FLAGS_poll_concurrency);
+  QuotaPoller poller(po, pool, tokens, cloud_code, [&hub](const std::vector<QuotaObservation>& o) { hub.Publish(o); },
+                     Clock::Real());
+  poller.Start();
+
+  MonitorService service(hub);
+  int port = 0;
+  absl::StatusOr<std::unique_ptr<grpc::Server>> server = StartServer({&service}, &port);
+  if (!server.ok()) {
+    poller.Stop();
+    tokens.Stop();
+    return FailStartup(kProgram, std::string(server.status().message()));
+  }
+  grpc::HealthCheckServiceInterface* health = (*server)->GetHealthCheckService();
+  auto update_health = [&] {
+    const bool serving = pool.UsableCount() > 0;
+    health->SetServingStatus("", serving);
+    health->SetServingStatus(kServiceName, serving);
+  };
+  update_health();
+  const std::string listen = absl::GetFlag(FLAGS_listen);
+  spdlog::info("monitor serving on {}{}; polling {} accounts every {} with at most {} requests in flight", listen,
+               listen.rfind("unix:", 0) == 0 ? "" : absl::StrCat(" (port ", port, ")"), pool.size(),
+               absl::FormatDuration(po.interval), po.max_in_flight);
+  WritePortFile(port);
+
+  std::string signal;
+  while ((signal = WaitForStopSignal(absl::GetFlag(FLAGS_reload_interval))).empty()) {
+    loader.ReloadIfChanged();
+    update_health();
+  }
+  spdlog::info("received {}; stopping", signal);
+  health->Shutdown();
+  (*server)->Shutdown(absl::ToChronoTime(absl::Now() + absl::GetFlag(FLAGS_drain_timeout)));
+  poller.Stop();
+  tokens.Stop();
+  spdlog::info("stopped");
+  return 0;
+}
+
+}  // namespace
+}  // namespace tokenbroker
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "tokenbroker-monitor: polls every account's quota and streams it to brokers (WatchQuota).\n"
+      "Usage: tokenbroker-monitor --accounts_dir=DIR [--listen=127.0.0.1:50052] [flags]");
+  absl::ParseCommandLine(argc, argv);
+  return tokenbroker::Run();
+}

@@ -1,0 +1,112 @@
+#include "server/monitor_service.h"
+
+#include <memory>
+
+#include "absl/synchronization/mutex.h"
+#include "server/proto_convert.h"
+
+namespace tokenbroker {
+namespace {
+
+// One WatchQuota stream. The hub wakes it through a Link that outlives it, so a wake-up racing
+// with the end of the stream is harmless.
+class WatchReactor final : public grpc::ServerWriteReactor<v1::WatchQuotaResponse> {
+ public:
+  struct Link {
+    absl::Mutex mu;
+    WatchReactor* reactor ABSL_GUARDED_BY(mu) = nullptr;
+  };
+
+  WatchReactor(QuotaHub& hub, absl::flat_hash_set<std::string> filter) : hub_(hub), link_(std::make_shared<Link>()) {
+    {
+      absl::MutexLock lock(&link_->mu);
+      link_->reactor = this;
+    }
+    std::weak_ptr<Link> weak = link_;
+    id_ = hub_.Subscribe(std::move(filter), [weak] {
+      if (std::shared_ptr<Link> link = weak.lock()) {
+        absl::MutexLock lock(&link->mu);
+        if (link->reactor != nullptr) link->reactor->MaybeWrite();
+      }
+    });
+    MaybeWrite();
+  }
+
+  void OnWriteDone(bool ok) override {
+    if (!ok) {
+      FinishOnce(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the stream is closed"));
+      return;
+    }
+    {
+      absl::MutexLock lock(&mu_);
+      writing_ = false;
+    }
+    MaybeWrite();
+  }
+
+  void OnCancel() override { FinishOnce(grpc::Status::CANCELLED); }
+
+  void OnDone() override {
+    {
+      absl::MutexLock lock(&link_->mu);
+      link_->reactor = nullptr;
+    }
+    hub_.Unsubscribe(id_);
+    delete this;
+  }
+
+ private:
+  void FinishOnce(const grpc::Status& status) {
+    {
+      absl::MutexLock lock(&mu_);
+      if (finished_) return;
+      finished_ = true;
+    }
+    Finish(status);
+  }
+
+  // Sends what is pending, unless a write is in flight (its completion sends the rest). No lock
+  // is held across StartWrite, so a reaction run inline cannot deadlock.
+  void MaybeWrite() {
+    {
+      absl::MutexLock lock(&mu_);
+      if (writing_ || finished_) return;
+      QuotaHub::Batch batch = hub_.Take(id_);
+      if (!batch.snapshot && batch.observations.empty()) return;
+      message_.Clear();
+      message_.set_snapshot(batch.snapshot);
+      for (const QuotaObservation& o : batch.observations) {
+        v1::QuotaObservation* p = message_.add_observations();
+        p->set_account_id(o.account_id);
+        p->set_model(o.model);
+        p->set_remaining_fraction(o.remaining_fraction);
+        if (o.reset_time) ToProto(*o.reset_time, p->mutable_reset_time());
+        ToProto(o.observed, p->mutable_observed_time());
+        p->set_tier(ToProto(o.tier));
+        p->set_project_id(o.project_id);
+        p->set_forbidden(o.forbidden);
+      }
+      writing_ = true;
+    }
+    // message_ is not touched again until OnWriteDone clears writing_.
+    StartWrite(&message_);
+  }
+
+  QuotaHub& hub_;
+  std::shared_ptr<Link> link_;
+  int64_t id_ = 0;
+  absl::Mutex mu_;
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  v1::WatchQuotaResponse message_;  // owned by the write in flight while writing_
+};
+
+}  // namespace
+
+grpc::ServerWriteReactor<v1::WatchQuotaResponse>* MonitorService::WatchQuota(grpc::CallbackServerContext* context,
+                                                                             const v1::WatchQuotaRequest* request) {
+  absl::flat_hash_set<std::string> filter(request->account_ids().begin(), request->account_ids().end());
+  return new WatchReactor(hub_, std::move(filter));
+}
+
+}  // namespace tokenbroker
