@@ -65,6 +65,13 @@ size_t QuotaHub::PendingFor(int64_t id) const {
   return it == subscribers_.end() ? 0 : it->second.pending.size();
 }
 
+size_t QuotaHub::MaxPending() const {
+  absl::MutexLock lock(&mu_);
+  size_t most = 0;
+  for (const auto& [id, sub] : subscribers_) most = std::max(most, sub.pending.size());
+  return most;
+}
+
 size_t QuotaHub::size() const {
   absl::MutexLock lock(&mu_);
   return latest_.size();

@@ -38,6 +38,8 @@ class QuotaHub {
   Batch Take(int64_t id);
 
   size_t PendingFor(int64_t id) const;
+  // The most any subscriber has pending: what the slowest reader costs, bounded by size().
+  size_t MaxPending() const;
   size_t size() const;
   size_t subscribers() const;
 

@@ -59,8 +59,9 @@ void QuotaPoller::SchedulerLoop() {
       if (a.disabled || a.proxy_disabled) continue;
       usable.insert(a.account_id);
       if (!next_due_.contains(a.account_id)) {
-        // New accounts start within the first jitter window, spread out.
-        next_due_[a.account_id] = now + options_.interval * absl::Uniform(rng_, 0.0, options_.jitter);
+        // New accounts are polled at once (the concurrency bound spreads them out); the jittered
+        // interval takes over from then on.
+        next_due_[a.account_id] = now;
       }
     }
     for (auto it = next_due_.begin(); it != next_due_.end();) {
@@ -90,6 +91,12 @@ void QuotaPoller::WorkerLoop() {
       if (stopping_) return;
       id = std::move(queue_.front());
       queue_.pop_front();
+      if (clock_.Now() < paused_until_) {
+        // Queued before the quota API asked us to back off: wait for the pause like the rest.
+        next_due_[id] = paused_until_;
+        busy_.erase(id);
+        continue;
+      }
     }
     Poll(id);
     absl::MutexLock lock(&mu_);

@@ -211,6 +211,7 @@ FakeUpstream::Response FakeUpstream::Handle(const std::string& method, const std
     int64_t now_in_flight = ++in_flight_[path];
     max_in_flight_[path] = std::max(max_in_flight_[path], now_in_flight);
     if (path == "/token") ++token_calls_[account];
+    ++account_calls_[path][account];
     auto& scripts = scripts_[path];
     for (auto it = scripts.begin(); it != scripts.end(); ++it) {
       if (!it->match.empty() && it->match != account) continue;
@@ -332,6 +333,14 @@ int64_t FakeUpstream::TokenCallsFor(const std::string& refresh_token) const {
   return it == token_calls_.end() ? 0 : it->second;
 }
 
+int64_t FakeUpstream::CallsFor(const std::string& path, const std::string& refresh_token) const {
+  absl::MutexLock lock(&mu_);
+  auto p = account_calls_.find(path);
+  if (p == account_calls_.end()) return 0;
+  auto it = p->second.find(refresh_token);
+  return it == p->second.end() ? 0 : it->second;
+}
+
 int64_t FakeUpstream::MaxInFlight(const std::string& path) const {
   absl::MutexLock lock(&mu_);
   auto it = max_in_flight_.find(path);
@@ -346,6 +355,7 @@ std::vector<std::string> FakeUpstream::IssuedAccessTokens() const {
 std::string FakeUpstream::StatsJson() const {
   absl::MutexLock lock(&mu_);
   Json out = {{"calls", calls_}, {"token_calls", token_calls_}, {"max_in_flight", max_in_flight_},
+              {"calls_by_account", account_calls_},
               {"issued_access_tokens", issued_}};
   return out.dump();
 }

@@ -56,6 +56,8 @@ class FakeUpstream {
 
   int64_t Calls(const std::string& path) const;
   int64_t TokenCallsFor(const std::string& refresh_token) const;
+  // Calls to `path` made for the account behind `refresh_token` (by form or bearer token).
+  int64_t CallsFor(const std::string& path, const std::string& refresh_token) const;
   std::vector<std::string> IssuedAccessTokens() const;
   // Requests being answered right now, and the most ever at once, per path.
   int64_t MaxInFlight(const std::string& path) const;
@@ -89,6 +91,7 @@ class FakeUpstream {
   std::map<std::string, int64_t> in_flight_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, int64_t> max_in_flight_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, int64_t> token_calls_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, std::map<std::string, int64_t>> account_calls_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, AccountProfile> profiles_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, std::string> access_to_refresh_ ABSL_GUARDED_BY(mu_);
   std::vector<std::string> issued_ ABSL_GUARDED_BY(mu_);
