@@ -158,7 +158,8 @@ TEST_F(TokenManagerTest, BackgroundRefresherRenewsAheadOfExpiry) {
   // Within refresh_ahead of expiry: renewed in the background.
   clock_.Advance(absl::Minutes(20));
   ASSERT_TRUE(Eventually([&] { return upstream_->TokenCallsFor("rt-a") == 2 && upstream_->TokenCallsFor("rt-b") == 2; }));
-  EXPECT_EQ(tm->RefreshCounts()["ok"], 4);
+  // The fake counts a call when it arrives; the manager counts it once it is applied.
+  EXPECT_TRUE(Eventually([&] { return tm->RefreshCounts()["ok"] == 4; }));
 }
 
 TEST_F(TokenManagerTest, InvalidGrantDisablesTheAccountPersistently) {
