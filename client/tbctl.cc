@@ -21,6 +21,7 @@
 #include "google/rpc/status.pb.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "tokenbroker/v1/broker.grpc.pb.h"
+#include "tokenbroker/v1/monitor.grpc.pb.h"
 
 ABSL_FLAG(std::string, target, "",
           "Broker address: host:port or unix:/path.sock; default $TOKENBROKER_TARGET or 127.0.0.1:50051.");
@@ -39,6 +40,10 @@ ABSL_FLAG(std::string, retry_after, "", "Upstream Retry-After header (report-out
 ABSL_FLAG(std::string, error_body, "", "Upstream error body (report-outcome).");
 ABSL_FLAG(bool, enabled, false, "Turn quota validation on (set-quota-manager).");
 ABSL_FLAG(std::string, monitor, "", "Quota monitor target (set-quota-manager).");
+ABSL_FLAG(absl::Duration, cache_ttl, absl::ZeroDuration(), "Quota cache TTL; 0 keeps the broker's (set-quota-manager).");
+ABSL_FLAG(double, low_threshold, -1, "LOW threshold; negative keeps the broker's (set-quota-manager).");
+ABSL_FLAG(double, exhausted_threshold, -1, "EXHAUSTED threshold; negative keeps the broker's (set-quota-manager).");
+ABSL_FLAG(int, count, 0, "watch-quota: stop after this many messages (0: until interrupted).");
 
 namespace {
 
@@ -57,8 +62,9 @@ Commands:
   list-accounts          every account and its state (no secrets)
   report-outcome (--lease=L | --account=A --model=M) --http_status=N [--retry_after=V] [--error_body=B]
                          tell the broker what the upstream answered
-  set-quota-manager [--enabled] [--monitor=ADDR]
-                         attach or detach proactive quota validation
+  set-quota-manager [--enabled] [--monitor=ADDR] [--cache_ttl=D] [--low_threshold=F] [--exhausted_threshold=F]
+                         attach (--enabled) or detach proactive quota validation
+  watch-quota [--count=N]  stream quota from a tokenbroker-monitor (--target is the monitor)
   health                 the broker's grpc.health.v1 status
 )";
 
@@ -221,12 +227,59 @@ int SetQuotaManager(TokenBrokerService::Stub& stub) {
   v1::SetQuotaManagerRequest req;
   req.set_enabled(absl::GetFlag(FLAGS_enabled));
   req.set_monitor_target(absl::GetFlag(FLAGS_monitor));
+  if (absl::Duration ttl = absl::GetFlag(FLAGS_cache_ttl); ttl > absl::ZeroDuration()) {
+    req.mutable_cache_ttl()->set_seconds(absl::ToInt64Seconds(ttl));
+    req.mutable_cache_ttl()->set_nanos(
+        static_cast<int32_t>(absl::ToInt64Nanoseconds(ttl - absl::Seconds(absl::ToInt64Seconds(ttl)))));
+  }
+  if (double low = absl::GetFlag(FLAGS_low_threshold); low >= 0) req.set_low_threshold(low);
+  if (double ex = absl::GetFlag(FLAGS_exhausted_threshold); ex >= 0) req.set_exhausted_threshold(ex);
   v1::SetQuotaManagerResponse resp;
   grpc::ClientContext ctx;
   SetDeadline(&ctx);
   grpc::Status status = stub.SetQuotaManager(&ctx, req, &resp);
   if (!status.ok()) return PrintError(status);
-  return PrintJson(resp);
+  if (absl::GetFlag(FLAGS_json)) return PrintJson(resp);
+  std::cout << "quota validation  " << (resp.enabled() ? "on" : "off") << "\n"
+            << "monitor           " << (resp.monitor_target().empty() ? "-" : resp.monitor_target()) << "\n"
+            << "cache_ttl         " << resp.cache_ttl().seconds() << "s\n"
+            << "low_threshold     " << resp.low_threshold() << "\n"
+            << "exhausted         " << resp.exhausted_threshold() << "\n";
+  return 0;
+}
+
+int WatchQuota(const std::shared_ptr<grpc::Channel>& channel) {
+  auto stub = v1::QuotaMonitorService::NewStub(channel);
+  grpc::ClientContext ctx;
+  auto reader = stub->WatchQuota(&ctx, v1::WatchQuotaRequest());
+  v1::WatchQuotaResponse msg;
+  int seen = 0;
+  const int count = absl::GetFlag(FLAGS_count);
+  while (reader->Read(&msg)) {
+    if (absl::GetFlag(FLAGS_json)) {
+      PrintJson(msg);
+      std::cout << "\n";
+    } else {
+      std::cout << (msg.snapshot() ? "snapshot" : "changes") << ": " << msg.observations_size() << " observations\n";
+      for (const auto& o : msg.observations()) {
+        if (o.model().empty()) {
+          std::cout << absl::StrFormat("  %-24s %-8s project=%s%s\n", o.account_id(), TierText(o.tier()),
+                                       o.project_id().empty() ? "-" : o.project_id(), o.forbidden() ? " FORBIDDEN" : "");
+        } else {
+          std::cout << absl::StrFormat("  %-24s %-32s %5.1f%%  resets %s\n", o.account_id(), o.model(),
+                                       o.remaining_fraction() * 100, FormatTime(o.reset_time()));
+        }
+      }
+    }
+    std::cout.flush();
+    if (count > 0 && ++seen >= count) {
+      ctx.TryCancel();
+      break;
+    }
+  }
+  grpc::Status status = reader->Finish();
+  if (!status.ok() && status.error_code() != grpc::StatusCode::CANCELLED) return PrintError(status);
+  return 0;
 }
 
 int Health(const std::shared_ptr<grpc::Channel>& channel) {
@@ -264,6 +317,7 @@ int main(int argc, char** argv) {
   if (command == "report-outcome") return ReportOutcome(*stub);
   if (command == "set-quota-manager") return SetQuotaManager(*stub);
   if (command == "health") return Health(channel);
+  if (command == "watch-quota") return WatchQuota(channel);
   std::cerr << "tbctl: unknown command '" << command << "'\n\n" << kUsage;
   return 2;
 }

@@ -98,6 +98,7 @@ class Cluster:
         self.upstream = None
         self.broker = None
         self.broker_runs = 0
+        self.extra = []  # other processes to stop at close
 
     def bin(self, *parts):
         return os.path.join(self.build_dir, *parts)
@@ -125,13 +126,32 @@ class Cluster:
         with urllib.request.urlopen(req, timeout=10) as resp:
             return json.loads(resp.read().decode())
 
+    def start_monitor(self, *flags, listen="127.0.0.1:0"):
+        self.monitor_runs = getattr(self, "monitor_runs", 0) + 1
+        argv = [
+            self.bin("server", "tokenbroker-monitor"),
+            "--accounts_dir", self.accounts_dir,
+            "--listen", listen,
+            "--port_file", os.path.join(self.dir, "monitor.port"),
+            "--oauth_token_url", f"http://127.0.0.1:{self.upstream.port}/token",
+            "--cloudcode_base_url", f"http://127.0.0.1:{self.upstream.port}",
+            "--reload_interval", "200ms",
+        ] + list(flags)
+        env = dict(os.environ, TOKENBROKER_OAUTH_CLIENT_ID="demo-client",
+                   TOKENBROKER_OAUTH_CLIENT_SECRET="demo-secret")
+        self.monitor = Process("tokenbroker-monitor", argv,
+                               os.path.join(self.dir, f"monitor-{self.monitor_runs}.log"),
+                               os.path.join(self.dir, "monitor.port"), env=env)
+        self.extra.append(self.monitor)
+        return self.monitor
+
     def start_broker(self, *flags, listen="127.0.0.1:0"):
         self.broker_runs += 1
         argv = [
             self.bin("server", "tokenbroker"),
             "--accounts_dir", self.accounts_dir,
             "--listen", listen,
-            "--port_file", os.path.join(self.dir, "broker.port"),
+            "--port_file", os.path.join(self.dir, f"broker-{self.broker_runs}.port"),
             "--oauth_token_url", f"http://127.0.0.1:{self.upstream.port}/token",
             "--cloudcode_base_url", f"http://127.0.0.1:{self.upstream.port}",
             "--reload_interval", "200ms",
@@ -141,29 +161,30 @@ class Cluster:
                    TOKENBROKER_OAUTH_CLIENT_SECRET="demo-secret")
         self.broker = Process(
             "tokenbroker", argv, os.path.join(self.dir, f"broker-{self.broker_runs}.log"),
-            os.path.join(self.dir, "broker.port"), env=env)
+            os.path.join(self.dir, f"broker-{self.broker_runs}.port"), env=env)
+        self.extra.append(self.broker)
         return self.broker
 
     @property
     def target(self):
         return f"127.0.0.1:{self.broker.port}"
 
-    def tbctl(self, *args, check=True):
-        argv = [self.bin("client", "tbctl"), "--target", self.target] + list(args)
+    def tbctl(self, *args, check=True, target=None):
+        argv = [self.bin("client", "tbctl"), "--target", target or self.target] + list(args)
         r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
         if check and r.returncode != 0:
             raise RuntimeError(f"tbctl {' '.join(args)} failed ({r.returncode}): {r.stderr}")
         return r
 
-    def tbctl_json(self, *args):
-        return json.loads(self.tbctl("--json", *args).stdout)
+    def tbctl_json(self, *args, target=None):
+        return json.loads(self.tbctl("--json", *args, target=target).stdout)
 
-    def buf_curl(self, method, body=None):
+    def buf_curl(self, method, body=None, target=None):
         """Calls `method` ("pkg.Service/Method") with buf curl, schema from server reflection only."""
         argv = [self.buf, "curl", "--http2-prior-knowledge", "--protocol", "grpc"]
         if body is not None:
             argv += ["--data", json.dumps(body)]
-        argv.append(f"http://{self.target}/{method}")
+        argv.append(f"http://{target or self.target}/{method}")
         return subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=self.dir)
 
     def broker_logs(self):
@@ -174,7 +195,7 @@ class Cluster:
         return "\n".join(out)
 
     def close(self):
-        for p in (self.broker, self.upstream):
+        for p in self.extra + [self.upstream]:
             if p is not None:
                 p.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
