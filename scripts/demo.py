@@ -13,6 +13,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import harness  # noqa: E402
 
 MODEL = "gemini-3-pro-high"
+QUOTA_MODEL = "claude-sonnet-4-6-thinking"
 ACCOUNTS = [
     ("ultra-1", "ultra1@example.com", "ULTRA"),
     ("pro-1", "pro1@example.com", "PRO"),
@@ -124,7 +125,23 @@ def main():
         assert after != moved, after
         print(f"-> the session moved off {moved} (cooling for {MODEL}); other models still use it")
 
-        step(9, "Bad input gets a clear error naming the field")
+        step(9, "The quota monitor sees ultra-1 at 2 % for a model: the broker skips it before any 429")
+        for account_id, _, tier in ACCOUNTS:
+            fraction = 0.02 if account_id == "ultra-1" else 0.8
+            cluster.upstream_call("/__fake/profile", {
+                "refresh_token": "1//demo-" + account_id, "project": "proj-" + account_id,
+                "tier": "g1-%s-tier" % tier.lower(),
+                "models": {QUOTA_MODEL: {"quotaInfo": {"remainingFraction": fraction}}}})
+        monitor = cluster.start_monitor("--poll_interval=2s")
+        target = f"127.0.0.1:{monitor.port}"
+        run(cluster, "set-quota-manager", "--enabled", "--monitor", target)
+        harness.wait_for(lambda: cluster.tbctl_json("get-token", "--model", QUOTA_MODEL).get("quotaDecision")
+                         == "QUOTA_DECISION_PROCEED", what="quota to arrive")
+        r = run(cluster, "get-token", "--model", QUOTA_MODEL)
+        assert "ultra-1" not in r.stdout, r.stdout
+        run(cluster, "explain", "--model", QUOTA_MODEL)
+
+        step(10, "Bad input gets a clear error naming the field")
         run(cluster, "get-token", "--model", "gemini 3 pro")
 
         print("\nDemo complete. Tokens are redacted in tbctl's output; --show_token prints them.")
