@@ -177,10 +177,20 @@ void TokenManager::WriteBack(const std::string& account_id, const AccountUpdate&
     write_failed_.erase(account_id);
     return;
   }
+  // A folder we may not write (a mounted Secret, a read-only volume) is one fact, said once.
+  if (absl::IsPermissionDenied(s) || absl::IsFailedPrecondition(s)) {
+    if (!read_only_reported_) {
+      read_only_reported_ = true;
+      spdlog::error(
+          "accounts directory {} is read-only ({}): refreshed tokens and disabled accounts are kept in this "
+          "process's memory only and are lost on restart",
+          store_->dir(), std::string(s.message()));
+    }
+    return;
+  }
   if (write_failed_.insert(account_id).second) {
     spdlog::error(
-        "could not update the file of account {} ({}); the change is kept in memory for the life of "
-        "this process",
+        "could not update the file of account {} ({}); the change is kept in memory for the life of this process",
         account_id, std::string(s.message()));
   }
 }

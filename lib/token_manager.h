@@ -95,6 +95,7 @@ class TokenManager {
   std::deque<std::string> queue_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, int64_t> counts_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_set<std::string> write_failed_ ABSL_GUARDED_BY(mu_);
+  bool read_only_reported_ ABSL_GUARDED_BY(mu_) = false;
   int64_t scans_ ABSL_GUARDED_BY(mu_) = 0;
   std::vector<std::thread> threads_;
 };

@@ -2,6 +2,8 @@
 through tbctl and through `buf curl` with server reflection only (no proto files)."""
 import json
 import os
+import pwd
+import shutil
 import signal
 import subprocess
 import sys
@@ -231,6 +233,52 @@ class BrokerLifecycle(unittest.TestCase):
                 self.assertEqual(sorted(entry), ["level", "msg", "time"])
             self.assertTrue(any("GetToken" in json.loads(line)["msg"] for line in lines))
         finally:
+            c.close()
+
+    def test_read_only_accounts_directory(self):
+        """A mounted Secret is read-only: the broker serves from it, keeps what it cannot write in
+        memory, and says so once."""
+        c = harness.Cluster(BUILD, BUF)
+        try:
+            good = c.write_account("good", harness.account_json("good@example.com", "1//rt-good", "PRO"))
+            revoked = c.write_account("revoked", harness.account_json("revoked@example.com", "1//rt-revoked", "ULTRA"))
+            before = {p: open(p).read() for p in (good, revoked)}
+            c.start_upstream()
+            c.upstream_call("/__fake/script", {"path": "/token", "match": "1//rt-revoked", "status": 400,
+                                               "body": json.dumps(INVALID_GRANT), "times": 0})
+            # Root ignores file modes, so the broker runs as nobody (from a copy it can read) when we
+            # are root; the folder is not writable for it either way.
+            os.chmod(c.dir, 0o755)
+            run_dir = os.path.join(c.dir, "run")
+            os.mkdir(run_dir)
+            binary = os.path.join(run_dir, "tokenbroker")
+            shutil.copy(c.bin("server", "tokenbroker"), binary)
+            runner = ()
+            if os.geteuid() == 0:
+                nobody = pwd.getpwnam("nobody")
+                for p in (good, revoked, run_dir):
+                    os.chown(p, nobody.pw_uid, nobody.pw_gid)
+                runner = ("runuser", "-u", "nobody", "--")
+            os.chmod(c.accounts_dir, 0o555)
+            c.start_broker("--log_level=debug", "--refresh_ahead=60m", "--refresh_scan_interval=100ms",
+                           binary=binary, runner=runner, run_dir=run_dir)
+
+            def disabled():
+                accounts = {a["accountId"]: a for a in c.tbctl_json("list-accounts")["accounts"]}
+                return accounts["revoked"]["state"] == "ACCOUNT_STATE_DISABLED"
+            harness.wait_for(disabled, what="the revoked account to be disabled")
+            for i in range(10):
+                self.assertEqual(c.tbctl_json("get-token", "--model", MODEL, "--session", f"s{i}")["accountId"], "good")
+            # Tokens expire within refresh_ahead: the background refresher keeps renewing (and failing to write).
+            harness.wait_for(lambda: c.upstream_call("/__fake/stats")["token_calls"].get("1//rt-good", 0) >= 3,
+                             what="repeated refreshes")
+            self.assertTrue(disabled(), "stays disabled for the life of the process")
+            logs = c.broker_logs()
+            self.assertEqual(logs.count("is read-only"), 1, logs)
+            self.assertIn(c.accounts_dir, logs)
+            self.assertEqual({p: open(p).read() for p in (good, revoked)}, before)
+        finally:
+            os.chmod(c.accounts_dir, 0o755)
             c.close()
 
     def test_bad_flags_exit_with_one_clear_line(self):

@@ -145,13 +145,16 @@ class Cluster:
         self.extra.append(self.monitor)
         return self.monitor
 
-    def start_broker(self, *flags, listen="127.0.0.1:0"):
+    def start_broker(self, *flags, listen="127.0.0.1:0", binary=None, runner=(), run_dir=None):
+        """Starts a broker. `runner` prefixes the command (e.g. to run it as another user); the port
+        file goes to `run_dir` (default: the cluster's folder)."""
         self.broker_runs += 1
-        argv = [
-            self.bin("server", "tokenbroker"),
+        port_file = os.path.join(run_dir or self.dir, f"broker-{self.broker_runs}.port")
+        argv = list(runner) + [
+            binary or self.bin("server", "tokenbroker"),
             "--accounts_dir", self.accounts_dir,
             "--listen", listen,
-            "--port_file", os.path.join(self.dir, f"broker-{self.broker_runs}.port"),
+            "--port_file", port_file,
             "--oauth_token_url", f"http://127.0.0.1:{self.upstream.port}/token",
             "--cloudcode_base_url", f"http://127.0.0.1:{self.upstream.port}",
             "--reload_interval", "200ms",
@@ -161,7 +164,7 @@ class Cluster:
                    TOKENBROKER_OAUTH_CLIENT_SECRET="demo-secret")
         self.broker = Process(
             "tokenbroker", argv, os.path.join(self.dir, f"broker-{self.broker_runs}.log"),
-            os.path.join(self.dir, f"broker-{self.broker_runs}.port"), env=env)
+            port_file, env=env)
         self.extra.append(self.broker)
         return self.broker
 
