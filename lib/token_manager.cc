@@ -118,8 +118,10 @@ absl::StatusOr<AccessToken> TokenManager::DoRefresh(const std::string& account_i
     return absl::FailedPreconditionError(absl::StrCat("account ", account_id, " is disabled"));
   }
   const absl::Time start = clock_.Now();
-  // Another path may have refreshed it since this was queued.
-  if (!creds->access_token.empty() && creds->access_expiry - start > options_.refresh_ahead) {
+  // Another path may have refreshed it since this was queued: skip only a token that is good
+  // for both the background window and the minimum TTL a caller is promised.
+  if (!creds->access_token.empty() &&
+      creds->access_expiry - start > std::max(options_.refresh_ahead, options_.min_token_ttl)) {
     return AccessToken{creds->access_token, creds->access_expiry};
   }
   absl::StatusOr<TokenGrant> grant = oauth_.Refresh(creds->refresh_token);

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -187,15 +188,37 @@ class BrokerEndToEnd(unittest.TestCase):
 
 
 class BrokerLifecycle(unittest.TestCase):
-    def test_sigterm_drains_and_exits_zero(self):
+    def test_sigterm_turns_health_not_serving_at_once_and_lets_in_flight_calls_finish(self):
+        import grpc  # Debian's python3-grpcio; raw bytes, no generated code needed
         c = harness.Cluster(BUILD, BUF)
         try:
-            c.write_account("a", harness.account_json("a@example.com", "1//rt-a", "PRO"))
+            # The file's token has 2 minutes left: not due for background renewal (1 min ahead), but
+            # below min_token_ttl (5 min), so GetToken itself refreshes it — slowly.
+            doc = harness.account_json("a@example.com", "1//rt-a", "PRO")
+            doc["token"].update(access_token="ya29.file-token", expiry_timestamp=int(time.time()) + 120)
+            c.write_account("a", doc)
             c.start_upstream()
-            c.start_broker()
-            self.assertEqual(c.tbctl("health").stdout.strip(), "SERVING")
-            self.assertEqual(c.broker.stop(signal.SIGTERM), 0)
+            c.upstream_call("/__fake/script", {"path": "/token", "status": 200, "delay_ms": 2500, "times": 1,
+                                               "body": json.dumps({"access_token": "ya29.after-drain", "expires_in": 3599})})
+            c.start_broker("--refresh_ahead=1m", "--min_token_ttl=5m", "--drain_timeout=10s")
+            channel = grpc.insecure_channel(c.target)
+            watch = channel.unary_stream("/grpc.health.v1.Health/Watch")(b"", timeout=30)
+            self.assertEqual(next(watch), b"\x08\x01")  # SERVING
+            get_token = channel.unary_unary("/tokenbroker.v1.TokenBrokerService/GetToken").future(b"\n\x01m", timeout=30)
+            harness.wait_for(lambda: c.upstream_call("/__fake/stats")["in_flight"].get("/token", 0) == 1,
+                             what="GetToken's refresh to be in flight")
+            self.assertFalse(get_token.done())
+            sigterm_at = time.monotonic()
+            c.broker.proc.send_signal(signal.SIGTERM)
+            self.assertEqual(next(watch), b"\x08\x02")  # NOT_SERVING
+            self.assertLess(time.monotonic() - sigterm_at, 1.0)
+            self.assertFalse(get_token.done(), "the in-flight call is still running while health says NOT_SERVING")
+            reply = get_token.result(timeout=20)  # ...and completes
+            self.assertIn(b"ya29.after-drain", reply)
+            self.assertEqual(c.broker.proc.wait(timeout=15), 0)
+            self.assertLess(time.monotonic() - sigterm_at, 10 + 2)
             self.assertIn("draining", c.broker_logs())
+            channel.close()
         finally:
             c.close()
 

@@ -355,7 +355,7 @@ std::vector<std::string> FakeUpstream::IssuedAccessTokens() const {
 std::string FakeUpstream::StatsJson() const {
   absl::MutexLock lock(&mu_);
   Json out = {{"calls", calls_}, {"token_calls", token_calls_}, {"max_in_flight", max_in_flight_},
-              {"calls_by_account", account_calls_},
+              {"calls_by_account", account_calls_}, {"in_flight", in_flight_},
               {"issued_access_tokens", issued_}};
   return out.dump();
 }

@@ -141,6 +141,20 @@ TEST_F(TokenManagerTest, TokenCloseToExpiryIsRefreshedBeforeItIsHandedOut) {
   EXPECT_EQ(upstream_->TokenCallsFor("rt-a"), 2);
 }
 
+TEST_F(TokenManagerTest, MinTokenTtlWinsOverAShorterRefreshAheadWindow) {
+  AddAccount("a", "PRO");
+  TokenManagerOptions o;
+  o.background_refresh = false;
+  o.min_token_ttl = absl::Minutes(5);
+  o.refresh_ahead = absl::Minutes(1);
+  auto tm = Start(o);
+  pool_.SetToken("a", "ya29.two-minutes-left", clock_.Now() + absl::Minutes(2), std::nullopt);
+  absl::StatusOr<AccessToken> t = Acquire(*tm, "a");
+  ASSERT_TRUE(t.ok());
+  EXPECT_NE(t->token, "ya29.two-minutes-left");
+  EXPECT_GE(t->expiry - clock_.Now(), o.min_token_ttl);
+}
+
 TEST_F(TokenManagerTest, BackgroundRefresherRenewsAheadOfExpiry) {
   AddAccount("a", "PRO");
   AddAccount("b", "FREE");
