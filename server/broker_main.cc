@@ -18,6 +18,7 @@
 #include "lib/token_manager.h"
 #include "server/broker_service.h"
 #include "server/daemon.h"
+#include "server/metrics.h"
 #include "server/quota_subscriber.h"
 #include "spdlog/spdlog.h"
 
@@ -42,6 +43,9 @@ ABSL_FLAG(double, quota_exhausted_threshold, 0.05,
           "Remaining fraction below which an account is EXHAUSTED for a model and skipped.");
 ABSL_FLAG(absl::Duration, poll_interval, absl::Minutes(5), "With --embedded_monitor: each account's quota is read this often.");
 ABSL_FLAG(int, poll_concurrency, 4, "With --embedded_monitor: quota requests in flight at most.");
+ABSL_FLAG(std::string, metrics_listen, "",
+          "Serve Prometheus /metrics on this host:port (port 0: any free one); empty: no metrics.");
+ABSL_FLAG(std::string, metrics_port_file, "", "If set, the bound /metrics port is written to this file.");
 
 namespace tokenbroker {
 namespace {
@@ -120,8 +124,22 @@ int Run() {
   }
 
   BrokerService service(pool, tokens, &subscriber);
+  std::unique_ptr<Metrics> metrics;
+  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
+  if (std::string metrics_listen = absl::GetFlag(FLAGS_metrics_listen); !metrics_listen.empty()) {
+    absl::StatusOr<std::unique_ptr<Metrics>> started = Metrics::Start(metrics_listen, pool, tokens, subscriber, service);
+    if (!started.ok()) {
+      if (poller) poller->Stop();
+      tokens.Stop();
+      return FailStartup(kProgram, std::string(started.status().message()));
+    }
+    metrics = *std::move(started);
+    interceptors = metrics->Interceptors();
+    spdlog::info("metrics on http://{}/metrics (port {})", metrics_listen, metrics->port());
+    if (std::string pf = absl::GetFlag(FLAGS_metrics_port_file); !pf.empty()) WritePort(pf, metrics->port());
+  }
   int port = 0;
-  absl::StatusOr<std::unique_ptr<grpc::Server>> server = StartServer({&service}, &port);
+  absl::StatusOr<std::unique_ptr<grpc::Server>> server = StartServer({&service}, &port, std::move(interceptors));
   if (!server.ok()) {
     if (poller) poller->Stop();
     tokens.Stop();

@@ -137,7 +137,9 @@ bool AccountLoader::ReloadIfChanged() {
   return true;
 }
 
-absl::StatusOr<std::unique_ptr<grpc::Server>> StartServer(const std::vector<grpc::Service*>& services, int* port) {
+absl::StatusOr<std::unique_ptr<grpc::Server>> StartServer(
+    const std::vector<grpc::Service*>& services, int* port,
+    std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors) {
   // Linking the health descriptors lets reflection describe gRPC's built-in health service.
   (void)grpc::health::v1::HealthCheckRequest::descriptor();
   grpc::EnableDefaultHealthCheckService(true);
@@ -149,6 +151,7 @@ absl::StatusOr<std::unique_ptr<grpc::Server>> StartServer(const std::vector<grpc
   *port = 0;
   builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), port);
   for (grpc::Service* s : services) builder.RegisterService(s);
+  if (!interceptors.empty()) builder.experimental().SetInterceptorCreators(std::move(interceptors));
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || (*port == 0 && listen.rfind("unix:", 0) != 0)) {
     return absl::UnavailableError(absl::StrCat("--listen: cannot listen on ", listen));
@@ -156,12 +159,14 @@ absl::StatusOr<std::unique_ptr<grpc::Server>> StartServer(const std::vector<grpc
   return server;
 }
 
+void WritePort(const std::string& path, int port) {
+  std::string tmp = path + ".tmp";
+  std::ofstream(tmp) << port << "\n";
+  std::rename(tmp.c_str(), path.c_str());
+}
+
 void WritePortFile(int port) {
-  if (std::string pf = absl::GetFlag(FLAGS_port_file); !pf.empty()) {
-    std::string tmp = pf + ".tmp";
-    std::ofstream(tmp) << port << "\n";
-    std::rename(tmp.c_str(), pf.c_str());
-  }
+  if (std::string pf = absl::GetFlag(FLAGS_port_file); !pf.empty()) WritePort(pf, port);
 }
 
 void BlockStopSignals() {

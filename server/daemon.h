@@ -67,9 +67,14 @@ class AccountLoader {
 
 // Builds and starts a server on --listen with reflection and the health service, never sharing
 // a port (SO_REUSEPORT off). `port` is 0 for unix sockets.
-absl::StatusOr<std::unique_ptr<grpc::Server>> StartServer(const std::vector<grpc::Service*>& services, int* port);
+// `interceptors` (may be empty) see every RPC.
+absl::StatusOr<std::unique_ptr<grpc::Server>> StartServer(
+    const std::vector<grpc::Service*>& services, int* port,
+    std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors = {});
 // Writes --port_file (atomically), if set. Call once health says what it should.
 void WritePortFile(int port);
+// Writes `port` to `path` atomically (temp file, rename).
+void WritePort(const std::string& path, int port);
 
 // Blocks SIGTERM and SIGINT for the process; call before starting any thread.
 void BlockStopSignals();

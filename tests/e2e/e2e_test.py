@@ -3,12 +3,14 @@ through tbctl and through `buf curl` with server reflection only (no proto files
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
 import unittest
+import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
@@ -49,7 +51,13 @@ class BrokerEndToEnd(unittest.TestCase):
         c.start_upstream()
         c.upstream_call("/__fake/script", {"path": "/token", "match": "1//rt-revoked", "status": 400,
                                            "body": json.dumps(INVALID_GRANT), "times": 0})
-        c.start_broker("--log_level=debug", "--policy=balance")
+        cls.metrics_port_file = os.path.join(c.dir, "metrics.port")
+        c.start_broker(*cls.broker_flags())
+
+    @classmethod
+    def broker_flags(cls):
+        return ["--log_level=debug", "--policy=balance", "--metrics_listen=127.0.0.1:0",
+                f"--metrics_port_file={cls.metrics_port_file}"]
 
     @classmethod
     def tearDownClass(cls):
@@ -148,7 +156,7 @@ class BrokerEndToEnd(unittest.TestCase):
         # Restart: still disabled, and the revoked token is not tried again.
         calls_before = c.upstream_call("/__fake/stats")["token_calls"]["1//rt-revoked"]
         self.assertEqual(c.broker.stop(), 0)
-        c.start_broker("--log_level=debug", "--policy=balance")
+        c.start_broker(*self.broker_flags())
         accounts = {a["accountId"]: a for a in c.tbctl_json("list-accounts")["accounts"]}
         self.assertEqual(accounts["revoked"]["state"], "ACCOUNT_STATE_DISABLED")
         self.assertIn("invalid_grant", accounts["revoked"]["disabledReason"])
@@ -169,6 +177,42 @@ class BrokerEndToEnd(unittest.TestCase):
         harness.wait_for(lambda: not any(a["accountId"] == "late-ultra"
                                          for a in c.tbctl_json("list-accounts")["accounts"]),
                          what="the removed account to unload")
+
+    def test_zz_metrics_count_calls_and_carry_no_secret_labels(self):
+        """Runs after the others (name order), so the broker has served a real mix of calls."""
+        c = self.cluster
+        c.tbctl_json("get-token", "--model", MODEL, "--session", "conv-metrics")
+        c.buf_curl("tokenbroker.v1.TokenBrokerService/GetToken", {"model": "bad model"})
+        with open(self.metrics_port_file) as f:
+            port = int(f.read())
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        samples = {}
+        labels_seen = set()
+        for line in text.splitlines():
+            if not line or line.startswith("#"):
+                continue
+            name_labels, value = line.rsplit(" ", 1)
+            samples[name_labels] = float(value)
+            labels_seen.update(re.findall(r'="([^"]*)"', name_labels))
+        get_ok = 'tokenbroker_rpc_total{code="OK",method="/tokenbroker.v1.TokenBrokerService/GetToken"}'
+        self.assertGreater(samples.get(get_ok, 0), 0, text)
+        self.assertGreater(samples.get('tokenbroker_rpc_total{code="INVALID_ARGUMENT",method="/tokenbroker.v1.TokenBrokerService/GetToken"}', 0), 0)
+        buckets = [v for k, v in samples.items()
+                   if k.startswith('tokenbroker_rpc_duration_seconds_bucket{method="/tokenbroker.v1.TokenBrokerService/GetToken"')]
+        self.assertGreater(len(buckets), 5)
+        self.assertGreater(max(buckets), 0)
+        # (The broker scraped is the one restarted in an earlier test: its tokens came from the files.)
+        for result in ("ok", "invalid_grant", "error"):
+            self.assertIn(f'tokenbroker_token_refreshes_total{{result="{result}"}}', samples)
+        self.assertGreater(samples.get('tokenbroker_session_rebinds_total{reason="new"}', 0), 0)
+        self.assertEqual(samples.get('tokenbroker_accounts{state="disabled"}'), 1.0)
+        # No label value is a session id, an email or a token.
+        secrets = set(c.upstream_call("/__fake/stats")["issued_access_tokens"])
+        for value in labels_seen:
+            self.assertNotIn("@", value)
+            self.assertNotIn(value, secrets)
+            self.assertFalse(value.startswith(("ya29", "1//", "conv-", "s1", "r1")), value)
 
     def test_zz_no_token_in_any_log_line(self):
         """Runs last (name order) so it reads the logs of every test above, at debug level."""

@@ -1,0 +1,224 @@
+#include "server/metrics.h"
+
+#include <prometheus/collectable.h>
+#include <prometheus/counter.h>
+#include <prometheus/exposer.h>
+#include <prometheus/family.h>
+#include <prometheus/histogram.h>
+#include <prometheus/registry.h>
+
+#include <chrono>
+#include <exception>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+
+namespace tokenbroker {
+namespace {
+
+constexpr const char* kCodeNames[] = {"OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED",
+                                      "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED",
+                                      "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED",
+                                      "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED"};
+
+prometheus::ClientMetric Value(double v, std::vector<prometheus::ClientMetric::Label> labels, bool counter) {
+  prometheus::ClientMetric m;
+  m.label = std::move(labels);
+  if (counter) {
+    m.counter.value = v;
+  } else {
+    m.gauge.value = v;
+  }
+  return m;
+}
+
+prometheus::MetricFamily Family(std::string name, std::string help, prometheus::MetricType type) {
+  prometheus::MetricFamily f;
+  f.name = std::move(name);
+  f.help = std::move(help);
+  f.type = type;
+  return f;
+}
+
+// State read at scrape time, so the request path pays nothing for it.
+class StateCollector final : public prometheus::Collectable {
+ public:
+  StateCollector(AccountPool& pool, TokenManager& tokens, QuotaSubscriber& subscriber, BrokerService& service)
+      : pool_(pool), tokens_(tokens), subscriber_(subscriber), service_(service) {}
+
+  std::vector<prometheus::MetricFamily> Collect() const override {
+    using prometheus::MetricType;
+    std::vector<prometheus::MetricFamily> out;
+    const std::vector<AccountView> accounts = pool_.List();
+    const absl::Time now = absl::Now();
+
+    auto states = Family("tokenbroker_accounts", "Loaded accounts by state.", MetricType::Gauge);
+    auto cooldowns = Family("tokenbroker_cooldowns", "Live cooldowns by scope.", MetricType::Gauge);
+    auto fractions = Family("tokenbroker_quota_remaining_fraction",
+                            "Last known remaining quota fraction per account and model.", MetricType::Gauge);
+    auto inflight = Family("tokenbroker_inflight_leases", "Leases handed out and not yet reported.", MetricType::Gauge);
+    std::map<std::string, int> by_state = {{"enabled", 0}, {"disabled", 0}, {"proxy_disabled", 0}, {"cooling", 0}};
+    int model_cooldowns = 0;
+    int account_cooldowns = 0;
+    int leases = 0;
+    for (const AccountView& a : accounts) {
+      bool cooling = false;
+      for (const CooldownView& c : a.cooldowns) {
+        if (c.until <= now) continue;
+        (c.model.empty() ? account_cooldowns : model_cooldowns)++;
+        cooling |= c.model.empty();
+      }
+      ++by_state[a.disabled ? "disabled" : a.proxy_disabled ? "proxy_disabled" : cooling ? "cooling" : "enabled"];
+      for (const ModelQuota& q : a.quotas) {
+        fractions.metric.push_back(Value(q.remaining_fraction, {{"account_id", a.account_id}, {"model", q.model}}, false));
+      }
+      leases += a.in_flight;
+    }
+    for (const auto& [state, n] : by_state) states.metric.push_back(Value(n, {{"state", state}}, false));
+    cooldowns.metric.push_back(Value(model_cooldowns, {{"scope", "model"}}, false));
+    cooldowns.metric.push_back(Value(account_cooldowns, {{"scope", "account"}}, false));
+    inflight.metric.push_back(Value(leases, {}, false));
+
+    auto refreshes = Family("tokenbroker_token_refreshes_total", "Token refreshes by result.", MetricType::Counter);
+    for (const char* result : {"ok", "invalid_grant", "error"}) {
+      auto counts = tokens_.RefreshCounts();
+      refreshes.metric.push_back(Value(static_cast<double>(counts[result]), {{"result", result}}, true));
+    }
+    auto rebinds = Family("tokenbroker_session_rebinds_total", "Session (re)bindings by reason.", MetricType::Counter);
+    auto rebind_counts = pool_.RebindCounts();
+    for (const char* reason : {"new", "force_rotate", "ineligible"}) {
+      rebinds.metric.push_back(Value(static_cast<double>(rebind_counts[reason]), {{"reason", reason}}, true));
+    }
+    auto stream = Family("tokenbroker_quota_stream_connected", "1 while the WatchQuota stream from the monitor is open.",
+                         MetricType::Gauge);
+    stream.metric.push_back(Value(subscriber_.connected() ? 1 : 0, {}, false));
+    auto validation = Family("tokenbroker_quota_validation_enabled", "1 while proactive quota validation is on.",
+                             MetricType::Gauge);
+    validation.metric.push_back(Value(pool_.quota_settings().enabled ? 1 : 0, {}, false));
+    auto waiting = Family("tokenbroker_waiting_calls", "GetToken calls waiting (max_wait) for an account to free.",
+                          MetricType::Gauge);
+    waiting.metric.push_back(Value(static_cast<double>(service_.WaitingCalls()), {}, false));
+    for (auto* f : {&states, &cooldowns, &fractions, &inflight, &refreshes, &rebinds, &stream, &validation, &waiting}) {
+      out.push_back(std::move(*f));
+    }
+    return out;
+  }
+
+ private:
+  AccountPool& pool_;
+  TokenManager& tokens_;
+  QuotaSubscriber& subscriber_;
+  BrokerService& service_;
+};
+
+}  // namespace
+
+// Per-RPC counters and latency histograms, with the label lookups cached so a call costs two
+// hash lookups and no label building.
+class RpcMetrics {
+ public:
+  explicit RpcMetrics(prometheus::Registry& registry)
+      : calls_(prometheus::BuildCounter()
+                   .Name("tokenbroker_rpc_total")
+                   .Help("RPCs handled, by method and status code.")
+                   .Register(registry)),
+        latency_(prometheus::BuildHistogram()
+                     .Name("tokenbroker_rpc_duration_seconds")
+                     .Help("RPC latency by method, from the request's arrival to its status.")
+                     .Register(registry)) {}
+
+  void Record(const std::string& method, int code, double seconds) {
+    prometheus::Counter* counter;
+    prometheus::Histogram* histogram;
+    {
+      absl::MutexLock lock(&mu_);
+      auto& c = counters_[std::make_pair(method, code)];
+      if (c == nullptr) {
+        c = &calls_.Add({{"method", method}, {"code", code >= 0 && code <= 16 ? kCodeNames[code] : "UNKNOWN"}});
+      }
+      counter = c;
+      auto& h = histograms_[method];
+      if (h == nullptr) {
+        h = &latency_.Add({{"method", method}},
+                          prometheus::Histogram::BucketBoundaries{0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
+                                                                  0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10});
+      }
+      histogram = h;
+    }
+    counter->Increment();
+    histogram->Observe(seconds);
+  }
+
+ private:
+  prometheus::Family<prometheus::Counter>& calls_;
+  prometheus::Family<prometheus::Histogram>& latency_;
+  absl::Mutex mu_;
+  absl::flat_hash_map<std::pair<std::string, int>, prometheus::Counter*> counters_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<std::string, prometheus::Histogram*> histograms_ ABSL_GUARDED_BY(mu_);
+};
+
+namespace {
+
+class RpcInterceptor final : public grpc::experimental::Interceptor {
+ public:
+  RpcInterceptor(grpc::experimental::ServerRpcInfo* info, std::shared_ptr<RpcMetrics> metrics)
+      : method_(info->method() != nullptr ? info->method() : "unknown"),
+        start_(std::chrono::steady_clock::now()),
+        metrics_(std::move(metrics)) {}
+
+  void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
+    if (methods->QueryInterceptionHookPoint(grpc::experimental::InterceptionHookPoints::PRE_SEND_STATUS)) {
+      const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+      metrics_->Record(method_, static_cast<int>(methods->GetSendStatus().error_code()), seconds);
+    }
+    methods->Proceed();
+  }
+
+ private:
+  std::string method_;
+  std::chrono::steady_clock::time_point start_;
+  std::shared_ptr<RpcMetrics> metrics_;
+};
+
+class RpcInterceptorFactory final : public grpc::experimental::ServerInterceptorFactoryInterface {
+ public:
+  explicit RpcInterceptorFactory(std::shared_ptr<RpcMetrics> metrics) : metrics_(std::move(metrics)) {}
+  grpc::experimental::Interceptor* CreateServerInterceptor(grpc::experimental::ServerRpcInfo* info) override {
+    return new RpcInterceptor(info, metrics_);
+  }
+
+ private:
+  std::shared_ptr<RpcMetrics> metrics_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Start(const std::string& listen, AccountPool& pool,
+                                                        TokenManager& tokens, QuotaSubscriber& subscriber,
+                                                        BrokerService& service) {
+  std::unique_ptr<Metrics> m(new Metrics());
+  m->registry_ = std::make_shared<prometheus::Registry>();
+  m->rpc_ = std::make_shared<RpcMetrics>(*m->registry_);
+  m->state_ = std::make_shared<StateCollector>(pool, tokens, subscriber, service);
+  try {
+    m->exposer_ = std::make_unique<prometheus::Exposer>(listen, /*num_threads=*/1);
+  } catch (const std::exception& e) {
+    return absl::UnavailableError(absl::StrCat("--metrics_listen: cannot serve on ", listen, ": ", e.what()));
+  }
+  m->exposer_->RegisterCollectable(m->registry_);
+  m->exposer_->RegisterCollectable(m->state_);
+  std::vector<int> ports = m->exposer_->GetListeningPorts();
+  m->port_ = ports.empty() ? 0 : ports.front();
+  return m;
+}
+
+Metrics::~Metrics() = default;
+
+std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> Metrics::Interceptors() {
+  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> out;
+  out.push_back(std::make_unique<RpcInterceptorFactory>(rpc_));
+  return out;
+}
+
+}  // namespace tokenbroker

@@ -1,0 +1,52 @@
+#pragma once
+
+#include <grpcpp/support/server_interceptor.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "lib/account_pool.h"
+#include "lib/token_manager.h"
+#include "server/broker_service.h"
+#include "server/quota_subscriber.h"
+
+namespace prometheus {
+class Collectable;
+class Exposer;
+class Registry;
+}  // namespace prometheus
+
+namespace tokenbroker {
+
+class RpcMetrics;
+
+// Prometheus /metrics for the broker on its own address: per-RPC counts by method and code and
+// latency histograms by method (from a gRPC interceptor), and, read at scrape time, accounts by
+// state, live cooldowns, quota fraction per account and model, token refreshes by result, session
+// rebinds by reason, GetToken calls waiting, and whether the quota stream is connected.
+// No label carries a session id, an email or a token. Thread-safe. Everything passed to Start
+// must outlive the returned object.
+class Metrics {
+ public:
+  static absl::StatusOr<std::unique_ptr<Metrics>> Start(const std::string& listen, AccountPool& pool,
+                                                        TokenManager& tokens, QuotaSubscriber& subscriber,
+                                                        BrokerService& service);
+  ~Metrics();
+
+  // The port /metrics is served on.
+  int port() const { return port_; }
+  // Interceptor factories to pass to the gRPC server (they feed the RPC metrics).
+  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> Interceptors();
+
+ private:
+  Metrics() = default;
+  std::shared_ptr<prometheus::Registry> registry_;
+  std::shared_ptr<RpcMetrics> rpc_;
+  std::shared_ptr<prometheus::Collectable> state_;
+  std::unique_ptr<prometheus::Exposer> exposer_;
+  int port_ = 0;
+};
+
+}  // namespace tokenbroker
