@@ -40,3 +40,8 @@ if [ ! -x "$here/tools/node_modules/.bin/buf" ]; then
   echo "deps: installing @bufbuild/buf from npm"
   (cd "$here/tools" && npm install --no-audit --no-fund --silent >/dev/null)
 fi
+# The Node.js example client's gRPC libraries.
+if [ ! -d "$here/client/node/node_modules/@grpc/grpc-js" ]; then
+  echo "deps: installing the Node.js client's packages from npm"
+  (cd "$here/client/node" && npm install --no-audit --no-fund --silent >/dev/null)
+fi

@@ -269,6 +269,9 @@ FakeUpstream::Response FakeUpstream::HandleCloudCode(const std::string& path,
     if (profile.tier_id != "free-tier") out["paidTier"] = {{"id", profile.tier_id}, {"name", profile.tier_id}};
     return Response{200, out.dump()};
   }
+  if (path == "/v1internal:generateContent") {
+    return Response{200, R"({"response":{"candidates":[{"content":{"role":"model","parts":[{"text":"Hello from the fake upstream."}]}}]}})"};
+  }
   if (path == "/v1internal:fetchAvailableModels") {
     Json models = Json::parse(profile.models_json, nullptr, false);
     if (models.is_discarded()) models = Json::object();

@@ -32,7 +32,8 @@ struct AccountProfile {
 };
 
 // A real HTTP/1.1 server on loopback that answers like Google's OAuth token endpoint
-// (POST /token) and Cloud Code (POST /v1internal:loadCodeAssist, /v1internal:fetchAvailableModels).
+// (POST /token) and Cloud Code (POST /v1internal:loadCodeAssist, /v1internal:fetchAvailableModels,
+// and /v1internal:generateContent for example proxies).
 // Every refresh token is accepted unless a reply is scripted. Tests script failures and read call
 // counts through the methods here, or over HTTP through /__fake/* (see fake_upstream_main.cc).
 // Thread-safe.
