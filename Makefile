@@ -9,7 +9,7 @@ TSA_BUILD ?= build-clang
 
 FUZZ_SECONDS ?= 30
 
-.PHONY: all deps configure build test demo lint tsa fuzz clean
+.PHONY: all deps configure build test demo lint tsa fuzz deploy-check clean
 
 all: build
 
@@ -43,7 +43,11 @@ fuzz: tsa
 	  if [ $$rc -ne 0 ]; then echo "fuzz: FINDING (see $(TSA_BUILD)/fuzz.log)"; exit 1; fi; \
 	  echo "fuzz: $(FUZZ_SECONDS)s of upstream_error_fuzz, no finding"
 
-test: build lint tsa fuzz
+# Renders the kustomize base offline and validates it (schema + our deployment rules).
+deploy-check: deps
+	@kubectl kustomize deploy/k8s/base | node tools/validate-k8s.mjs
+
+test: build lint tsa fuzz deploy-check
 	@cd $(BUILD) && ctest --output-on-failure --timeout 300 -j2
 
 demo: build

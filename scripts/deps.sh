@@ -23,6 +23,10 @@ done
 # Debian's npm conflicts with the nodesource nodejs.
 if ! command -v npm >/dev/null 2>&1; then missing+=(nodejs npm); fi
 
+# kubectl renders the Kubernetes manifests (kubectl kustomize) in `make test`; Debian's
+# kubernetes-client provides it when the machine has none.
+if ! command -v kubectl >/dev/null 2>&1; then missing+=(kubernetes-client); fi
+
 SUDO=""
 if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then SUDO="sudo"; fi
 

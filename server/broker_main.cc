@@ -145,11 +145,21 @@ int Run() {
     tokens.Stop();
     return FailStartup(kProgram, std::string(server.status().message()));
   }
-  grpc::HealthCheckServiceInterface* health = (*server)->GetHealthCheckService();
+  std::unique_ptr<grpc::Server> health_server;
+  if (std::string health_listen = absl::GetFlag(FLAGS_health_listen); !health_listen.empty()) {
+    absl::StatusOr<std::unique_ptr<grpc::Server>> started = StartHealthServer(health_listen);
+    if (!started.ok()) {
+      (*server)->Shutdown();
+      if (poller) poller->Stop();
+      tokens.Stop();
+      return FailStartup(kProgram, std::string(started.status().message()));
+    }
+    health_server = *std::move(started);
+  }
+  const std::vector<grpc::Server*> health_servers = {server->get(), health_server.get()};
   auto update_health = [&] {
     const bool serving = pool.UsableCount() > 0;
-    health->SetServingStatus("", serving);
-    health->SetServingStatus(kServiceName, serving);
+    SetHealth(health_servers, kServiceName, serving);
     return serving;
   };
   bool serving = update_health();
@@ -171,9 +181,10 @@ int Run() {
   spdlog::info("received {}; draining for up to {}", signal, absl::FormatDuration(absl::GetFlag(FLAGS_drain_timeout)));
   // Drain: probes see NOT_SERVING at once; calls waiting for an account get their answer now;
   // running RPCs get until the deadline.
-  health->Shutdown();
+  ShutdownHealth(health_servers);
   service.Shutdown();
   (*server)->Shutdown(absl::ToChronoTime(absl::Now() + absl::GetFlag(FLAGS_drain_timeout)));
+  if (health_server) health_server->Shutdown();
   subscriber.Disconnect();
   if (poller) poller->Stop();
   tokens.Stop();

@@ -1,6 +1,7 @@
 #include "server/daemon.h"
 
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/health_check_service_interface.h>
 
 #include <csignal>
 #include <cstdio>
@@ -17,6 +18,8 @@
 
 ABSL_FLAG(std::string, listen, "127.0.0.1:50051",
           "Where to serve gRPC: host:port (port 0 picks a free one) or unix:/path/to.sock.");
+ABSL_FLAG(std::string, health_listen, "",
+          "Also serve only grpc.health.v1 on this plaintext host:port, for kubelet gRPC probes (empty: off).");
 ABSL_FLAG(std::string, port_file, "", "If set, the bound TCP port is written to this file once serving.");
 ABSL_FLAG(std::string, accounts_dir, "",
           "Folder of account files <id>.json in Antigravity-Manager's format, e.g. "
@@ -157,6 +160,33 @@ absl::StatusOr<std::unique_ptr<grpc::Server>> StartServer(
     return absl::UnavailableError(absl::StrCat("--listen: cannot listen on ", listen));
   }
   return server;
+}
+
+absl::StatusOr<std::unique_ptr<grpc::Server>> StartHealthServer(const std::string& listen) {
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::ServerBuilder builder;
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+  int port = 0;
+  builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || (port == 0 && listen.rfind("unix:", 0) != 0)) {
+    return absl::UnavailableError(absl::StrCat("--health_listen: cannot listen on ", listen));
+  }
+  return server;
+}
+
+void SetHealth(const std::vector<grpc::Server*>& servers, const std::string& service_name, bool serving) {
+  for (grpc::Server* s : servers) {
+    if (s == nullptr || s->GetHealthCheckService() == nullptr) continue;
+    s->GetHealthCheckService()->SetServingStatus("", serving);
+    s->GetHealthCheckService()->SetServingStatus(service_name, serving);
+  }
+}
+
+void ShutdownHealth(const std::vector<grpc::Server*>& servers) {
+  for (grpc::Server* s : servers) {
+    if (s != nullptr && s->GetHealthCheckService() != nullptr) s->GetHealthCheckService()->Shutdown();
+  }
 }
 
 void WritePort(const std::string& path, int port) {

@@ -19,6 +19,7 @@
 #include "lib/token_manager.h"
 
 ABSL_DECLARE_FLAG(std::string, listen);
+ABSL_DECLARE_FLAG(std::string, health_listen);
 ABSL_DECLARE_FLAG(std::string, port_file);
 ABSL_DECLARE_FLAG(std::string, accounts_dir);
 ABSL_DECLARE_FLAG(std::string, oauth_token_url);
@@ -71,6 +72,15 @@ class AccountLoader {
 absl::StatusOr<std::unique_ptr<grpc::Server>> StartServer(
     const std::vector<grpc::Service*>& services, int* port,
     std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors = {});
+// A second server that serves only grpc.health.v1 on `listen` (a plaintext port for kubelet
+// probes while the main server listens on a unix socket or uses TLS).
+absl::StatusOr<std::unique_ptr<grpc::Server>> StartHealthServer(const std::string& listen);
+
+// Sets the serving status of `service_name` and of "" on each server's health service.
+void SetHealth(const std::vector<grpc::Server*>& servers, const std::string& service_name, bool serving);
+// Turns every status NOT_SERVING for good (drain).
+void ShutdownHealth(const std::vector<grpc::Server*>& servers);
+
 // Writes --port_file (atomically), if set. Call once health says what it should.
 void WritePortFile(int port);
 // Writes `port` to `path` atomically (temp file, rename).

@@ -61,12 +61,19 @@ int Run() {
     tokens.Stop();
     return FailStartup(kProgram, std::string(server.status().message()));
   }
-  grpc::HealthCheckServiceInterface* health = (*server)->GetHealthCheckService();
-  auto update_health = [&] {
-    const bool serving = pool.UsableCount() > 0;
-    health->SetServingStatus("", serving);
-    health->SetServingStatus(kServiceName, serving);
-  };
+  std::unique_ptr<grpc::Server> health_server;
+  if (std::string health_listen = absl::GetFlag(FLAGS_health_listen); !health_listen.empty()) {
+    absl::StatusOr<std::unique_ptr<grpc::Server>> started = StartHealthServer(health_listen);
+    if (!started.ok()) {
+      (*server)->Shutdown();
+      poller.Stop();
+      tokens.Stop();
+      return FailStartup(kProgram, std::string(started.status().message()));
+    }
+    health_server = *std::move(started);
+  }
+  const std::vector<grpc::Server*> health_servers = {server->get(), health_server.get()};
+  auto update_health = [&] { SetHealth(health_servers, kServiceName, pool.UsableCount() > 0); };
   update_health();
   const std::string listen = absl::GetFlag(FLAGS_listen);
   spdlog::info("monitor serving on {}{}; polling {} accounts every {} with at most {} requests in flight", listen,
@@ -80,8 +87,9 @@ int Run() {
     update_health();
   }
   spdlog::info("received {}; stopping", signal);
-  health->Shutdown();
+  ShutdownHealth(health_servers);
   (*server)->Shutdown(absl::ToChronoTime(absl::Now() + absl::GetFlag(FLAGS_drain_timeout)));
+  if (health_server) health_server->Shutdown();
   poller.Stop();
   tokens.Stop();
   spdlog::info("stopped");

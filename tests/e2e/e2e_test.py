@@ -6,6 +6,7 @@ import pwd
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -287,7 +288,16 @@ class BrokerLifecycle(unittest.TestCase):
             c.write_account("a", harness.account_json("a@example.com", "1//rt-a", "PRO"))
             c.start_upstream()
             sock = os.path.join(c.dir, "broker.sock")
-            c.start_broker("--log_format=json", "--log_level=debug", listen="unix:" + sock)
+            probe = socket.socket()
+            probe.bind(("127.0.0.1", 0))
+            health_port = probe.getsockname()[1]
+            probe.close()
+            c.start_broker("--log_format=json", "--log_level=debug", f"--health_listen=127.0.0.1:{health_port}",
+                           listen="unix:" + sock)
+            # Kubelet probes reach health on a numeric plaintext port; the token service is not there.
+            self.assertEqual(c.tbctl("health", target=f"127.0.0.1:{health_port}").stdout.strip(), "SERVING")
+            r = c.tbctl("get-token", "--model", MODEL, target=f"127.0.0.1:{health_port}", check=False)
+            self.assertIn("UNIMPLEMENTED", r.stderr)
             r = subprocess.run([c.bin("client", "tbctl"), "--target", "unix:" + sock, "--json", "get-token",
                                 "--model", MODEL], capture_output=True, text=True, timeout=30)
             self.assertEqual(r.returncode, 0, r.stderr)
