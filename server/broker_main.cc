@@ -138,28 +138,16 @@ int Run() {
     spdlog::info("metrics on http://{}/metrics (port {})", metrics_listen, metrics->port());
     if (std::string pf = absl::GetFlag(FLAGS_metrics_port_file); !pf.empty()) WritePort(pf, metrics->port());
   }
-  int port = 0;
-  absl::StatusOr<std::unique_ptr<grpc::Server>> server = StartServer({&service}, &port, std::move(interceptors));
-  if (!server.ok()) {
+  absl::StatusOr<Servers> servers = Servers::Start({&service}, std::move(interceptors));
+  if (!servers.ok()) {
     if (poller) poller->Stop();
     tokens.Stop();
-    return FailStartup(kProgram, std::string(server.status().message()));
+    return FailStartup(kProgram, std::string(servers.status().message()));
   }
-  std::unique_ptr<grpc::Server> health_server;
-  if (std::string health_listen = absl::GetFlag(FLAGS_health_listen); !health_listen.empty()) {
-    absl::StatusOr<std::unique_ptr<grpc::Server>> started = StartHealthServer(health_listen);
-    if (!started.ok()) {
-      (*server)->Shutdown();
-      if (poller) poller->Stop();
-      tokens.Stop();
-      return FailStartup(kProgram, std::string(started.status().message()));
-    }
-    health_server = *std::move(started);
-  }
-  const std::vector<grpc::Server*> health_servers = {server->get(), health_server.get()};
+  const int port = servers->port();
   auto update_health = [&] {
     const bool serving = pool.UsableCount() > 0;
-    SetHealth(health_servers, kServiceName, serving);
+    servers->SetServing(kServiceName, serving);
     return serving;
   };
   bool serving = update_health();
@@ -181,10 +169,7 @@ int Run() {
   spdlog::info("received {}; draining for up to {}", signal, absl::FormatDuration(absl::GetFlag(FLAGS_drain_timeout)));
   // Drain: probes see NOT_SERVING at once; calls waiting for an account get their answer now;
   // running RPCs get until the deadline.
-  ShutdownHealth(health_servers);
-  service.Shutdown();
-  (*server)->Shutdown(absl::ToChronoTime(absl::Now() + absl::GetFlag(FLAGS_drain_timeout)));
-  if (health_server) health_server->Shutdown();
+  servers->Drain(absl::GetFlag(FLAGS_drain_timeout), [&service] { service.Shutdown(); });
   subscriber.Disconnect();
   if (poller) poller->Stop();
   tokens.Stop();

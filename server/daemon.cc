@@ -140,53 +140,61 @@ bool AccountLoader::ReloadIfChanged() {
   return true;
 }
 
-absl::StatusOr<std::unique_ptr<grpc::Server>> StartServer(
-    const std::vector<grpc::Service*>& services, int* port,
+absl::StatusOr<Servers> Servers::Start(
+    const std::vector<grpc::Service*>& services,
     std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors) {
   // Linking the health descriptors lets reflection describe gRPC's built-in health service.
   (void)grpc::health::v1::HealthCheckRequest::descriptor();
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
-  grpc::ServerBuilder builder;
-  // gRPC sets SO_REUSEPORT by default: a second server on a taken port would start silently.
-  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
-  const std::string listen = absl::GetFlag(FLAGS_listen);
-  *port = 0;
-  builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), port);
-  for (grpc::Service* s : services) builder.RegisterService(s);
-  if (!interceptors.empty()) builder.experimental().SetInterceptorCreators(std::move(interceptors));
-  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
-  if (server == nullptr || (*port == 0 && listen.rfind("unix:", 0) != 0)) {
-    return absl::UnavailableError(absl::StrCat("--listen: cannot listen on ", listen));
+  auto build = [](const std::string& flag, const std::string& listen, const std::vector<grpc::Service*>& services,
+                  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors,
+                  int* port) -> absl::StatusOr<std::unique_ptr<grpc::Server>> {
+    grpc::ServerBuilder builder;
+    // gRPC sets SO_REUSEPORT by default: a second server on a taken port would start silently.
+    builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+    *port = 0;
+    builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), port);
+    for (grpc::Service* s : services) builder.RegisterService(s);
+    if (!interceptors.empty()) builder.experimental().SetInterceptorCreators(std::move(interceptors));
+    std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+    if (server == nullptr || (*port == 0 && listen.rfind("unix:", 0) != 0)) {
+      return absl::UnavailableError(absl::StrCat("--", flag, ": cannot listen on ", listen));
+    }
+    return server;
+  };
+  Servers out;
+  absl::StatusOr<std::unique_ptr<grpc::Server>> api =
+      build("listen", absl::GetFlag(FLAGS_listen), services, std::move(interceptors), &out.port_);
+  if (!api.ok()) return api.status();
+  out.api_ = *std::move(api);
+  if (std::string health_listen = absl::GetFlag(FLAGS_health_listen); !health_listen.empty()) {
+    int health_port = 0;
+    absl::StatusOr<std::unique_ptr<grpc::Server>> health = build("health_listen", health_listen, {}, {}, &health_port);
+    if (!health.ok()) {
+      out.api_->Shutdown();
+      return health.status();
+    }
+    out.health_ = *std::move(health);
   }
-  return server;
+  return out;
 }
 
-absl::StatusOr<std::unique_ptr<grpc::Server>> StartHealthServer(const std::string& listen) {
-  grpc::EnableDefaultHealthCheckService(true);
-  grpc::ServerBuilder builder;
-  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
-  int port = 0;
-  builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port);
-  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
-  if (server == nullptr || (port == 0 && listen.rfind("unix:", 0) != 0)) {
-    return absl::UnavailableError(absl::StrCat("--health_listen: cannot listen on ", listen));
-  }
-  return server;
-}
-
-void SetHealth(const std::vector<grpc::Server*>& servers, const std::string& service_name, bool serving) {
-  for (grpc::Server* s : servers) {
+void Servers::SetServing(const std::string& service_name, bool serving) {
+  for (grpc::Server* s : {api_.get(), health_.get()}) {
     if (s == nullptr || s->GetHealthCheckService() == nullptr) continue;
     s->GetHealthCheckService()->SetServingStatus("", serving);
     s->GetHealthCheckService()->SetServingStatus(service_name, serving);
   }
 }
 
-void ShutdownHealth(const std::vector<grpc::Server*>& servers) {
-  for (grpc::Server* s : servers) {
+void Servers::Drain(absl::Duration deadline, const std::function<void()>& before_shutdown) {
+  for (grpc::Server* s : {api_.get(), health_.get()}) {
     if (s != nullptr && s->GetHealthCheckService() != nullptr) s->GetHealthCheckService()->Shutdown();
   }
+  if (before_shutdown) before_shutdown();
+  api_->Shutdown(absl::ToChronoTime(absl::Now() + deadline));
+  if (health_) health_->Shutdown();
 }
 
 void WritePort(const std::string& path, int port) {

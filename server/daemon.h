@@ -5,6 +5,7 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <functional>
 #include <memory>
 #include <set>
 #include <string>
@@ -66,20 +67,29 @@ class AccountLoader {
   std::set<std::string> reported_;
 };
 
-// Builds and starts a server on --listen with reflection and the health service, never sharing
-// a port (SO_REUSEPORT off). `port` is 0 for unix sockets.
-// `interceptors` (may be empty) see every RPC.
-absl::StatusOr<std::unique_ptr<grpc::Server>> StartServer(
-    const std::vector<grpc::Service*>& services, int* port,
-    std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors = {});
-// A second server that serves only grpc.health.v1 on `listen` (a plaintext port for kubelet
-// probes while the main server listens on a unix socket or uses TLS).
-absl::StatusOr<std::unique_ptr<grpc::Server>> StartHealthServer(const std::string& listen);
+// The API server on --listen (reflection and health included, never sharing a port: SO_REUSEPORT
+// off) and, with --health_listen, a second server with only grpc.health.v1 on a plaintext port for
+// kubelet probes while the API listens on a unix socket.
+class Servers {
+ public:
+  // `interceptors` (may be empty) see every API call. The message names the flag at fault.
+  static absl::StatusOr<Servers> Start(
+      const std::vector<grpc::Service*>& services,
+      std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors = {});
 
-// Sets the serving status of `service_name` and of "" on each server's health service.
-void SetHealth(const std::vector<grpc::Server*>& servers, const std::string& service_name, bool serving);
-// Turns every status NOT_SERVING for good (drain).
-void ShutdownHealth(const std::vector<grpc::Server*>& servers);
+  // The bound TCP port of the API server; 0 for a unix socket.
+  int port() const { return port_; }
+  // Sets `service_name` and "" SERVING or NOT_SERVING on both servers.
+  void SetServing(const std::string& service_name, bool serving);
+  // Drains: health NOT_SERVING for good at once, then in-flight calls get until `deadline`.
+  // `before_shutdown` runs in between (e.g. to answer waiting calls).
+  void Drain(absl::Duration deadline, const std::function<void()>& before_shutdown = nullptr);
+
+ private:
+  std::unique_ptr<grpc::Server> api_;
+  std::unique_ptr<grpc::Server> health_;
+  int port_ = 0;
+};
 
 // Writes --port_file (atomically), if set. Call once health says what it should.
 void WritePortFile(int port);

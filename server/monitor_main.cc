@@ -54,26 +54,14 @@ int Run() {
   poller.Start();
 
   MonitorService service(hub);
-  int port = 0;
-  absl::StatusOr<std::unique_ptr<grpc::Server>> server = StartServer({&service}, &port);
-  if (!server.ok()) {
+  absl::StatusOr<Servers> servers = Servers::Start({&service});
+  if (!servers.ok()) {
     poller.Stop();
     tokens.Stop();
-    return FailStartup(kProgram, std::string(server.status().message()));
+    return FailStartup(kProgram, std::string(servers.status().message()));
   }
-  std::unique_ptr<grpc::Server> health_server;
-  if (std::string health_listen = absl::GetFlag(FLAGS_health_listen); !health_listen.empty()) {
-    absl::StatusOr<std::unique_ptr<grpc::Server>> started = StartHealthServer(health_listen);
-    if (!started.ok()) {
-      (*server)->Shutdown();
-      poller.Stop();
-      tokens.Stop();
-      return FailStartup(kProgram, std::string(started.status().message()));
-    }
-    health_server = *std::move(started);
-  }
-  const std::vector<grpc::Server*> health_servers = {server->get(), health_server.get()};
-  auto update_health = [&] { SetHealth(health_servers, kServiceName, pool.UsableCount() > 0); };
+  const int port = servers->port();
+  auto update_health = [&] { servers->SetServing(kServiceName, pool.UsableCount() > 0); };
   update_health();
   const std::string listen = absl::GetFlag(FLAGS_listen);
   spdlog::info("monitor serving on {}{}; polling {} accounts every {} with at most {} requests in flight", listen,
@@ -87,9 +75,7 @@ int Run() {
     update_health();
   }
   spdlog::info("received {}; stopping", signal);
-  ShutdownHealth(health_servers);
-  (*server)->Shutdown(absl::ToChronoTime(absl::Now() + absl::GetFlag(FLAGS_drain_timeout)));
-  if (health_server) health_server->Shutdown();
+  servers->Drain(absl::GetFlag(FLAGS_drain_timeout));
   poller.Stop();
   tokens.Stop();
   spdlog::info("stopped");

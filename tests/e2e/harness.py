@@ -98,6 +98,7 @@ class Cluster:
         self.upstream = None
         self.broker = None
         self.broker_runs = 0
+        self.monitor_runs = 0
         self.extra = []  # other processes to stop at close
 
     def bin(self, *parts):
@@ -126,32 +127,10 @@ class Cluster:
         with urllib.request.urlopen(req, timeout=10) as resp:
             return json.loads(resp.read().decode())
 
-    def start_monitor(self, *flags, listen="127.0.0.1:0"):
-        self.monitor_runs = getattr(self, "monitor_runs", 0) + 1
-        argv = [
-            self.bin("server", "tokenbroker-monitor"),
-            "--accounts_dir", self.accounts_dir,
-            "--listen", listen,
-            "--port_file", os.path.join(self.dir, "monitor.port"),
-            "--oauth_token_url", f"http://127.0.0.1:{self.upstream.port}/token",
-            "--cloudcode_base_url", f"http://127.0.0.1:{self.upstream.port}",
-            "--reload_interval", "200ms",
-        ] + list(flags)
-        env = dict(os.environ, TOKENBROKER_OAUTH_CLIENT_ID="demo-client",
-                   TOKENBROKER_OAUTH_CLIENT_SECRET="demo-secret")
-        self.monitor = Process("tokenbroker-monitor", argv,
-                               os.path.join(self.dir, f"monitor-{self.monitor_runs}.log"),
-                               os.path.join(self.dir, "monitor.port"), env=env)
-        self.extra.append(self.monitor)
-        return self.monitor
-
-    def start_broker(self, *flags, listen="127.0.0.1:0", binary=None, runner=(), run_dir=None):
-        """Starts a broker. `runner` prefixes the command (e.g. to run it as another user); the port
-        file goes to `run_dir` (default: the cluster's folder)."""
-        self.broker_runs += 1
-        port_file = os.path.join(run_dir or self.dir, f"broker-{self.broker_runs}.port")
+    def _start_daemon(self, name, binary, flags, listen, log_path, port_file, runner=()):
+        """Starts tokenbroker or tokenbroker-monitor against this cluster's folder and fake upstream."""
         argv = list(runner) + [
-            binary or self.bin("server", "tokenbroker"),
+            binary,
             "--accounts_dir", self.accounts_dir,
             "--listen", listen,
             "--port_file", port_file,
@@ -162,10 +141,25 @@ class Cluster:
         # The OAuth client comes from the environment, as an operator would pass a secret.
         env = dict(os.environ, TOKENBROKER_OAUTH_CLIENT_ID="demo-client",
                    TOKENBROKER_OAUTH_CLIENT_SECRET="demo-secret")
-        self.broker = Process(
-            "tokenbroker", argv, os.path.join(self.dir, f"broker-{self.broker_runs}.log"),
-            port_file, env=env)
-        self.extra.append(self.broker)
+        process = Process(name, argv, log_path, port_file, env=env)
+        self.extra.append(process)
+        return process
+
+    def start_monitor(self, *flags, listen="127.0.0.1:0"):
+        self.monitor_runs += 1
+        self.monitor = self._start_daemon(
+            "tokenbroker-monitor", self.bin("server", "tokenbroker-monitor"), flags, listen,
+            os.path.join(self.dir, f"monitor-{self.monitor_runs}.log"), os.path.join(self.dir, "monitor.port"))
+        return self.monitor
+
+    def start_broker(self, *flags, listen="127.0.0.1:0", binary=None, runner=(), run_dir=None):
+        """Starts a broker. `runner` prefixes the command (e.g. to run it as another user); the port
+        file goes to `run_dir` (default: the cluster's folder)."""
+        self.broker_runs += 1
+        self.broker = self._start_daemon(
+            "tokenbroker", binary or self.bin("server", "tokenbroker"), flags, listen,
+            os.path.join(self.dir, f"broker-{self.broker_runs}.log"),
+            os.path.join(run_dir or self.dir, f"broker-{self.broker_runs}.port"), runner=runner)
         return self.broker
 
     @property

@@ -5,6 +5,7 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/unit/test_util.h"
 #include "lib/errors.h"
 
 namespace tokenbroker {
@@ -12,14 +13,7 @@ namespace {
 
 using ::testing::HasSubstr;
 
-AccountRecord Account(const std::string& id, Tier tier) {
-  AccountRecord r;
-  r.id = id;
-  r.email = id + "@example.com";
-  r.refresh_token = "rt-" + id;
-  r.tier = tier;
-  return r;
-}
+AccountRecord Account(const std::string& id, Tier tier) { return testing::MakeAccount(id, tier); }
 
 AccountRecord WithQuota(AccountRecord r, const std::string& model, double fraction,
                         std::optional<absl::Time> reset = std::nullopt) {

@@ -9,31 +9,16 @@
 #include "lib/quota_hub.h"
 #include "server/monitor_service.h"
 #include "tests/fakes/fake_upstream.h"
+#include "tests/unit/test_util.h"
 
 namespace tokenbroker {
 namespace {
 
 using testing::AccountProfile;
+using testing::Eventually;
+using testing::MakeAccount;
 using testing::FakeUpstream;
 using testing::ScriptedReply;
-
-template <typename F>
-bool Eventually(F cond, absl::Duration deadline = absl::Seconds(15)) {
-  absl::Time end = absl::Now() + deadline;
-  while (absl::Now() < end) {
-    if (cond()) return true;
-    absl::SleepFor(absl::Milliseconds(2));
-  }
-  return cond();
-}
-
-AccountRecord Account(const std::string& id) {
-  AccountRecord r;
-  r.id = id;
-  r.email = id + "@example.com";
-  r.refresh_token = "rt-" + id;
-  return r;
-}
 
 class QuotaPollerTest : public ::testing::Test {
  protected:
@@ -72,7 +57,7 @@ class QuotaPollerTest : public ::testing::Test {
 TEST_F(QuotaPollerTest, PollsEveryAccountOncePerIntervalWithBoundedConcurrency) {
   std::vector<AccountRecord> accounts;
   for (int i = 0; i < 6; ++i) {
-    accounts.push_back(Account("a" + std::to_string(i)));
+    accounts.push_back(MakeAccount("a" + std::to_string(i)));
     upstream_->SetProfile("rt-a" + std::to_string(i),
                           AccountProfile{.project = "p" + std::to_string(i), .tier_id = "g1-pro-tier",
                                          .models_json = R"({"m":{"quotaInfo":{"remainingFraction":0.5}}})"});
@@ -103,7 +88,7 @@ TEST_F(QuotaPollerTest, PollsEveryAccountOncePerIntervalWithBoundedConcurrency) 
 }
 
 TEST_F(QuotaPollerTest, RateLimitedQuotaApiBacksOffAndForbiddenIsReported) {
-  pool_.Load({Account("a"), Account("b")});
+  pool_.Load({MakeAccount("a"), MakeAccount("b")});
   upstream_->SetProfile("rt-a", AccountProfile{.project = "pa"});
   upstream_->SetProfile("rt-b", AccountProfile{.project = "pb"});
   // b is forbidden (403 with and without a project); everything is rate-limited once.

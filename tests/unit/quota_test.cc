@@ -5,6 +5,7 @@
 #include "absl/synchronization/notification.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/unit/test_util.h"
 #include "lib/account_pool.h"
 #include "lib/cloud_code_client.h"
 #include "lib/cooldowns.h"
@@ -51,14 +52,7 @@ TEST(ValidateQuotaSettings, NamesTheField) {
   EXPECT_TRUE(ValidateQuotaSettings(On()).ok());
 }
 
-AccountRecord Account(const std::string& id, Tier tier) {
-  AccountRecord r;
-  r.id = id;
-  r.email = id + "@example.com";
-  r.refresh_token = "rt-" + id;
-  r.tier = tier;
-  return r;
-}
+AccountRecord Account(const std::string& id, Tier tier) { return testing::MakeAccount(id, tier); }
 
 QuotaObservation Obs(const std::string& account, const std::string& model, double fraction, absl::Time observed) {
   QuotaObservation o;

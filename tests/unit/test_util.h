@@ -9,7 +9,32 @@
 #include <sstream>
 #include <string>
 
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "lib/account.h"
+
 namespace tokenbroker::testing {
+
+// Polls `cond` until it holds or a generous deadline passes; no fixed sleeps.
+template <typename F>
+bool Eventually(F cond, absl::Duration deadline = absl::Seconds(15)) {
+  const absl::Time end = absl::Now() + deadline;
+  while (absl::Now() < end) {
+    if (cond()) return true;
+    absl::SleepFor(absl::Milliseconds(2));
+  }
+  return cond();
+}
+
+// An account record with id, email "<id>@example.com", refresh token "rt-<id>" and `tier`.
+inline AccountRecord MakeAccount(const std::string& id, Tier tier = Tier::kUnknown) {
+  AccountRecord r;
+  r.id = id;
+  r.email = id + "@example.com";
+  r.refresh_token = "rt-" + id;
+  r.tier = tier;
+  return r;
+}
 
 // A fresh directory under $TMPDIR (or /tmp), removed with everything in it on destruction.
 class TempDir {

@@ -15,22 +15,12 @@ namespace {
 
 using ::testing::HasSubstr;
 using testing::AccountJson;
+using testing::Eventually;
 using testing::FakeUpstream;
 using testing::ReadText;
 using testing::ScriptedReply;
 using testing::TempDir;
 using testing::WriteText;
-
-// Polls `cond` until it holds or a generous deadline passes; no fixed sleeps.
-template <typename F>
-bool Eventually(F cond, absl::Duration deadline = absl::Seconds(10)) {
-  absl::Time end = absl::Now() + deadline;
-  while (absl::Now() < end) {
-    if (cond()) return true;
-    absl::SleepFor(absl::Milliseconds(2));
-  }
-  return cond();
-}
 
 class TokenManagerTest : public ::testing::Test {
  protected:
