@@ -9,7 +9,7 @@ TSA_BUILD ?= build-clang
 
 FUZZ_SECONDS ?= 30
 
-.PHONY: all deps configure build test demo lint tsa fuzz deploy-check clean
+.PHONY: all deps configure build test demo lint tsa fuzz deploy-check bench clean
 
 all: build
 
@@ -52,6 +52,10 @@ test: build lint tsa fuzz deploy-check
 
 demo: build
 	@$(PYTHON) scripts/demo.py --build=$(BUILD)
+
+# Selection cost at 1k, 10k and 100k accounts for each policy (not part of make test's timing).
+bench: build
+	@$(BUILD)/tests/bench/selection_bench --benchmark_min_time=0.2
 
 clean:
 	rm -rf $(BUILD) $(TSA_BUILD)

@@ -109,6 +109,46 @@ int DecisionRank(QuotaDecision d) {
 
 }  // namespace
 
+// What ranks an eligible account for one request: computed once per account, compared many times.
+struct RankKey {
+  int tier = 0;
+  int decision = 0;
+  double fraction = -1;  // -1: unknown
+  int in_flight = 0;
+  absl::Time last_used;
+  absl::Time reset = absl::InfiniteFuture();
+  size_t rotation = 0;  // round robin: distance after the account last chosen for the model
+  bool sticky = false;  // fill_first: the account last chosen for the model
+  size_t index = 0;
+};
+
+namespace {
+
+// Whether `a` ranks before `b` under `policy` (DESIGN §4): tier, then quota decision, then policy.
+bool Better(const RankKey& a, const RankKey& b, Policy policy) {
+  if (a.tier != b.tier) return a.tier > b.tier;
+  if (a.decision != b.decision) return a.decision > b.decision;
+  auto balance = [&] {
+    if (a.fraction != b.fraction) return a.fraction > b.fraction;
+    if (a.in_flight != b.in_flight) return a.in_flight < b.in_flight;
+    if (a.last_used != b.last_used) return a.last_used < b.last_used;
+    return a.index < b.index;
+  };
+  switch (policy) {
+    case Policy::kBalance: return balance();
+    case Policy::kFillFirst:
+      if (a.sticky != b.sticky) return a.sticky;
+      return a.index < b.index;
+    case Policy::kResetSoonest:
+      if (a.reset != b.reset) return a.reset < b.reset;
+      return balance();
+    case Policy::kRoundRobin: return a.rotation < b.rotation;
+  }
+  return a.index < b.index;
+}
+
+}  // namespace
+
 struct AccountPool::Evaluation {
   std::vector<AccountVerdict> verdicts;  // parallel to entries_
   std::vector<size_t> ranked;            // eligible entries, best first (chosen first)
@@ -251,57 +291,10 @@ AccountPool::Evaluation AccountPool::Evaluate(const SelectRequest& request, absl
     }
   }
 
-  // Round robin walks the id order starting after the account last chosen for the model.
-  size_t cursor = entries_.size();
-  if (auto it = last_for_model_.find(request.model); it != last_for_model_.end()) {
-    if (auto pos = index_.find(it->second); pos != index_.end()) cursor = pos->second;
-  }
-  const size_t n = entries_.size();
-  auto rotation = [&](size_t i) { return cursor == n ? i : (i + n - cursor - 1) % n; };
-  const std::string* sticky =
-      last_for_model_.contains(request.model) ? &last_for_model_.at(request.model) : nullptr;
-
-  // The lambdas below run under the caller's lock; they read through this pointer because the
-  // thread-safety analysis does not follow a lock into a lambda.
-  const std::vector<Entry>* entries = &entries_;
-  const QuotaSettings quota = quota_;
-  auto balance_better = [&](size_t a, size_t b) {
-    const Entry& ea = (*entries)[a];
-    const Entry& eb = (*entries)[b];
-    double fa = RankingFraction(ea.record, request.model, quota, now).value_or(-1);
-    double fb = RankingFraction(eb.record, request.model, quota, now).value_or(-1);
-    if (fa != fb) return fa > fb;
-    if (ea.in_flight != eb.in_flight) return ea.in_flight < eb.in_flight;
-    if (ea.last_used != eb.last_used) return ea.last_used < eb.last_used;
-    return a < b;
-  };
-  auto better = [&](size_t a, size_t b) {
-    const AccountRecord& ra = (*entries)[a].record;
-    const AccountRecord& rb = (*entries)[b].record;
-    if (ra.tier != rb.tier) return ra.tier > rb.tier;
-    const int da = DecisionRank(DecisionFor(ra, request.model, quota, now));
-    const int db = DecisionRank(DecisionFor(rb, request.model, quota, now));
-    if (da != db) return da > db;
-    switch (options_.policy) {
-      case Policy::kBalance: return balance_better(a, b);
-      case Policy::kFillFirst: {
-        bool sa = sticky && *sticky == ra.id;
-        bool sb = sticky && *sticky == rb.id;
-        if (sa != sb) return sa;
-        return a < b;
-      }
-      case Policy::kResetSoonest: {
-        const ModelQuota* qa = RankingFraction(ra, request.model, quota, now) ? QuotaFor(ra, request.model) : nullptr;
-        const ModelQuota* qb = RankingFraction(rb, request.model, quota, now) ? QuotaFor(rb, request.model) : nullptr;
-        absl::Time ta = qa && qa->reset_time ? *qa->reset_time : absl::InfiniteFuture();
-        absl::Time tb = qb && qb->reset_time ? *qb->reset_time : absl::InfiniteFuture();
-        if (ta != tb) return ta < tb;
-        return balance_better(a, b);
-      }
-      case Policy::kRoundRobin: return rotation(a) < rotation(b);
-    }
-    return a < b;
-  };
+  std::vector<RankKey> keys(entries_.size());
+  const RankContext ctx = RankContextFor(request);
+  for (size_t i : ev.ranked) keys[i] = KeyFor(i, request, now, ctx);
+  auto better = [&](size_t a, size_t b) { return Better(keys[a], keys[b], options_.policy); };
   std::sort(ev.ranked.begin(), ev.ranked.end(), better);
 
   if (!request.force_rotate && bound) {
@@ -344,44 +337,124 @@ AccountPool::Evaluation AccountPool::Evaluate(const SelectRequest& request, absl
   return ev;
 }
 
+AccountPool::RankContext AccountPool::RankContextFor(const SelectRequest& request) const {
+  RankContext ctx;
+  ctx.cursor = entries_.size();
+  if (auto last = last_for_model_.find(request.model); last != last_for_model_.end()) {
+    ctx.sticky = &last->second;
+    if (auto pos = index_.find(last->second); pos != index_.end()) ctx.cursor = pos->second;
+  }
+  return ctx;
+}
+
+RankKey AccountPool::KeyFor(size_t i, const SelectRequest& request, absl::Time now, const RankContext& ctx) const {
+  const Entry& e = entries_[i];
+  RankKey k;
+  k.index = i;
+  k.tier = static_cast<int>(e.record.tier);
+  if (const ModelQuota* q = QuotaFor(e.record, request.model)) {
+    k.decision = DecisionRank(DecideQuota(quota_, q->remaining_fraction, q->observed, q->reset_time, now));
+    if (!quota_.enabled || now - q->observed <= quota_.cache_ttl) {  // as RankingFraction
+      k.fraction = q->remaining_fraction;
+      if (q->reset_time) k.reset = *q->reset_time;
+    }
+  } else {
+    k.decision = DecisionRank(QuotaDecision::kUnknown);
+  }
+  k.in_flight = e.in_flight;
+  k.last_used = e.last_used;
+  const size_t n = entries_.size();
+  k.rotation = ctx.cursor == n ? i : (i + n - ctx.cursor - 1) % n;
+  k.sticky = ctx.sticky != nullptr && *ctx.sticky == e.record.id;
+  return k;
+}
+
+bool AccountPool::EligibleLocked(size_t i, const SelectRequest& request, absl::Time now,
+                                 const std::optional<std::string>& previous) const {
+  const Entry& e = entries_[i];
+  const AccountRecord& rec = e.record;
+  if (rec.disabled || rec.proxy_disabled || IsProtected(rec, request.model)) return false;
+  if (cooldowns_.Check(rec.id, request.model, now)) return false;
+  if (options_.max_inflight_per_account > 0 && e.in_flight >= options_.max_inflight_per_account) return false;
+  std::optional<absl::Time> unused;
+  if (ExhaustedReason(rec, request.model, quota_, now, &unused)) return false;
+  if (!request.exclude.empty() && request.exclude.contains(rec.id)) return false;
+  if (request.force_rotate && previous && *previous == rec.id) return false;
+  return true;
+}
+
+std::optional<size_t> AccountPool::ChooseFastLocked(const SelectRequest& request, absl::Time now,
+                                                    const std::optional<std::string>& bound,
+                                                    bool* from_session) const {
+  const std::optional<std::string> previous = PreviousFor(request, bound);
+  // A bound, eligible account is the answer: one check, no scan.
+  if (bound && !request.force_rotate) {
+    if (auto it = index_.find(*bound); it != index_.end() && EligibleLocked(it->second, request, now, previous)) {
+      *from_session = true;
+      return it->second;
+    }
+  }
+  std::optional<size_t> best;
+  RankKey best_key;
+  const RankContext ctx = RankContextFor(request);
+  for (size_t i = 0; i < entries_.size(); ++i) {
+    if (!EligibleLocked(i, request, now, previous)) continue;
+    RankKey key = KeyFor(i, request, now, ctx);
+    if (!best || Better(key, best_key, options_.policy)) {
+      best = i;
+      best_key = key;
+    }
+  }
+  return best;
+}
+
+absl::Status AccountPool::NoAccountError(const Evaluation& ev, const SelectRequest& request, absl::Time now) const {
+  std::optional<absl::Time> earliest;
+  for (const AccountVerdict& v : ev.verdicts) {
+    if (v.available_at && (!earliest || *v.available_at < *earliest)) earliest = v.available_at;
+  }
+  std::map<absl::string_view, int> counts;
+  for (const AccountVerdict& v : ev.verdicts) ++counts[VerdictCountName(v.verdict)];
+  std::vector<std::string> parts;
+  for (const auto& [name, count] : counts) parts.push_back(absl::StrCat(count, " ", name));
+  std::optional<absl::Duration> retry;
+  std::string when = "; none will free by itself";
+  if (earliest) {
+    retry = std::max(absl::ZeroDuration(), *earliest - now);
+    when = absl::StrCat("; the earliest frees in ", absl::FormatDuration(absl::Ceil(*retry, absl::Milliseconds(1))),
+                        " (", FormatTimestamp(*earliest), ")");
+  }
+  return NoAccountAvailableError(
+      absl::StrCat("no account can serve model ", request.model, " now: ", absl::StrJoin(parts, ", "), when),
+      request.model, retry);
+}
+
 absl::StatusOr<Selection> AccountPool::Select(const SelectRequest& request) {
   const absl::Time now = clock_.Now();
   absl::MutexLock lock(&mu_);
   if (entries_.empty()) {
-    return absl::UnavailableError(
-        "no accounts are loaded; add account files to the accounts directory");
+    return absl::UnavailableError("no accounts are loaded; add account files to the accounts directory");
   }
   ExpireLeasesLocked(now);
   std::optional<std::string> bound;
   if (!request.session_id.empty()) bound = sessions_.Lookup(request.session_id, now);
-  Evaluation ev = Evaluate(request, now, bound);
-  if (!ev.chosen) {
-    std::optional<absl::Time> earliest;
-    for (const AccountVerdict& v : ev.verdicts) {
-      if (v.available_at && (!earliest || *v.available_at < *earliest)) earliest = v.available_at;
-    }
-    std::map<absl::string_view, int> counts;
-    for (const AccountVerdict& v : ev.verdicts) ++counts[VerdictCountName(v.verdict)];
-    std::vector<std::string> parts;
-    for (const auto& [name, count] : counts) parts.push_back(absl::StrCat(count, " ", name));
-    std::optional<absl::Duration> retry;
-    std::string when = "; none will free by itself";
-    if (earliest) {
-      retry = std::max(absl::ZeroDuration(), *earliest - now);
-      when = absl::StrCat("; the earliest frees in ", absl::FormatDuration(absl::Ceil(*retry, absl::Milliseconds(1))),
-                          " (", FormatTimestamp(*earliest), ")");
-    }
-    return NoAccountAvailableError(absl::StrCat("no account can serve model ", request.model, " now: ",
-                                                absl::StrJoin(parts, ", "), when),
-                                   request.model, retry);
+  bool from_session = false;
+  std::optional<size_t> chosen = ChooseFastLocked(request, now, bound, &from_session);
+  if (!chosen) {
+    // Nothing eligible on the fast path: the full evaluation gives the reasons and the delay, or
+    // force_rotate's fallback to the account it moved away from.
+    Evaluation ev = Evaluate(request, now, bound);
+    if (!ev.chosen) return NoAccountError(ev, request, now);
+    chosen = ev.chosen;
+    from_session = ev.from_session;
   }
-  Entry& entry = entries_[*ev.chosen];
+  Entry& entry = entries_[*chosen];
   entry.last_used = now;
   ++entry.in_flight;
   const Lease& lease = leases_.Issue(entry.record.id, request.model, now);
   cooldowns_.OnIssued(entry.record.id, request.model, now);
   last_for_model_[request.model] = entry.record.id;
-  if (!request.session_id.empty() && !ev.from_session) {
+  if (!request.session_id.empty() && !from_session) {
     std::string reason = !bound ? "new" : request.force_rotate ? "force_rotate" : "ineligible";
     ++rebinds_[reason];
     sessions_.Bind(request.session_id, entry.record.id, now);
@@ -392,7 +465,7 @@ absl::StatusOr<Selection> AccountPool::Select(const SelectRequest& request) {
   sel.email = entry.record.email;
   sel.tier = entry.record.tier;
   sel.project_id = entry.record.project_id;
-  sel.from_session = ev.from_session;
+  sel.from_session = from_session;
   sel.lease_id = lease.id;
   sel.quota_decision = DecisionFor(entry.record, request.model, quota_, now);
   sel.remaining_fraction = RankingFraction(entry.record, request.model, quota_, now);

@@ -23,6 +23,8 @@
 
 namespace tokenbroker {
 
+struct RankKey;
+
 // How eligible accounts of the same tier are ranked (DESIGN §4).
 enum class Policy { kBalance, kFillFirst, kResetSoonest, kRoundRobin };
 
@@ -207,6 +209,23 @@ class AccountPool {
   void EndLeaseLocked(const Lease& lease) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   Evaluation Evaluate(const SelectRequest& request, absl::Time now,
                       const std::optional<std::string>& bound) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // What ranking needs once per request rather than once per account.
+  struct RankContext {
+    const std::string* sticky = nullptr;  // account last chosen for the model (fill_first)
+    size_t cursor = 0;                    // its position (round_robin); entries_.size() if none
+  };
+  RankContext RankContextFor(const SelectRequest& request) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // The rank of account `i` for the request (compared by Better in the .cc).
+  RankKey KeyFor(size_t i, const SelectRequest& request, absl::Time now, const RankContext& ctx) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  bool EligibleLocked(size_t i, const SelectRequest& request, absl::Time now,
+                      const std::optional<std::string>& previous) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // The best eligible account without building verdicts: the bound one when it is eligible (one
+  // check), else one pass keeping the best. Unset when none is eligible.
+  std::optional<size_t> ChooseFastLocked(const SelectRequest& request, absl::Time now,
+                                         const std::optional<std::string>& bound, bool* from_session) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  absl::Status NoAccountError(const Evaluation& ev, const SelectRequest& request, absl::Time now) const;
   std::optional<std::string> PreviousFor(const SelectRequest& request,
                                          const std::optional<std::string>& bound) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);

@@ -144,5 +144,24 @@ class QuotaEndToEnd(unittest.TestCase):
         self.assertIn("acct-b", r.stdout)
 
 
+class EmbeddedMonitorEndToEnd(unittest.TestCase):
+    def test_embedded_poller_skips_the_exhausted_account(self):
+        c = harness.Cluster(BUILD, BUF)
+        try:
+            c.write_account("acct-a", harness.account_json("a@example.com", "1//rt-a", "ULTRA"))
+            c.write_account("acct-b", harness.account_json("b@example.com", "1//rt-b", "PRO"))
+            c.start_upstream()
+            profile(c, "1//rt-a", "g1-ultra-tier", 0.01, "proj-a")
+            profile(c, "1//rt-b", "g1-pro-tier", 0.7, "proj-b")
+            c.start_broker("--embedded_monitor", "--poll_interval=1s")
+            harness.wait_for(lambda: c.tbctl_json("get-token", "--model", MODEL).get("quotaDecision")
+                             == "QUOTA_DECISION_PROCEED", what="the embedded poller's first observations")
+            for _ in range(5):
+                self.assertEqual(c.tbctl_json("get-token", "--model", MODEL)["accountId"], "acct-b")
+            self.assertEqual(c.tbctl_json("get-token", "--model", "gemini-3-pro-high")["accountId"], "acct-a")
+        finally:
+            c.close()
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -1,6 +1,7 @@
 #include "lib/account_pool.h"
 
 #include <map>
+#include <random>
 #include <set>
 
 #include "gmock/gmock.h"
@@ -486,6 +487,67 @@ TEST(ParsePolicy, NamesAndErrors) {
   absl::StatusOr<Policy> bad = ParsePolicy("random");
   EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(bad.status().message(), HasSubstr("balance, fill_first, reset_soonest, round_robin"));
+}
+
+}  // namespace
+}  // namespace tokenbroker
+
+namespace tokenbroker {
+namespace {
+
+// Select takes a fast path (no verdicts); Explain evaluates everything. They must always agree.
+TEST(AccountPoolConsistency, SelectChoosesWhatExplainSays) {
+  for (Policy policy : {Policy::kBalance, Policy::kFillFirst, Policy::kResetSoonest, Policy::kRoundRobin}) {
+    FakeClock clock;
+    PoolOptions o;
+    o.policy = policy;
+    o.max_inflight_per_account = 3;
+    AccountPool pool(o, clock);
+    std::mt19937 rng(42 + static_cast<int>(policy));
+    std::vector<AccountRecord> records;
+    for (int i = 0; i < 40; ++i) {
+      AccountRecord r = Account("a" + std::to_string(i), static_cast<Tier>(rng() % 4));
+      if (rng() % 10 == 0) r.protected_models = {"m0"};
+      if (rng() % 15 == 0) r.disabled = true;
+      records.push_back(r);
+    }
+    pool.Load(records);
+    QuotaSettings q;
+    q.enabled = true;
+    pool.SetQuotaSettings(q);
+    std::vector<QuotaObservation> obs;
+    for (int i = 0; i < 40; ++i) {
+      for (int m = 0; m < 2; ++m) {
+        QuotaObservation ob;
+        ob.account_id = "a" + std::to_string(i);
+        ob.model = "m" + std::to_string(m);
+        ob.remaining_fraction = (rng() % 20) / 20.0;
+        ob.reset_time = clock.Now() + absl::Minutes(rng() % 60);
+        ob.observed = clock.Now();
+        obs.push_back(ob);
+      }
+    }
+    pool.UpdateQuota(obs);
+    for (int step = 0; step < 300; ++step) {
+      SelectRequest r = Req("m" + std::to_string(rng() % 2), rng() % 3 ? "s" + std::to_string(rng() % 5) : "",
+                            rng() % 7 == 0);
+      Explanation e = pool.Explain(r);
+      absl::StatusOr<Selection> s = pool.Select(r);
+      if (e.chosen_account_id.empty()) {
+        EXPECT_FALSE(s.ok()) << PolicyName(policy) << " step " << step;
+        continue;
+      }
+      ASSERT_TRUE(s.ok()) << s.status();
+      EXPECT_EQ(s->account_id, e.chosen_account_id) << PolicyName(policy) << " step " << step;
+      EXPECT_EQ(s->from_session, e.from_session) << PolicyName(policy) << " step " << step;
+      if (rng() % 4 == 0) {
+        (void)pool.ReportOutcome(Report(s->lease_id, rng() % 2 ? 200 : 429, std::to_string(rng() % 30)));
+      } else if (rng() % 2) {
+        pool.ReleaseLease(s->lease_id);
+      }
+      clock.Advance(absl::Seconds(rng() % 5));
+    }
+  }
 }
 
 }  // namespace
