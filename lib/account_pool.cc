@@ -109,18 +109,6 @@ int DecisionRank(QuotaDecision d) {
 
 }  // namespace
 
-// What ranks an eligible account for one request: computed once per account, compared many times.
-struct RankKey {
-  int tier = 0;
-  int decision = 0;
-  double fraction = -1;  // -1: unknown
-  int in_flight = 0;
-  absl::Time last_used;
-  absl::Time reset = absl::InfiniteFuture();
-  size_t rotation = 0;  // round robin: distance after the account last chosen for the model
-  bool sticky = false;  // fill_first: the account last chosen for the model
-  size_t index = 0;
-};
 
 namespace {
 
@@ -215,6 +203,7 @@ void AccountPool::Load(std::vector<AccountRecord> records) {
     }
   }
   entries_ = std::move(next);
+  model_index_.clear();  // positions changed; rebuilt on next use
   index_.clear();
   for (size_t i = 0; i < entries_.size(); ++i) index_[entries_[i].record.id] = i;
 }
@@ -383,9 +372,54 @@ bool AccountPool::EligibleLocked(size_t i, const SelectRequest& request, absl::T
   return true;
 }
 
+bool AccountPool::KeyLess::operator()(const RankKey& a, const RankKey& b) const { return Better(a, b, policy); }
+
+void AccountPool::ReindexOne(ModelIndex& index, const std::string& model, size_t i, absl::Time now) {
+  index.order.erase(index.key_of[i]);
+  SelectRequest request;
+  request.model = model;
+  RankKey key = KeyFor(i, request, now, RankContext{nullptr, entries_.size()});
+  key.rotation = 0;  // not part of an indexed rank (round_robin is not indexed)
+  index.key_of[i] = key;
+  index.order.insert(key);
+  // When the rank changes by itself: fresh quota data turning stale, an exhausted quota resetting.
+  if (const ModelQuota* q = QuotaFor(entries_[i].record, model); q != nullptr && quota_.enabled) {
+    absl::Time when = q->observed + quota_.cache_ttl + absl::Nanoseconds(1);
+    if (q->reset_time && *q->reset_time > now) when = std::min(when, *q->reset_time);
+    if (when > now && when != absl::InfiniteFuture()) index.changes.emplace(when, i);
+  }
+}
+
+AccountPool::ModelIndex* AccountPool::IndexFor(const std::string& model, absl::Time now) {
+  if (options_.policy == Policy::kRoundRobin) return nullptr;
+  auto it = model_index_.find(model);
+  if (it == model_index_.end()) {
+    if (model_index_.size() >= kMaxIndexedModels) return nullptr;
+    auto index = std::make_unique<ModelIndex>(options_.policy);
+    index->key_of.resize(entries_.size());
+    for (size_t i = 0; i < entries_.size(); ++i) {
+      index->key_of[i].index = i;
+      index->key_of[i].tier = -1;  // a key not in the set: the first erase finds nothing
+      ReindexOne(*index, model, i, now);
+    }
+    it = model_index_.emplace(model, std::move(index)).first;
+  }
+  ModelIndex& index = *it->second;
+  while (!index.changes.empty() && index.changes.begin()->first <= now) {
+    const size_t i = index.changes.begin()->second;
+    index.changes.erase(index.changes.begin());
+    ReindexOne(index, model, i, now);
+  }
+  return &index;
+}
+
+void AccountPool::ReindexLocked(size_t i, absl::Time now) {
+  for (auto& [model, index] : model_index_) ReindexOne(*index, model, i, now);
+}
+
 std::optional<size_t> AccountPool::ChooseFastLocked(const SelectRequest& request, absl::Time now,
                                                     const std::optional<std::string>& bound,
-                                                    bool* from_session) const {
+                                                    bool* from_session) {
   const std::optional<std::string> previous = PreviousFor(request, bound);
   // A bound, eligible account is the answer: one check, no scan.
   if (bound && !request.force_rotate) {
@@ -393,6 +427,27 @@ std::optional<size_t> AccountPool::ChooseFastLocked(const SelectRequest& request
       *from_session = true;
       return it->second;
     }
+  }
+  if (ModelIndex* index = IndexFor(request.model, now)) {
+    std::optional<size_t> best;
+    for (const RankKey& key : index->order) {
+      if (EligibleLocked(key.index, request, now, previous)) {
+        best = key.index;
+        break;
+      }
+    }
+    // fill_first: the account last chosen for the model wins within the best (tier, decision).
+    if (best && options_.policy == Policy::kFillFirst) {
+      if (auto last = last_for_model_.find(request.model); last != last_for_model_.end()) {
+        if (auto pos = index_.find(last->second);
+            pos != index_.end() && pos->second != *best && EligibleLocked(pos->second, request, now, previous)) {
+          const RankKey& s = index->key_of[pos->second];
+          const RankKey& b = index->key_of[*best];
+          if (s.tier == b.tier && s.decision == b.decision) best = pos->second;
+        }
+      }
+    }
+    return best;
   }
   std::optional<size_t> best;
   RankKey best_key;
@@ -451,6 +506,7 @@ absl::StatusOr<Selection> AccountPool::Select(const SelectRequest& request) {
   Entry& entry = entries_[*chosen];
   entry.last_used = now;
   ++entry.in_flight;
+  ReindexLocked(*chosen, now);
   const Lease& lease = leases_.Issue(entry.record.id, request.model, now);
   cooldowns_.OnIssued(entry.record.id, request.model, now);
   last_for_model_[request.model] = entry.record.id;
@@ -522,6 +578,7 @@ std::vector<AccountView> AccountPool::List() const {
 void AccountPool::EndLeaseLocked(const Lease& lease) {
   if (auto it = index_.find(lease.account); it != index_.end() && entries_[it->second].in_flight > 0) {
     --entries_[it->second].in_flight;
+    ReindexLocked(it->second, clock_.Now());
   }
 }
 
@@ -620,6 +677,7 @@ std::vector<std::string> AccountPool::ExpiringBefore(absl::Time deadline) const 
 void AccountPool::SetQuotaSettings(const QuotaSettings& settings) {
   absl::MutexLock lock(&mu_);
   quota_ = settings;
+  model_index_.clear();  // every rank may change; rebuilt on next use
 }
 
 QuotaSettings AccountPool::quota_settings() const {
@@ -630,6 +688,7 @@ QuotaSettings AccountPool::quota_settings() const {
 void AccountPool::UpdateQuota(const std::vector<QuotaObservation>& observations) {
   const absl::Time now = clock_.Now();
   absl::MutexLock lock(&mu_);
+  std::vector<std::pair<const std::string*, size_t>> touched;  // (model, entry) whose rank may change
   for (const QuotaObservation& o : observations) {
     auto it = index_.find(o.account_id);
     if (it == index_.end()) continue;
@@ -638,7 +697,11 @@ void AccountPool::UpdateQuota(const std::vector<QuotaObservation>& observations)
     if (!o.project_id.empty()) rec.project_id = o.project_id;
     rec.quota_forbidden = o.forbidden;
     rec.quota_forbidden_observed = o.observed;
-    if (o.model.empty()) continue;  // an account-level observation (e.g. forbidden)
+    if (o.model.empty()) {  // an account-level observation (tier, project, forbidden)
+      ReindexLocked(it->second, now);
+      continue;
+    }
+    touched.emplace_back(&o.model, it->second);
     auto q = std::find_if(rec.quotas.begin(), rec.quotas.end(), [&](const ModelQuota& m) { return m.model == o.model; });
     if (q == rec.quotas.end()) {
       rec.quotas.push_back(ModelQuota{o.model, o.remaining_fraction, o.reset_time, o.observed});
@@ -655,11 +718,11 @@ void AccountPool::UpdateQuota(const std::vector<QuotaObservation>& observations)
       }
       continue;
     }
-    if (o.remaining_fraction >= quota_.exhausted_threshold &&
-        cooldowns_.Check(rec.id, o.model, now) && o.remaining_fraction > 0) {
-      // First sighting with quota available: a quota cooldown on it is stale.
-      cooldowns_.EndQuotaCooldown(rec.id, o.model);
-    }
+    // First sighting, with quota available: a quota cooldown on it is out of date.
+    if (o.remaining_fraction >= quota_.exhausted_threshold) cooldowns_.EndQuotaCooldown(rec.id, o.model);
+  }
+  for (const auto& [model, i] : touched) {
+    if (auto idx = model_index_.find(*model); idx != model_index_.end()) ReindexOne(*idx->second, *model, i, now);
   }
 }
 

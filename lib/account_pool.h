@@ -2,6 +2,8 @@
 
 #include <cstdint>
 #include <map>
+#include <memory>
+#include <set>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -23,7 +25,18 @@
 
 namespace tokenbroker {
 
-struct RankKey;
+// (Internal to AccountPool.) What ranks an eligible account for one request: computed once per account, compared many times.
+struct RankKey {
+  int tier = 0;
+  int decision = 0;
+  double fraction = -1;  // -1: unknown
+  int in_flight = 0;
+  absl::Time last_used;
+  absl::Time reset = absl::InfiniteFuture();
+  size_t rotation = 0;  // round robin: distance after the account last chosen for the model
+  bool sticky = false;  // fill_first: the account last chosen for the model
+  size_t index = 0;
+};
 
 // How eligible accounts of the same tier are ranked (DESIGN §4).
 enum class Policy { kBalance, kFillFirst, kResetSoonest, kRoundRobin };
@@ -221,11 +234,34 @@ class AccountPool {
   bool EligibleLocked(size_t i, const SelectRequest& request, absl::Time now,
                       const std::optional<std::string>& previous) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
   // The best eligible account without building verdicts: the bound one when it is eligible (one
-  // check), else one pass keeping the best. Unset when none is eligible.
+  // check), else the first eligible one in the model's index (a pass over the pool for
+  // round_robin, or past kMaxIndexedModels models). Unset when none is eligible.
   std::optional<size_t> ChooseFastLocked(const SelectRequest& request, absl::Time now,
-                                         const std::optional<std::string>& bound, bool* from_session) const
-      ABSL_SHARED_LOCKS_REQUIRED(mu_);
+                                         const std::optional<std::string>& bound, bool* from_session)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status NoAccountError(const Evaluation& ev, const SelectRequest& request, absl::Time now) const;
+
+  // Per-model ranking index: every account ordered by its rank for the model, so a selection
+  // walks from the best and stops at the first eligible account instead of scanning the pool.
+  // Eligibility (cooldowns, protection, lease caps, ...) is checked on the walk; what changes the
+  // rank (use, leases, quota, and quota data aging) updates the index. Not used for round_robin.
+  struct KeyLess {
+    Policy policy;
+    bool operator()(const RankKey& a, const RankKey& b) const;
+  };
+  struct ModelIndex {
+    explicit ModelIndex(Policy policy) : order(KeyLess{policy}) {}
+    std::set<RankKey, KeyLess> order;
+    std::vector<RankKey> key_of;                  // by entry position
+    std::multimap<absl::Time, size_t> changes;    // when an account's rank changes by itself
+  };
+  static constexpr size_t kMaxIndexedModels = 64;
+  // The index for the model, built on first use and brought up to `now`; null when not indexed.
+  ModelIndex* IndexFor(const std::string& model, absl::Time now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Re-ranks entry `i` in every index (its use, leases or quota changed).
+  void ReindexLocked(size_t i, absl::Time now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void ReindexOne(ModelIndex& index, const std::string& model, size_t i, absl::Time now)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::optional<std::string> PreviousFor(const SelectRequest& request,
                                          const std::optional<std::string>& bound) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
@@ -242,6 +278,7 @@ class AccountPool {
   absl::flat_hash_map<std::string, std::string> last_for_model_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, int64_t> rebinds_ ABSL_GUARDED_BY(mu_);
   Cooldowns cooldowns_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<std::string, std::unique_ptr<ModelIndex>> model_index_ ABSL_GUARDED_BY(mu_);
   QuotaSettings quota_ ABSL_GUARDED_BY(mu_);
   LeaseTable leases_ ABSL_GUARDED_BY(mu_);
 };

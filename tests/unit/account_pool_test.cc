@@ -545,6 +545,19 @@ TEST(AccountPoolConsistency, SelectChoosesWhatExplainSays) {
       } else if (rng() % 2) {
         pool.ReleaseLease(s->lease_id);
       }
+      if (step % 25 == 0) {  // fresh quota for some accounts: their rank changes under the index
+        std::vector<QuotaObservation> update;
+        for (int k = 0; k < 8; ++k) {
+          QuotaObservation ob;
+          ob.account_id = "a" + std::to_string(rng() % 40);
+          ob.model = "m" + std::to_string(rng() % 2);
+          ob.remaining_fraction = (rng() % 20) / 20.0;
+          ob.reset_time = clock.Now() + absl::Minutes(rng() % 60);
+          ob.observed = clock.Now();
+          update.push_back(ob);
+        }
+        pool.UpdateQuota(update);
+      }
       clock.Advance(absl::Seconds(rng() % 5));
     }
   }
