@@ -372,7 +372,14 @@ bool AccountPool::EligibleLocked(size_t i, const SelectRequest& request, absl::T
   return true;
 }
 
-bool AccountPool::KeyLess::operator()(const RankKey& a, const RankKey& b) const { return Better(a, b, policy); }
+bool AccountPool::KeyLess::operator()(const RankKey& a, const RankKey& b) const {
+  if (policy != Policy::kRoundRobin) return Better(a, b, policy);
+  // round_robin's rotation depends on the cursor, so the index holds the id order within each
+  // (tier, decision) class and the walk starts after the cursor.
+  if (a.tier != b.tier) return a.tier > b.tier;
+  if (a.decision != b.decision) return a.decision > b.decision;
+  return a.index < b.index;
+}
 
 void AccountPool::ReindexOne(ModelIndex& index, const std::string& model, size_t i, absl::Time now) {
   index.order.erase(index.key_of[i]);
@@ -391,7 +398,6 @@ void AccountPool::ReindexOne(ModelIndex& index, const std::string& model, size_t
 }
 
 AccountPool::ModelIndex* AccountPool::IndexFor(const std::string& model, absl::Time now) {
-  if (options_.policy == Policy::kRoundRobin) return nullptr;
   auto it = model_index_.find(model);
   if (it == model_index_.end()) {
     if (model_index_.size() >= kMaxIndexedModels) return nullptr;
@@ -434,6 +440,19 @@ std::optional<size_t> AccountPool::ChooseFastLocked(const SelectRequest& request
       if (EligibleLocked(key.index, request, now, previous)) {
         best = key.index;
         break;
+      }
+    }
+    if (best && options_.policy == Policy::kRoundRobin) {
+      // Within the best class, the first eligible account after the cursor, wrapping around.
+      const RankKey& first = index->key_of[*best];
+      const RankContext ctx = RankContextFor(request);
+      if (ctx.cursor < entries_.size() && ctx.cursor >= *best) {
+        RankKey probe = first;
+        probe.index = ctx.cursor + 1;
+        for (auto it = index->order.lower_bound(probe);
+             it != index->order.end() && it->tier == first.tier && it->decision == first.decision; ++it) {
+          if (EligibleLocked(it->index, request, now, previous)) return it->index;
+        }
       }
     }
     // fill_first: the account last chosen for the model wins within the best (tier, decision).

@@ -234,8 +234,8 @@ class AccountPool {
   bool EligibleLocked(size_t i, const SelectRequest& request, absl::Time now,
                       const std::optional<std::string>& previous) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
   // The best eligible account without building verdicts: the bound one when it is eligible (one
-  // check), else the first eligible one in the model's index (a pass over the pool for
-  // round_robin, or past kMaxIndexedModels models). Unset when none is eligible.
+  // check), else the first eligible one in the model's index (a pass over the pool past
+  // kMaxIndexedModels models). Unset when none is eligible.
   std::optional<size_t> ChooseFastLocked(const SelectRequest& request, absl::Time now,
                                          const std::optional<std::string>& bound, bool* from_session)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -244,7 +244,7 @@ class AccountPool {
   // Per-model ranking index: every account ordered by its rank for the model, so a selection
   // walks from the best and stops at the first eligible account instead of scanning the pool.
   // Eligibility (cooldowns, protection, lease caps, ...) is checked on the walk; what changes the
-  // rank (use, leases, quota, and quota data aging) updates the index. Not used for round_robin.
+  // rank (use, leases, quota, and quota data aging) updates the index.
   struct KeyLess {
     Policy policy;
     bool operator()(const RankKey& a, const RankKey& b) const;
