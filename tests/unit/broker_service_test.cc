@@ -60,6 +60,10 @@ class BrokerServiceTest : public ::testing::Test {
     tokens_->Stop();
   }
 
+  // Hands out a token of each of the three accounts for `model` and reports a 429 for each, with
+  // the given Retry-After values in the order the accounts were handed out.
+  void CoolAll(const std::string& model, const std::vector<std::string>& retry_afters);
+
   grpc::Status GetToken(const v1::GetTokenRequest& req, v1::GetTokenResponse* resp) {
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
@@ -182,6 +186,16 @@ v1::ReportOutcomeResponse ReportFor(v1::TokenBrokerService::Stub& stub, const st
   return resp;
 }
 
+void BrokerServiceTest::CoolAll(const std::string& model, const std::vector<std::string>& retry_afters) {
+  for (const std::string& retry_after : retry_afters) {
+    v1::GetTokenRequest req;
+    req.set_model(model);
+    v1::GetTokenResponse resp;
+    ASSERT_TRUE(GetToken(req, &resp).ok());
+    ReportFor(*stub_, resp.lease_id(), 429, retry_after);
+  }
+}
+
 TEST_F(BrokerServiceTest, AllCoolingGivesResourceExhaustedWithRetryInfoAndQuotaFailure) {
   for (int i = 0; i < 3; ++i) {
     v1::GetTokenRequest req;
@@ -216,13 +230,7 @@ TEST_F(BrokerServiceTest, AllCoolingGivesResourceExhaustedWithRetryInfoAndQuotaF
 }
 
 TEST_F(BrokerServiceTest, MaxWaitServesAsSoonAsAnAccountFrees) {
-  for (int i = 0; i < 3; ++i) {
-    v1::GetTokenRequest req;
-    req.set_model("m");
-    v1::GetTokenResponse resp;
-    ASSERT_TRUE(GetToken(req, &resp).ok());
-    ReportFor(*stub_, resp.lease_id(), 429, i == 2 ? "1" : "600");
-  }
+  CoolAll("m", {"600", "600", "1"});
   v1::GetTokenRequest req;
   req.set_model("m");
   req.mutable_max_wait()->set_seconds(8);
@@ -235,13 +243,7 @@ TEST_F(BrokerServiceTest, MaxWaitServesAsSoonAsAnAccountFrees) {
 }
 
 TEST_F(BrokerServiceTest, MaxWaitShorterThanTheCooldownGivesTheErrorAtTheDeadline) {
-  for (int i = 0; i < 3; ++i) {
-    v1::GetTokenRequest req;
-    req.set_model("m");
-    v1::GetTokenResponse resp;
-    ASSERT_TRUE(GetToken(req, &resp).ok());
-    ReportFor(*stub_, resp.lease_id(), 429, "600");
-  }
+  CoolAll("m", {"600", "600", "600"});
   v1::GetTokenRequest req;
   req.set_model("m");
   req.mutable_max_wait()->set_nanos(300'000'000);
@@ -254,13 +256,7 @@ TEST_F(BrokerServiceTest, MaxWaitShorterThanTheCooldownGivesTheErrorAtTheDeadlin
 }
 
 TEST_F(BrokerServiceTest, ASuccessReportWakesAWaitingCall) {
-  for (int i = 0; i < 3; ++i) {
-    v1::GetTokenRequest req;
-    req.set_model("m");
-    v1::GetTokenResponse resp;
-    ASSERT_TRUE(GetToken(req, &resp).ok());
-    ReportFor(*stub_, resp.lease_id(), 429, "600");
-  }
+  CoolAll("m", {"600", "600", "600"});
   absl::Time start = absl::Now();
   std::string got;
   std::thread waiter([&] {
