@@ -1,14 +1,26 @@
 #include "lib/lease_table.h"
 
-#include "absl/strings/str_format.h"
 
 namespace tokenbroker {
 
+namespace {
+
+void AppendHex(uint64_t v, std::string* out) {
+  static constexpr char kHex[] = "0123456789abcdef";
+  for (int shift = 60; shift >= 0; shift -= 4) out->push_back(kHex[(v >> shift) & 15]);
+}
+
+}  // namespace
+
 const Lease& LeaseTable::Issue(const std::string& account, const std::string& model, absl::Time now) {
+  // A random per-table prefix (so ids differ across restarts and replicas) and a counter (so they
+  // are unique without a retry loop): "l-" + 32 hex digits.
+  if (prefix_ == 0) prefix_ = absl::Uniform<uint64_t>(rng_) | 1;
   std::string id;
-  do {
-    id = absl::StrFormat("l-%016x%016x", absl::Uniform<uint64_t>(rng_), absl::Uniform<uint64_t>(rng_));
-  } while (by_id_.contains(id));
+  id.reserve(34);
+  id.append("l-");
+  AppendHex(prefix_, &id);
+  AppendHex(++counter_, &id);
   Lease lease{id, account, model, now + timeout_};
   by_expiry_.emplace(lease.expires, id);
   ++in_flight_[account];

@@ -43,6 +43,8 @@ class LeaseTable {
 
   const absl::Duration timeout_;
   absl::BitGen rng_;
+  uint64_t prefix_ = 0;
+  uint64_t counter_ = 0;
   absl::flat_hash_map<std::string, Lease> by_id_;
   std::multimap<absl::Time, std::string> by_expiry_;
   absl::flat_hash_map<std::string, int> in_flight_;
