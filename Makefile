@@ -53,11 +53,13 @@ test: build lint tsa fuzz deploy-check
 demo: build
 	@$(PYTHON) scripts/demo.py --build=$(BUILD)
 
-# Selection cost at 1k, 10k and 100k accounts for each policy, start-up time and memory at 100k
-# (not part of make test's timing; make test runs a small smoke of each).
+# Selection cost at 1k, 10k and 100k accounts for each policy, start-up time and memory at 100k,
+# and GetToken under load against the echo server (not part of make test's timing; make test runs
+# a small smoke of each).
 bench: build
 	@$(BUILD)/tests/bench/selection_bench --benchmark_min_time=0.2
 	@$(BUILD)/tests/bench/footprint_bench 100000
+	@$(PYTHON) scripts/bench_load.py --build $(BUILD) --duration 5
 
 clean:
 	rm -rf $(BUILD) $(TSA_BUILD)

@@ -1,0 +1,81 @@
+"""Closed-loop gRPC load: the broker's GetToken against the echo server (the gRPC floor: same
+method, same-size answer), over TCP loopback and a unix socket, with the broker/echo ratios.
+
+    /usr/bin/python3 scripts/bench_load.py --build build [--duration 5] [--smoke]
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "e2e"))
+import harness  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--build", default="build")
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--accounts", type=int, default=200)
+    parser.add_argument("--smoke", action="store_true", help="a short run that only checks it works")
+    args = parser.parse_args()
+    if args.smoke:
+        args.duration, args.accounts = 0.3, 5
+
+    c = harness.Cluster(args.build)
+    try:
+        for i in range(args.accounts):
+            tier = "ULTRA" if i % 10 == 0 else "PRO" if i % 10 < 4 else "FREE"
+            c.write_account(f"acct-{i:04d}", harness.account_json(f"user{i:04d}@example.com", f"1//rt-{i:04d}", tier))
+        c.start_upstream()
+        sock = os.path.join(c.dir, "broker.sock")
+        echo_sock = os.path.join(c.dir, "echo.sock")
+        targets = {}
+        c.start_broker("--log_level=warn", listen="unix:" + sock)
+        targets[("unix", "broker")] = "unix:" + sock
+        c.start_broker("--log_level=warn")
+        targets[("tcp", "broker")] = c.target
+        for transport, listen in (("tcp", "127.0.0.1:0"), ("unix", "unix:" + echo_sock)):
+            port_file = os.path.join(c.dir, f"echo-{transport}.port")
+            echo = harness.Process(f"echo-{transport}", [c.bin("tests", "bench", "echo_server"), "--listen", listen,
+                                                         "--port_file", port_file],
+                                   os.path.join(c.dir, f"echo-{transport}.log"), port_file)
+            c.extra.append(echo)
+            targets[(transport, "echo")] = f"127.0.0.1:{echo.port}" if transport == "tcp" else "unix:" + echo_sock
+        # Every account has its token before measuring (the background refresher fetches them).
+        harness.wait_for(lambda: c.upstream_call("/__fake/stats")["token_calls"].__len__() >= args.accounts,
+                         timeout=60, what="every account's first token")
+
+        def load(target, duration):
+            r = subprocess.run([c.bin("tests", "bench", "loadgen"), "--target", target, "--concurrency", "64",
+                                "--channels", "4", "--duration", f"{duration}s"],
+                               capture_output=True, text=True, timeout=duration + 60)
+            if r.returncode != 0:
+                raise RuntimeError(f"loadgen against {target} failed: {r.stderr}")
+            return json.loads(r.stdout)
+
+        results = {}
+        for key, target in targets.items():
+            load(target, min(1.0, args.duration))  # warm up connections and caches
+            results[key] = load(target, args.duration)
+            if results[key]["errors"]:
+                raise RuntimeError(f"{key}: {results[key]['errors']} calls failed")
+
+        print(f"GetToken, closed loop, concurrency 64 over 4 channels, {args.duration:g} s each, "
+              f"{args.accounts} accounts")
+        print("| transport | server | RPS | p50 ms | p90 ms | p99 ms | p99.9 ms |")
+        print("|---|---|---|---|---|---|---|")
+        for (transport, server), r in sorted(results.items()):
+            print(f"| {transport} | {server} | {r['rps']:.0f} | {r['p50_ms']:.3f} | {r['p90_ms']:.3f} | "
+                  f"{r['p99_ms']:.3f} | {r['p999_ms']:.3f} |")
+        for transport in ("tcp", "unix"):
+            b, e = results[(transport, "broker")], results[(transport, "echo")]
+            print(f"{transport}: broker/echo throughput {b['rps'] / e['rps']:.2f}, p99 {b['p99_ms'] / e['p99_ms']:.2f}")
+        return 0
+    finally:
+        c.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
