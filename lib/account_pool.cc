@@ -78,15 +78,21 @@ QuotaDecision DecisionFor(const AccountRecord& rec, const std::string& model, co
   return DecideQuota(quota, q->remaining_fraction, q->observed, q->reset_time, now);
 }
 
-// Why the account is out of quota for the model, when validation says so.
+bool Forbidden(const AccountRecord& rec, const QuotaSettings& quota, absl::Time now) {
+  return quota.enabled && rec.quota_forbidden && now - rec.quota_forbidden_observed <= quota.cache_ttl;
+}
+
+// Whether validation says the account is out of quota for the model (the selection path's check).
+bool Exhausted(const AccountRecord& rec, const std::string& model, const QuotaSettings& quota, absl::Time now) {
+  return quota.enabled && (Forbidden(rec, quota, now) || DecisionFor(rec, model, quota, now) == QuotaDecision::kExhausted);
+}
+
+// Why the account is out of quota for the model, when it is (for ExplainSelection).
 std::optional<std::string> ExhaustedReason(const AccountRecord& rec, const std::string& model,
                                            const QuotaSettings& quota, absl::Time now,
                                            std::optional<absl::Time>* available_at) {
-  if (!quota.enabled) return std::nullopt;
-  if (rec.quota_forbidden && now - rec.quota_forbidden_observed <= quota.cache_ttl) {
-    return std::string("the quota API answers 403 for this account (forbidden)");
-  }
-  if (DecisionFor(rec, model, quota, now) != QuotaDecision::kExhausted) return std::nullopt;
+  if (!Exhausted(rec, model, quota, now)) return std::nullopt;
+  if (Forbidden(rec, quota, now)) return std::string("the quota API answers 403 for this account (forbidden)");
   const ModelQuota* q = QuotaFor(rec, model);
   std::string why = absl::StrCat("quota for ", model, " at ", q->remaining_fraction,
                                  ", below exhausted_threshold ", quota.exhausted_threshold);
@@ -365,8 +371,7 @@ bool AccountPool::EligibleLocked(size_t i, const SelectRequest& request, absl::T
   if (rec.disabled || rec.proxy_disabled || IsProtected(rec, request.model)) return false;
   if (cooldowns_.Check(rec.id, request.model, now)) return false;
   if (options_.max_inflight_per_account > 0 && e.in_flight >= options_.max_inflight_per_account) return false;
-  std::optional<absl::Time> unused;
-  if (ExhaustedReason(rec, request.model, quota_, now, &unused)) return false;
+  if (Exhausted(rec, request.model, quota_, now)) return false;
   if (!request.exclude.empty() && request.exclude.contains(rec.id)) return false;
   if (request.force_rotate && previous && *previous == rec.id) return false;
   return true;

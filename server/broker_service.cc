@@ -91,8 +91,11 @@ void BrokerService::Issue(std::unique_ptr<Pending> p, bool may_wait) {
       });
       return;
     }
-    spdlog::debug("GetToken model={} session={}: {}", p->request.model, SessionTag(p->request.session_id),
-                  std::string(status.message()));
+    // The arguments are built only when debug logging is on: nothing is formatted per call otherwise.
+    if (spdlog::should_log(spdlog::level::debug)) {
+      spdlog::debug("GetToken model={} session={}: {}", p->request.model, SessionTag(p->request.session_id),
+                    std::string(status.message()));
+    }
     p->reactor->Finish(ToGrpcStatus(status));
     return;
   }
@@ -123,9 +126,11 @@ void BrokerService::Issue(std::unique_ptr<Pending> p, bool may_wait) {
     response->set_lease_id(selection.lease_id);
     response->set_quota_decision(ToProto(selection.quota_decision));
     if (selection.remaining_fraction) response->set_remaining_fraction(*selection.remaining_fraction);
-    spdlog::debug("GetToken model={} session={} -> account={} tier={}{}", p->request.model,
-                  SessionTag(p->request.session_id), selection.account_id, std::string(TierName(selection.tier)),
-                  selection.from_session ? " (session)" : "");
+    if (spdlog::should_log(spdlog::level::debug)) {
+      spdlog::debug("GetToken model={} session={} -> account={} tier={}{}", p->request.model,
+                    SessionTag(p->request.session_id), selection.account_id, std::string(TierName(selection.tier)),
+                    selection.from_session ? " (session)" : "");
+    }
     p->reactor->Finish(grpc::Status::OK);
   });
 }
