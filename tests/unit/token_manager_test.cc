@@ -226,9 +226,14 @@ TEST_F(TokenManagerTest, UnwritableFileKeepsTheTokenInMemory) {
 
 TEST_F(TokenManagerTest, StoppedManagerAnswersUnavailable) {
   AddAccount("a", "PRO");
-  auto tm = Start();
+  // No background refresh: it could fetch a token before Stop(), and a stopped manager still
+  // hands out a cached token that is good; what it must not do is start a refresh.
+  TokenManagerOptions o;
+  o.background_refresh = false;
+  auto tm = Start(o);
   tm->Stop();
   EXPECT_EQ(Acquire(*tm, "a").status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(upstream_->TokenCallsFor("rt-a"), 0);
 }
 
 }  // namespace
