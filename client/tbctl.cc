@@ -43,6 +43,8 @@ ABSL_FLAG(std::string, monitor, "", "Quota monitor target (set-quota-manager).")
 ABSL_FLAG(absl::Duration, cache_ttl, absl::ZeroDuration(), "Quota cache TTL; 0 keeps the broker's (set-quota-manager).");
 ABSL_FLAG(double, low_threshold, -1, "LOW threshold; negative keeps the broker's (set-quota-manager).");
 ABSL_FLAG(double, exhausted_threshold, -1, "EXHAUSTED threshold; negative keeps the broker's (set-quota-manager).");
+ABSL_FLAG(std::string, service, "",
+          "health: the service to check (\"\" overall; tokenbroker.v1.StateBackend: the Redis state backend).");
 ABSL_FLAG(int, count, 0, "watch-quota: stop after this many messages (0: until interrupted).");
 
 namespace {
@@ -65,7 +67,7 @@ Commands:
   set-quota-manager [--enabled] [--monitor=ADDR] [--cache_ttl=D] [--low_threshold=F] [--exhausted_threshold=F]
                          attach (--enabled) or detach proactive quota validation
   watch-quota [--count=N]  stream quota from a tokenbroker-monitor (--target is the monitor)
-  health                 the broker's grpc.health.v1 status
+  health                 the broker's grpc.health.v1 status (--service for one detail)
 )";
 
 std::string Redact(const std::string& token) {
@@ -285,6 +287,7 @@ int WatchQuota(const std::shared_ptr<grpc::Channel>& channel) {
 int Health(const std::shared_ptr<grpc::Channel>& channel) {
   auto stub = grpc::health::v1::Health::NewStub(channel);
   grpc::health::v1::HealthCheckRequest req;
+  req.set_service(absl::GetFlag(FLAGS_service));
   grpc::health::v1::HealthCheckResponse resp;
   grpc::ClientContext ctx;
   SetDeadline(&ctx);

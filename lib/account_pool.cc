@@ -509,6 +509,32 @@ absl::Status AccountPool::NoAccountError(const Evaluation& ev, const SelectReque
 }
 
 absl::StatusOr<Selection> AccountPool::Select(const SelectRequest& request) {
+  SharedState* shared = shared_state();
+  if (shared == nullptr || request.session_id.empty()) return SelectOnce(request, nullptr);
+  // A session shared by replicas: a binding made here is claimed in the shared state first, and
+  // when another replica's claim came first, that account is used (when it is eligible here).
+  SelectRequest req = request;
+  for (int attempt = 0; attempt < 3 && shared->Up(); ++attempt) {
+    Claim claim;
+    absl::StatusOr<Selection> sel = SelectOnce(req, &claim);
+    if (!sel.ok() || !claim.needed) {
+      if (sel.ok() && sel->from_session) shared->TouchSession(req.session_id);
+      return sel;
+    }
+    std::optional<std::string> winner = shared->ClaimSession(req.session_id, claim.expected, claim.candidate);
+    if (!winner) break;  // the shared state is unreachable: decide here
+    {
+      absl::MutexLock lock(&mu_);
+      if (index_.contains(*winner)) sessions_.Bind(req.session_id, *winner, clock_.Now());
+      if (*winner == claim.candidate) ++rebinds_[claim.reason];
+    }
+    // The session has moved (here or elsewhere): rotating again would move it twice.
+    req.force_rotate = false;
+  }
+  return SelectOnce(req, nullptr);
+}
+
+absl::StatusOr<Selection> AccountPool::SelectOnce(const SelectRequest& request, Claim* claim) {
   const absl::Time now = clock_.Now();
   absl::MutexLock lock(&mu_);
   if (entries_.empty()) {
@@ -527,11 +553,19 @@ absl::StatusOr<Selection> AccountPool::Select(const SelectRequest& request) {
     chosen = ev.chosen;
     from_session = ev.from_session;
   }
+  if (claim != nullptr && !request.session_id.empty() && !from_session) {
+    claim->needed = true;
+    claim->expected = bound.value_or("");
+    claim->candidate = entries_[*chosen].record.id;
+    claim->reason = !bound ? "new" : request.force_rotate ? "force_rotate" : "ineligible";
+    return Selection{};
+  }
   Entry& entry = entries_[*chosen];
   entry.last_used = now;
   ++entry.in_flight;
   ReindexLocked(*chosen, now);
   const Lease& lease = leases_.Issue(entry.record.id, request.model, now);
+  if (SharedState* shared = shared_state()) shared->LeaseIssued({lease.id, lease.account, lease.model});
   cooldowns_.OnIssued(entry.record.id, request.model, now);
   last_for_model_[request.model] = entry.record.id;
   if (!request.session_id.empty() && !from_session) {
@@ -612,10 +646,35 @@ void AccountPool::ExpireLeasesLocked(absl::Time now) {
 
 void AccountPool::ReleaseLease(const std::string& lease_id) {
   absl::MutexLock lock(&mu_);
-  if (std::optional<Lease> lease = leases_.End(lease_id)) EndLeaseLocked(*lease);
+  if (std::optional<Lease> lease = leases_.End(lease_id)) {
+    EndLeaseLocked(*lease);
+    if (SharedState* shared = shared_state()) shared->LeaseEnded(lease_id);
+  }
 }
 
 absl::StatusOr<OutcomeResult> AccountPool::ReportOutcome(const Outcome& outcome) {
+  SharedState* shared = shared_state();
+  if (shared != nullptr && !outcome.lease_id.empty()) {
+    bool here = false;
+    {
+      absl::ReaderMutexLock lock(&mu_);
+      here = leases_.Contains(outcome.lease_id);
+    }
+    // A lease another replica issued: take it from the shared state and report by its account.
+    if (!here) {
+      if (std::optional<SharedLease> remote = shared->TakeLease(outcome.lease_id)) {
+        Outcome by_account = outcome;
+        by_account.lease_id.clear();
+        by_account.account_id = remote->account;
+        by_account.model = remote->model;
+        return ReportOutcomeHere(by_account, shared);
+      }
+    }
+  }
+  return ReportOutcomeHere(outcome, shared);
+}
+
+absl::StatusOr<OutcomeResult> AccountPool::ReportOutcomeHere(const Outcome& outcome, SharedState* shared) {
   const absl::Time now = clock_.Now();
   absl::MutexLock lock(&mu_);
   ExpireLeasesLocked(now);
@@ -623,6 +682,7 @@ absl::StatusOr<OutcomeResult> AccountPool::ReportOutcome(const Outcome& outcome)
   if (!outcome.lease_id.empty()) {
     if (std::optional<Lease> lease = leases_.End(outcome.lease_id)) {
       EndLeaseLocked(*lease);
+      if (shared != nullptr) shared->LeaseEnded(lease->id);
       result.account_id = lease->account;
       result.model = lease->model;
     } else if (outcome.account_id.empty()) {
@@ -644,13 +704,21 @@ absl::StatusOr<OutcomeResult> AccountPool::ReportOutcome(const Outcome& outcome)
   }
   AccountRecord& rec = entries_[it->second].record;
   UpstreamError parsed = ParseUpstreamError(outcome.http_status, outcome.retry_after, outcome.error_body, now);
+  // A success on an account with nothing on record changes nothing anywhere: not shared.
+  const bool share = shared != nullptr && (parsed.kind != FailureKind::kSuccess || cooldowns_.Has(rec.id));
   CooldownDecision d = cooldowns_.Apply(rec.id, result.model, parsed, now);
+  if (share) {
+    shared->OutcomeApplied({rec.id, result.model, outcome.http_status, outcome.retry_after, outcome.error_body, now},
+                           cooldowns_.Export(rec.id));
+    if (d.invalidate_token) shared->TokenDropped(rec.id);
+  }
   result.scope = d.scope;
   result.until = d.until;
   result.reason = d.reason;
   if (d.disable && !rec.disabled) {
     rec.disabled = true;
     rec.disabled_reason = "invalid_grant: reported by the proxy";
+    runtime_disabled_[rec.id] = rec.disabled_reason;
     result.disabled = true;
   }
   if (d.invalidate_token) {
@@ -686,6 +754,7 @@ void AccountPool::Disable(const std::string& account_id, const std::string& reas
   AccountRecord& rec = entries_[it->second].record;
   rec.disabled = true;
   rec.disabled_reason = reason;
+  runtime_disabled_[account_id] = reason;
 }
 
 std::vector<std::string> AccountPool::ExpiringBefore(absl::Time deadline) const {
@@ -753,6 +822,84 @@ void AccountPool::UpdateQuota(const std::vector<QuotaObservation>& observations)
 std::map<std::string, int64_t> AccountPool::RebindCounts() const {
   absl::ReaderMutexLock lock(&mu_);
   return rebinds_;
+}
+
+void AccountPool::OnRemoteSession(const std::string& session, const std::string& account) {
+  const absl::Time now = clock_.Now();
+  absl::MutexLock lock(&mu_);
+  // Only sessions this replica serves are kept; others are claimed when they first come here.
+  std::optional<std::string> mine = sessions_.Peek(session, now);
+  if (mine && *mine != account && index_.contains(account)) sessions_.Bind(session, account, now);
+}
+
+void AccountPool::OnRemoteOutcome(const SharedOutcome& o) {
+  absl::MutexLock lock(&mu_);
+  auto it = index_.find(o.account);
+  if (it == index_.end()) return;
+  AccountRecord& rec = entries_[it->second].record;
+  UpstreamError parsed = ParseUpstreamError(o.http_status, o.retry_after, o.error_body, o.at);
+  CooldownDecision d = cooldowns_.Apply(rec.id, o.model, parsed, o.at);
+  if (d.disable && !rec.disabled) {
+    rec.disabled = true;
+    rec.disabled_reason = "invalid_grant: reported by the proxy to another replica";
+    runtime_disabled_[rec.id] = rec.disabled_reason;
+  }
+  if (d.invalidate_token) {
+    rec.access_token.clear();
+    rec.access_expiry = absl::InfinitePast();
+  }
+}
+
+void AccountPool::OnRemoteCooldowns(const std::string& account, const CooldownState& state) {
+  absl::MutexLock lock(&mu_);
+  if (index_.contains(account)) cooldowns_.Merge(account, state);
+}
+
+void AccountPool::OnRemoteDisable(const std::string& account, const std::string& reason) {
+  absl::MutexLock lock(&mu_);
+  auto it = index_.find(account);
+  if (it == index_.end()) return;
+  AccountRecord& rec = entries_[it->second].record;
+  if (!rec.disabled) {
+    rec.disabled = true;
+    rec.disabled_reason = reason;
+  }
+  runtime_disabled_[account] = reason;
+}
+
+void AccountPool::OnRemoteToken(const std::string& account, const SharedToken& token) {
+  absl::MutexLock lock(&mu_);
+  auto it = index_.find(account);
+  if (it == index_.end()) return;
+  AccountRecord& rec = entries_[it->second].record;
+  if (token.expiry <= rec.access_expiry) return;
+  rec.access_token = token.access_token;
+  rec.access_expiry = token.expiry;
+  if (token.refresh_token) rec.refresh_token = *token.refresh_token;
+}
+
+void AccountPool::OnRemoteLeaseEnd(const std::string& lease_id) {
+  absl::MutexLock lock(&mu_);
+  if (std::optional<Lease> lease = leases_.End(lease_id)) EndLeaseLocked(*lease);
+}
+
+LocalState AccountPool::SnapshotForResync() {
+  absl::MutexLock lock(&mu_);
+  LocalState out;
+  out.sessions = sessions_.Snapshot(clock_.Now());
+  for (const Entry& e : entries_) {
+    if (std::optional<CooldownState> c = cooldowns_.Export(e.record.id)) out.cooldowns.emplace_back(e.record.id, *c);
+  }
+  for (const auto& [id, reason] : runtime_disabled_) out.disabled.emplace_back(id, reason);
+  return out;
+}
+
+std::vector<std::string> AccountPool::AccountIds() {
+  absl::ReaderMutexLock lock(&mu_);
+  std::vector<std::string> out;
+  out.reserve(entries_.size());
+  for (const Entry& e : entries_) out.push_back(e.record.id);
+  return out;
 }
 
 }  // namespace tokenbroker

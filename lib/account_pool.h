@@ -2,6 +2,7 @@
 
 #include <cstdint>
 #include <map>
+#include <atomic>
 #include <memory>
 #include <set>
 #include <optional>
@@ -22,6 +23,7 @@
 #include "lib/lease_table.h"
 #include "lib/quota.h"
 #include "lib/session_binder.h"
+#include "lib/shared_state.h"
 
 namespace tokenbroker {
 
@@ -156,9 +158,19 @@ struct PoolOptions {
 
 // The loaded accounts, their runtime state, session bindings and the selection rules of
 // DESIGN §4. Thread-safe. `clock` must outlive the pool.
-class AccountPool {
+//
+// With a SharedState attached (several replicas), it is also the replica's local view of the
+// fleet's state: a new or moved session binding is claimed fleet-wide before it is used (the
+// binding another replica made first wins), outcomes, leases and runtime disables are written
+// through, and what other replicas change arrives through the SharedStateListener methods.
+class AccountPool : public SharedStateListener {
  public:
   AccountPool(PoolOptions options, const Clock& clock);
+
+  // Shares state with other replicas through `shared` (must outlive the pool). Call before
+  // serving; null detaches.
+  void AttachSharedState(SharedState* shared) { shared_.store(shared, std::memory_order_release); }
+  SharedState* shared_state() const { return shared_.load(std::memory_order_acquire); }
 
   // Replaces the set of accounts. Runtime state (last use, bindings) of ids that stay is kept.
   void Load(std::vector<AccountRecord> records);
@@ -210,6 +222,16 @@ class AccountPool {
   // Session rebinds since start, by reason ("new", "force_rotate", "ineligible", "expired").
   std::map<std::string, int64_t> RebindCounts() const;
 
+  // SharedStateListener: what other replicas changed.
+  void OnRemoteSession(const std::string& session, const std::string& account) override;
+  void OnRemoteOutcome(const SharedOutcome& outcome) override;
+  void OnRemoteCooldowns(const std::string& account, const CooldownState& state) override;
+  void OnRemoteDisable(const std::string& account, const std::string& reason) override;
+  void OnRemoteToken(const std::string& account, const SharedToken& token) override;
+  void OnRemoteLeaseEnd(const std::string& lease_id) override;
+  LocalState SnapshotForResync() override;
+  std::vector<std::string> AccountIds() override;
+
  private:
   struct Entry {
     AccountRecord record;
@@ -217,6 +239,17 @@ class AccountPool {
     int in_flight = 0;
   };
   struct Evaluation;
+  // A choice that moves or creates a session binding, to be claimed fleet-wide before it is used.
+  struct Claim {
+    bool needed = false;
+    std::string expected;   // the binding it replaces ("" for none)
+    std::string candidate;  // the account chosen here
+    std::string reason;     // "new", "force_rotate" or "ineligible"
+  };
+  // One selection under the lock. With `claim` set, a choice that would bind the session anew is
+  // not committed: it is described in *claim and an empty Selection is returned.
+  absl::StatusOr<Selection> SelectOnce(const SelectRequest& request, Claim* claim);
+  absl::StatusOr<OutcomeResult> ReportOutcomeHere(const Outcome& outcome, SharedState* shared);
 
   void ExpireLeasesLocked(absl::Time now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void EndLeaseLocked(const Lease& lease) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -281,6 +314,9 @@ class AccountPool {
   absl::flat_hash_map<std::string, std::unique_ptr<ModelIndex>> model_index_ ABSL_GUARDED_BY(mu_);
   QuotaSettings quota_ ABSL_GUARDED_BY(mu_);
   LeaseTable leases_ ABSL_GUARDED_BY(mu_);
+  // Accounts disabled while running (not by their file): shared with other replicas.
+  absl::flat_hash_map<std::string, std::string> runtime_disabled_ ABSL_GUARDED_BY(mu_);
+  std::atomic<SharedState*> shared_{nullptr};
 };
 
 }  // namespace tokenbroker

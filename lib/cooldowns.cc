@@ -180,4 +180,42 @@ std::vector<CooldownView> Cooldowns::List(const std::string& account, absl::Time
   return out;
 }
 
+std::optional<CooldownState> Cooldowns::Export(const std::string& account) const {
+  auto it = accounts_.find(account);
+  if (it == accounts_.end()) return std::nullopt;
+  const PerAccount& acc = it->second;
+  CooldownState out;
+  out.streak = acc.streak;
+  out.validation_url = acc.validation_url;
+  if (acc.whole) out.items.push_back({"", acc.whole->until, acc.whole->reason, acc.whole->quota});
+  for (const auto& [model, e] : acc.models) out.items.push_back({model, e.until, e.reason, e.quota});
+  return out;
+}
+
+void Cooldowns::Merge(const std::string& account, const CooldownState& state) {
+  PerAccount& acc = accounts_[account];
+  acc.streak = std::max(acc.streak, state.streak);
+  if (!state.validation_url.empty()) acc.validation_url = state.validation_url;
+  for (const CooldownState::Item& item : state.items) {
+    std::optional<Entry>* slot = nullptr;
+    std::optional<Entry> model_entry;
+    if (item.model.empty()) {
+      slot = &acc.whole;
+    } else if (auto m = acc.models.find(item.model); m != acc.models.end()) {
+      model_entry = m->second;
+      slot = &model_entry;
+    } else {
+      slot = &model_entry;
+    }
+    if (!*slot || (*slot)->until < item.until) {
+      Entry e;
+      e.until = item.until;
+      e.reason = item.reason;
+      e.quota = item.quota;
+      *slot = e;
+    }
+    if (!item.model.empty()) acc.models[item.model] = *model_entry;
+  }
+}
+
 }  // namespace tokenbroker

@@ -50,6 +50,19 @@ struct CooldownView {
   bool half_open = false;
 };
 
+// One account's cooldowns and streak as replicas share them (DESIGN §7).
+struct CooldownState {
+  struct Item {
+    std::string model;  // empty: the whole account
+    absl::Time until;
+    std::string reason;
+    bool quota = false;
+  };
+  std::vector<Item> items;
+  int streak = 0;
+  std::string validation_url;
+};
+
 // Cooldowns and failure streaks per account, with the rules of DESIGN §5: quota and capacity
 // errors cool (account, model); 401/403 cool the account; a new cooldown never shortens a live
 // one; a success ends the streak; once a cooldown has ended, exactly one request at a time probes
@@ -70,11 +83,18 @@ class Cooldowns {
   void OnIssued(const std::string& account, const std::string& model, absl::Time now);
 
   int Streak(const std::string& account) const;
+  // Whether the account has any cooldown, streak or validation URL on record.
+  bool Has(const std::string& account) const { return accounts_.contains(account); }
   std::string ValidationUrl(const std::string& account) const;
   std::vector<CooldownView> List(const std::string& account, absl::Time now) const;
   // Ends a quota or rate-limit cooldown on (account, model): the monitor saw the quota come back.
   // Returns whether there was one.
   bool EndQuotaCooldown(const std::string& account, const std::string& model);
+  // The account's cooldowns and streak; unset when it has none.
+  std::optional<CooldownState> Export(const std::string& account) const;
+  // Folds in what another replica knows: the later end of each cooldown and the longer streak win
+  // (never shortens or forgets a cooldown).
+  void Merge(const std::string& account, const CooldownState& state);
   // Forgets an account (it left the pool).
   void Forget(const std::string& account) { accounts_.erase(account); }
 

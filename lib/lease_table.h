@@ -34,6 +34,7 @@ class LeaseTable {
   // When the account's earliest lease times out, if it has any.
   std::optional<absl::Time> EarliestExpiry(const std::string& account) const;
   int InFlight(const std::string& account) const;
+  bool Contains(const std::string& id) const { return by_id_.contains(id); }
   size_t size() const { return by_id_.size(); }
   // Forgets every lease of an account (it left the pool).
   void Forget(const std::string& account);

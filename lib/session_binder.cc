@@ -33,6 +33,16 @@ void SessionBinder::Bind(const std::string& session, const std::string& account,
   ++per_account_[account];
 }
 
+std::vector<std::pair<std::string, std::string>> SessionBinder::Snapshot(absl::Time now) const {
+  std::vector<std::pair<std::string, std::string>> out;
+  out.reserve(index_.size());
+  for (const Binding& b : lru_) {
+    if (now - b.last_used > idle_ttl_) break;  // the rest are older still
+    out.emplace_back(b.session, b.account);
+  }
+  return out;
+}
+
 int SessionBinder::CountFor(const std::string& account) const {
   auto it = per_account_.find(account);
   return it == per_account_.end() ? 0 : it->second;

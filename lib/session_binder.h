@@ -4,6 +4,8 @@
 #include <list>
 #include <optional>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/time/time.h"
@@ -25,6 +27,8 @@ class SessionBinder {
   // Number of live-or-not-yet-evicted bindings pointing at `account`.
   int CountFor(const std::string& account) const;
   size_t size() const { return index_.size(); }
+  // Every live binding at `now`: (session, account).
+  std::vector<std::pair<std::string, std::string>> Snapshot(absl::Time now) const;
 
  private:
   struct Binding {

@@ -124,7 +124,41 @@ absl::StatusOr<AccessToken> TokenManager::DoRefresh(const std::string& account_i
       creds->access_expiry - start > std::max(options_.refresh_ahead, options_.min_token_ttl)) {
     return AccessToken{creds->access_token, creds->access_expiry};
   }
-  absl::StatusOr<TokenGrant> grant = oauth_.Refresh(creds->refresh_token);
+  if (shared_ != nullptr && shared_->Up()) {
+    if (std::optional<absl::StatusOr<AccessToken>> r = RefreshShared(account_id, *creds, start)) return *std::move(r);
+  }
+  return RefreshWithOAuth(account_id, *creds, start, /*fence=*/0);
+}
+
+std::optional<absl::StatusOr<AccessToken>> TokenManager::RefreshShared(const std::string& account_id,
+                                                                       const Credentials& creds, absl::Time start) {
+  // Good for the background window too, as the local check above asks.
+  const absl::Time min_expiry = start + std::max(options_.refresh_ahead, options_.min_token_ttl);
+  // Another replica's refresh (OAuth timeouts and retries included) is waited for this long.
+  const absl::Time give_up = absl::Now() + absl::Seconds(30);
+  while (true) {
+    absl::StatusOr<int64_t> fence = shared_->LockRefresh(account_id, min_expiry);
+    if (!fence.ok()) return std::nullopt;  // the backend is down: refresh here
+    if (*fence > 0) return RefreshWithOAuth(account_id, creds, start, *fence);
+    // Another replica is refreshing (0) or already stored a good token (-1).
+    if (*fence == 0) shared_->WaitForToken(account_id, std::min(give_up, absl::Now() + absl::Milliseconds(250)));
+    absl::StatusOr<Credentials> now = pool_.GetCredentials(account_id);
+    if (!now.ok()) return now.status();
+    if (now->disabled) return absl::FailedPreconditionError(absl::StrCat("account ", account_id, " is disabled"));
+    if (!now->access_token.empty() && now->access_expiry >= min_expiry) {
+      return AccessToken{now->access_token, now->access_expiry};
+    }
+    if (std::optional<SharedToken> t = shared_->FetchToken(account_id, min_expiry)) {
+      pool_.OnRemoteToken(account_id, *t);
+      return AccessToken{t->access_token, t->expiry};
+    }
+    if (absl::Now() >= give_up || !shared_->Up()) return std::nullopt;
+  }
+}
+
+absl::StatusOr<AccessToken> TokenManager::RefreshWithOAuth(const std::string& account_id, const Credentials& creds,
+                                                           absl::Time start, int64_t fence) {
+  absl::StatusOr<TokenGrant> grant = oauth_.Refresh(creds.refresh_token);
   if (grant.ok()) {
     const absl::Time expiry = start + grant->expires_in;
     pool_.SetToken(account_id, grant->access_token, expiry, grant->refresh_token);
@@ -138,12 +172,18 @@ absl::StatusOr<AccessToken> TokenManager::DoRefresh(const std::string& account_i
     update.access_token = grant->access_token;
     update.access_expiry = expiry;
     update.refresh_token = grant->refresh_token;
+    if (fence > 0 && !shared_->StoreToken(account_id, SharedToken{grant->access_token, expiry, grant->refresh_token},
+                                          fence)) {
+      spdlog::debug("token of account {} not shared: another replica stored a newer one", account_id);
+    }
     WriteBack(account_id, update);
     return AccessToken{grant->access_token, expiry};
   }
+  if (fence > 0) shared_->UnlockRefresh(account_id, fence);
   if (IsInvalidGrant(grant.status())) {
     std::string reason(grant.status().message());
     pool_.Disable(account_id, reason);
+    if (shared_ != nullptr) shared_->AccountDisabled(account_id, reason);
     {
       absl::MutexLock lock(&mu_);
       ++counts_["invalid_grant"];
@@ -165,6 +205,7 @@ absl::StatusOr<AccessToken> TokenManager::DoRefresh(const std::string& account_i
 
 void TokenManager::Disable(const std::string& account_id, const std::string& reason) {
   pool_.Disable(account_id, reason);
+  if (shared_ != nullptr) shared_->AccountDisabled(account_id, reason);
   spdlog::warn("account {} disabled: {}", account_id, reason);
   AccountUpdate update;
   update.disabled_reason = reason;

@@ -18,6 +18,7 @@
 #include "lib/account_store.h"
 #include "lib/clock.h"
 #include "lib/oauth_client.h"
+#include "lib/shared_state.h"
 
 namespace tokenbroker {
 
@@ -53,6 +54,11 @@ class TokenManager {
                const AccountStore* store, const Clock& clock);
   ~TokenManager();  // Stop()s
 
+  // Refreshes once per account across replicas through `shared` (must outlive the manager): the
+  // replica holding the account's refresh lock refreshes and stores the token; the others wait
+  // for it. Call before Start; null (the default) refreshes locally.
+  void AttachSharedState(SharedState* shared) { shared_ = shared; }
+
   // Starts the workers and the background refresher. Call once.
   void Start();
   // Stops accepting work; pending callbacks get UNAVAILABLE; joins the threads. Idempotent.
@@ -80,6 +86,12 @@ class TokenManager {
   void BackgroundLoop();
   void RunRefresh(const std::string& account_id);
   absl::StatusOr<AccessToken> DoRefresh(const std::string& account_id);
+  // Refreshes for the fleet: the token another replica stored or is getting, or a refresh under
+  // the shared lock. Unset when this replica should refresh on its own (the backend is down).
+  std::optional<absl::StatusOr<AccessToken>> RefreshShared(const std::string& account_id, const Credentials& creds,
+                                                           absl::Time start);
+  absl::StatusOr<AccessToken> RefreshWithOAuth(const std::string& account_id, const Credentials& creds,
+                                               absl::Time start, int64_t fence);
   void WriteBack(const std::string& account_id, const AccountUpdate& update);
 
   const TokenManagerOptions options_;
@@ -87,6 +99,7 @@ class TokenManager {
   const OAuthClient& oauth_;
   const AccountStore* store_;
   const Clock& clock_;
+  SharedState* shared_ = nullptr;
 
   mutable absl::Mutex mu_;
   bool started_ ABSL_GUARDED_BY(mu_) = false;

@@ -15,6 +15,7 @@
 #include "lib/http_client.h"
 #include "lib/oauth_client.h"
 #include "lib/quota_poller.h"
+#include "lib/redis_state.h"
 #include "lib/token_manager.h"
 #include "server/broker_service.h"
 #include "server/daemon.h"
@@ -46,12 +47,22 @@ ABSL_FLAG(int, poll_concurrency, 4, "With --embedded_monitor: quota requests in 
 ABSL_FLAG(std::string, metrics_listen, "",
           "Serve Prometheus /metrics on this host:port (port 0: any free one); empty: no metrics.");
 ABSL_FLAG(std::string, metrics_port_file, "", "If set, the bound /metrics port is written to this file.");
+ABSL_FLAG(std::string, state_backend, "memory",
+          "Where session bindings, cooldowns, leases, runtime disables and tokens are shared: memory (this "
+          "process only) or redis://host:port[/db] (every replica using the same Redis and --state_prefix).");
+ABSL_FLAG(std::string, state_prefix, "tokenbroker:",
+          "With a Redis backend: the prefix of every key and of the event channel (one per account pool).");
+ABSL_FLAG(absl::Duration, state_timeout, absl::Milliseconds(50),
+          "With a Redis backend: the longest a request waits on one Redis round trip before the backend counts "
+          "as down (then requests go on with this replica's view, without waiting).");
 
 namespace tokenbroker {
 namespace {
 
 constexpr char kProgram[] = "tokenbroker";
 constexpr char kServiceName[] = "tokenbroker.v1.TokenBrokerService";
+// Health detail: SERVING while the Redis state backend is connected and in sync.
+constexpr char kStateServiceName[] = "tokenbroker.v1.StateBackend";
 
 int Run() {
   if (absl::Status s = CheckCommonFlags(); !s.ok()) return FailStartup(kProgram, std::string(s.message()));
@@ -82,6 +93,25 @@ int Run() {
   if (absl::Status s = ValidateQuotaSettings(quota); !s.ok()) {
     return FailStartup(kProgram, absl::StrCat("--quota_", s.message()));
   }
+  std::optional<RedisStateOptions> redis_options;
+  if (const std::string backend = absl::GetFlag(FLAGS_state_backend); backend != "memory") {
+    absl::StatusOr<RedisAddress> address = ParseRedisUrl(backend, "--state_backend");
+    if (!address.ok()) return FailStartup(kProgram, std::string(address.status().message()));
+    const std::string prefix = absl::GetFlag(FLAGS_state_prefix);
+    if (prefix.empty() || prefix.size() > 64 || prefix.find_first_of(" \t\n*?[]") != std::string::npos) {
+      return FailStartup(kProgram, "--state_prefix must be 1 to 64 characters without spaces or * ? [ ]");
+    }
+    const absl::Duration timeout = absl::GetFlag(FLAGS_state_timeout);
+    if (timeout < absl::Milliseconds(1) || timeout > absl::Seconds(10)) {
+      return FailStartup(kProgram, "--state_timeout must be between 1ms and 10s");
+    }
+    redis_options = RedisStateOptions{};
+    redis_options->address = *address;
+    redis_options->prefix = prefix;
+    redis_options->command_timeout = timeout;
+    redis_options->session_ttl = absl::GetFlag(FLAGS_session_ttl);
+    redis_options->lease_ttl = absl::GetFlag(FLAGS_lease_timeout);
+  }
   absl::StatusOr<std::unique_ptr<AccountStore>> store = AccountStore::Open(absl::GetFlag(FLAGS_accounts_dir));
   if (!store.ok()) return FailStartup(kProgram, absl::StrCat("--accounts_dir: ", store.status().message()));
 
@@ -103,6 +133,19 @@ int Run() {
   HttpClient http;
   OAuthClient oauth(OAuthOptionsFromFlags(), http);
   TokenManager tokens(TokenManagerOptionsFromFlags(), pool, oauth, store->get(), Clock::Real());
+  std::unique_ptr<RedisState> redis;
+  if (redis_options) {
+    redis = std::make_unique<RedisState>(*redis_options);
+    pool.AttachSharedState(redis.get());
+    tokens.AttachSharedState(redis.get());
+    redis->Start(&pool);
+    // A first sync before the first token refresh saves refreshing what other replicas hold;
+    // an unreachable Redis does not keep the broker from starting.
+    const bool up = redis->WaitUntilUp(absl::Seconds(2));
+    spdlog::info("state backend redis://{}:{}/{} prefix {}: {}", redis_options->address.host,
+                 redis_options->address.port, redis_options->address.db, redis_options->prefix,
+                 up ? "connected" : "not reachable yet; serving from this replica's view and retrying");
+  }
   tokens.Start();
 
   CloudCodeClient cloud_code(CloudCodeBaseUrls(), http);
@@ -127,7 +170,7 @@ int Run() {
   std::unique_ptr<Metrics> metrics;
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
   if (std::string metrics_listen = absl::GetFlag(FLAGS_metrics_listen); !metrics_listen.empty()) {
-    absl::StatusOr<std::unique_ptr<Metrics>> started = Metrics::Start(metrics_listen, pool, tokens, subscriber, service);
+    absl::StatusOr<std::unique_ptr<Metrics>> started = Metrics::Start(metrics_listen, pool, tokens, subscriber, service, redis.get());
     if (!started.ok()) {
       if (poller) poller->Stop();
       tokens.Stop();
@@ -148,6 +191,7 @@ int Run() {
   auto update_health = [&] {
     const bool serving = pool.UsableCount() > 0;
     servers->SetServing(kServiceName, serving);
+    if (redis) servers->SetDetail(kStateServiceName, redis->Up());
     return serving;
   };
   bool serving = update_health();
@@ -159,8 +203,14 @@ int Run() {
 
   const absl::Duration reload = absl::GetFlag(FLAGS_reload_interval);
   std::string signal;
-  while ((signal = WaitForStopSignal(reload)).empty()) {
-    loader.ReloadIfChanged();
+  // Health follows the state backend within half a second; the folder is checked every --reload_interval.
+  const absl::Duration tick = redis ? std::min(reload, absl::Milliseconds(500)) : reload;
+  absl::Time next_reload = absl::Now() + reload;
+  while ((signal = WaitForStopSignal(tick)).empty()) {
+    if (absl::Now() >= next_reload) {
+      loader.ReloadIfChanged();
+      next_reload = absl::Now() + reload;
+    }
     if (bool now_serving = update_health(); now_serving != serving) {
       spdlog::info("health is now {}", now_serving ? "SERVING" : "NOT_SERVING");
       serving = now_serving;
@@ -173,6 +223,10 @@ int Run() {
   subscriber.Disconnect();
   if (poller) poller->Stop();
   tokens.Stop();
+  if (redis) {
+    pool.AttachSharedState(nullptr);
+    redis->Stop();
+  }
   spdlog::info("stopped");
   return 0;
 }

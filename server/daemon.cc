@@ -180,6 +180,14 @@ absl::StatusOr<Servers> Servers::Start(
   return out;
 }
 
+void Servers::SetDetail(const std::string& service_name, bool serving) {
+  for (grpc::Server* s : {api_.get(), health_.get()}) {
+    if (s != nullptr && s->GetHealthCheckService() != nullptr) {
+      s->GetHealthCheckService()->SetServingStatus(service_name, serving);
+    }
+  }
+}
+
 void Servers::SetServing(const std::string& service_name, bool serving) {
   for (grpc::Server* s : {api_.get(), health_.get()}) {
     if (s == nullptr || s->GetHealthCheckService() == nullptr) continue;

@@ -81,6 +81,8 @@ class Servers {
   int port() const { return port_; }
   // Sets `service_name` and "" SERVING or NOT_SERVING on both servers.
   void SetServing(const std::string& service_name, bool serving);
+  // Sets only `service_name` (a health detail, e.g. a dependency), leaving "" as it is.
+  void SetDetail(const std::string& service_name, bool serving);
   // Drains: health NOT_SERVING for good at once, then in-flight calls get until `deadline`.
   // `before_shutdown` runs in between (e.g. to answer waiting calls).
   void Drain(absl::Duration deadline, const std::function<void()>& before_shutdown = nullptr);

@@ -13,6 +13,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "lib/redis_state.h"
 
 namespace tokenbroker {
 namespace {
@@ -44,8 +45,9 @@ prometheus::MetricFamily Family(std::string name, std::string help, prometheus::
 // State read at scrape time, so the request path pays nothing for it.
 class StateCollector final : public prometheus::Collectable {
  public:
-  StateCollector(AccountPool& pool, TokenManager& tokens, QuotaSubscriber& subscriber, BrokerService& service)
-      : pool_(pool), tokens_(tokens), subscriber_(subscriber), service_(service) {}
+  StateCollector(AccountPool& pool, TokenManager& tokens, QuotaSubscriber& subscriber, BrokerService& service,
+                 const RedisState* redis)
+      : pool_(pool), tokens_(tokens), subscriber_(subscriber), service_(service), redis_(redis) {}
 
   std::vector<prometheus::MetricFamily> Collect() const override {
     using prometheus::MetricType;
@@ -102,6 +104,26 @@ class StateCollector final : public prometheus::Collectable {
     for (auto* f : {&states, &cooldowns, &fractions, &inflight, &refreshes, &rebinds, &stream, &validation, &waiting}) {
       out.push_back(std::move(*f));
     }
+    if (redis_ != nullptr) {
+      const SharedStateStats st = redis_->stats();
+      auto up = Family("tokenbroker_state_backend_up", "1 while the Redis state backend is connected and in sync.",
+                       MetricType::Gauge);
+      up.metric.push_back(Value(st.up ? 1 : 0, {}, false));
+      auto errors = Family("tokenbroker_state_backend_errors_total",
+                           "Failed Redis round trips and lost connections.", MetricType::Counter);
+      errors.metric.push_back(Value(static_cast<double>(st.errors), {}, true));
+      auto resyncs = Family("tokenbroker_state_backend_resyncs_total",
+                            "Connections to Redis, each followed by a full resync.", MetricType::Counter);
+      resyncs.metric.push_back(Value(static_cast<double>(st.resyncs), {}, true));
+      auto events = Family("tokenbroker_state_backend_events_received_total",
+                           "Changes applied from other replicas.", MetricType::Counter);
+      events.metric.push_back(Value(static_cast<double>(st.events_received), {}, true));
+      auto writes = Family("tokenbroker_state_backend_writes_total",
+                           "Write-through commands, written or dropped while Redis was down.", MetricType::Counter);
+      writes.metric.push_back(Value(static_cast<double>(st.writes), {{"result", "written"}}, true));
+      writes.metric.push_back(Value(static_cast<double>(st.writes_dropped), {{"result", "dropped"}}, true));
+      for (auto* f : {&up, &errors, &resyncs, &events, &writes}) out.push_back(std::move(*f));
+    }
     return out;
   }
 
@@ -110,6 +132,7 @@ class StateCollector final : public prometheus::Collectable {
   TokenManager& tokens_;
   QuotaSubscriber& subscriber_;
   BrokerService& service_;
+  const RedisState* redis_;
 };
 
 }  // namespace
@@ -196,11 +219,11 @@ class RpcInterceptorFactory final : public grpc::experimental::ServerInterceptor
 
 absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Start(const std::string& listen, AccountPool& pool,
                                                         TokenManager& tokens, QuotaSubscriber& subscriber,
-                                                        BrokerService& service) {
+                                                        BrokerService& service, const RedisState* redis) {
   std::unique_ptr<Metrics> m(new Metrics());
   m->registry_ = std::make_shared<prometheus::Registry>();
   m->rpc_ = std::make_shared<RpcMetrics>(*m->registry_);
-  m->state_ = std::make_shared<StateCollector>(pool, tokens, subscriber, service);
+  m->state_ = std::make_shared<StateCollector>(pool, tokens, subscriber, service, redis);
   try {
     m->exposer_ = std::make_unique<prometheus::Exposer>(listen, /*num_threads=*/1);
   } catch (const std::exception& e) {

@@ -21,18 +21,21 @@ class Registry;
 namespace tokenbroker {
 
 class RpcMetrics;
+class RedisState;
 
 // Prometheus /metrics for the broker on its own address: per-RPC counts by method and code and
 // latency histograms by method (from a gRPC interceptor), and, read at scrape time, accounts by
 // state, live cooldowns, quota fraction per account and model, token refreshes by result, session
-// rebinds by reason, GetToken calls waiting, and whether the quota stream is connected.
+// rebinds by reason, GetToken calls waiting, whether the quota stream is connected, and with a
+// Redis state backend its health, errors, resyncs, events and writes.
 // No label carries a session id, an email or a token. Thread-safe. Everything passed to Start
 // must outlive the returned object.
 class Metrics {
  public:
   static absl::StatusOr<std::unique_ptr<Metrics>> Start(const std::string& listen, AccountPool& pool,
                                                         TokenManager& tokens, QuotaSubscriber& subscriber,
-                                                        BrokerService& service);
+                                                        BrokerService& service,
+                                                        const RedisState* redis = nullptr);
   ~Metrics();
 
   // The port /metrics is served on.

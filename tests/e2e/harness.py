@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -84,6 +85,59 @@ class Process:
                 self.proc.wait()
         self.log.close()
         return self.proc.returncode
+
+
+def free_port():
+    """A loopback TCP port nobody listens on right now (for servers that cannot bind port 0)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A real redis-server on a free loopback port, its files in `folder`. With `persist`, every
+    write is fsynced to an append-only file, so a SIGKILL and a restart keep the keys."""
+
+    def __init__(self, folder, persist=False):
+        self.folder = folder
+        self.persist = persist
+        self.port = free_port()
+        self.proc = None
+        self.runs = 0
+        self.start()
+
+    def start(self):
+        import redis  # python3-redis (Debian)
+        self.runs += 1
+        self.log = open(os.path.join(self.folder, f"redis-{self.runs}.log"), "ab")
+        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.folder,
+                "--save", "", "--appendonly", "yes" if self.persist else "no", "--appendfsync", "always",
+                "--protected-mode", "no", "--daemonize", "no"]
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2)
+
+        def pong():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
+            try:
+                return self.client.ping()
+            except redis.exceptions.ConnectionError:
+                return False
+        wait_for(pong, what="redis-server to answer PING")
+
+    @property
+    def url(self):
+        return f"redis://127.0.0.1:{self.port}"
+
+    def kill(self):
+        """SIGKILL: the way a crash or an evicted pod goes."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+    def stop(self):
+        self.kill()
 
 
 class Cluster:
