@@ -43,9 +43,10 @@ fuzz: tsa
 	  if [ $$rc -ne 0 ]; then echo "fuzz: FINDING (see $(TSA_BUILD)/fuzz.log)"; exit 1; fi; \
 	  echo "fuzz: $(FUZZ_SECONDS)s of upstream_error_fuzz, no finding"
 
-# Renders the kustomize base offline and validates it (schema + our deployment rules).
+# Renders the kustomize base and the Redis overlay offline and validates them (schema + our rules).
 deploy-check: deps
 	@kubectl kustomize deploy/k8s/base | node tools/validate-k8s.mjs
+	@kubectl kustomize deploy/k8s/overlays/redis | node tools/validate-k8s.mjs
 
 test: build lint tsa fuzz deploy-check
 	@cd $(BUILD) && ctest --output-on-failure --timeout 300 -j2

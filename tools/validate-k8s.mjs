@@ -63,8 +63,19 @@ if (!objects.some((o) => o.kind === "Service" && o.metadata.name === "tokenbroke
   problems.push("the monitor must have a Service");
 }
 
+// The Redis overlay: every sidecar shares state through the Redis the overlay deploys.
+const redis = objects.find((o) => o.kind === "Deployment" && o.metadata.name === "tokenbroker-redis");
+if (redis) {
+  if (!objects.some((o) => o.kind === "Service" && o.metadata.name === "tokenbroker-redis")) {
+    problems.push("tokenbroker-redis must have a Service");
+  }
+  if (!sidecar?.args?.some((a) => a.startsWith("--state_backend=redis://tokenbroker-redis:"))) {
+    problems.push("proxy/tokenbroker: with the Redis overlay, --state_backend must point at tokenbroker-redis");
+  }
+}
+
 if (problems.length > 0) {
   console.error(`k8s manifests: ${problems.length} problem(s)\n  ${problems.join("\n  ")}`);
   process.exit(1);
 }
-console.log(`k8s manifests: ${objects.length} objects valid (schema, native sidecar, gRPC probes, non-root, read-only root fs)`);
+console.log(`k8s manifests: ${objects.length} objects valid (schema, native sidecar, gRPC probes, non-root, read-only root fs${redis ? ", shared Redis state" : ""})`);
