@@ -517,10 +517,7 @@ absl::StatusOr<Selection> AccountPool::Select(const SelectRequest& request) {
   for (int attempt = 0; attempt < 3 && shared->Up(); ++attempt) {
     Claim claim;
     absl::StatusOr<Selection> sel = SelectOnce(req, &claim);
-    if (!sel.ok() || !claim.needed) {
-      if (sel.ok() && sel->from_session) shared->TouchSession(req.session_id);
-      return sel;
-    }
+    if (!sel.ok() || !claim.needed) return sel;
     std::optional<std::string> winner = shared->ClaimSession(req.session_id, claim.expected, claim.candidate);
     if (!winner) break;  // the shared state is unreachable: decide here
     {
@@ -542,7 +539,8 @@ absl::StatusOr<Selection> AccountPool::SelectOnce(const SelectRequest& request, 
   }
   ExpireLeasesLocked(now);
   std::optional<std::string> bound;
-  if (!request.session_id.empty()) bound = sessions_.Lookup(request.session_id, now);
+  absl::Time previous_use = absl::InfinitePast();
+  if (!request.session_id.empty()) bound = sessions_.Lookup(request.session_id, now, &previous_use);
   bool from_session = false;
   std::optional<size_t> chosen = ChooseFastLocked(request, now, bound, &from_session);
   if (!chosen) {
@@ -564,10 +562,15 @@ absl::StatusOr<Selection> AccountPool::SelectOnce(const SelectRequest& request, 
   entry.last_used = now;
   ++entry.in_flight;
   ReindexLocked(*chosen, now);
-  const Lease& lease = leases_.Issue(entry.record.id, request.model, now);
-  if (SharedState* shared = shared_state()) shared->LeaseIssued({lease.id, lease.account, lease.model});
+  IssuedLease lease = leases_.Issue(entry.record.id, request.model, now);
+  if (SharedState* shared = shared_state()) shared->LeaseIssued(lease.id, entry.record.id, request.model);
   cooldowns_.OnIssued(entry.record.id, request.model, now);
   last_for_model_[request.model] = entry.record.id;
+  // The binding's TTL in the shared state restarts now and then, not on every use: its idle
+  // expiry there lags the local one by at most a twentieth of the TTL.
+  if (from_session && now - previous_use > options_.session_idle_ttl / 20) {
+    if (SharedState* shared = shared_state()) shared->TouchSession(request.session_id);
+  }
   if (!request.session_id.empty() && !from_session) {
     std::string reason = !bound ? "new" : request.force_rotate ? "force_rotate" : "ineligible";
     ++rebinds_[reason];
@@ -580,7 +583,7 @@ absl::StatusOr<Selection> AccountPool::SelectOnce(const SelectRequest& request, 
   sel.tier = entry.record.tier;
   sel.project_id = entry.record.project_id;
   sel.from_session = from_session;
-  sel.lease_id = lease.id;
+  sel.lease_id = std::move(lease.id);
   sel.quota_decision = DecisionFor(entry.record, request.model, quota_, now);
   sel.remaining_fraction = RankingFraction(entry.record, request.model, quota_, now);
   return sel;
@@ -641,7 +644,11 @@ void AccountPool::EndLeaseLocked(const Lease& lease) {
 }
 
 void AccountPool::ExpireLeasesLocked(absl::Time now) {
-  for (const Lease& lease : leases_.Expire(now)) EndLeaseLocked(lease);
+  SharedState* shared = shared_state();
+  for (const Lease& lease : leases_.Expire(now)) {
+    EndLeaseLocked(lease);
+    if (shared != nullptr) shared->LeaseEnded(lease.id);
+  }
 }
 
 void AccountPool::ReleaseLease(const std::string& lease_id) {

@@ -1,6 +1,7 @@
 #include "lib/redis_state.h"
 
 #include <algorithm>
+#include <map>
 
 #include "absl/random/random.h"
 #include "absl/strings/numbers.h"
@@ -28,12 +29,13 @@ if cur ~= ARGV[2] then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
 return ARGV[2]
 )lua";
 
-// Ends a lease for whoever reports it and tells its owner. KEYS[1] lease. ARGV: channel, event.
+// Ends a lease for whoever reports it and tells its owner. KEYS[1] the lease hash. ARGV: lease id,
+// channel, event.
 constexpr char kTakeLease[] = R"lua(
-local v = redis.call('GET', KEYS[1])
+local v = redis.call('HGET', KEYS[1], ARGV[1])
 if v then
-  redis.call('DEL', KEYS[1])
-  redis.call('PUBLISH', ARGV[1], ARGV[2])
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
 end
 return v
 )lua";
@@ -219,15 +221,33 @@ void RedisState::TouchSession(const std::string& session) {
   touches_.insert(session);
 }
 
-void RedisState::LeaseIssued(const SharedLease& lease) {
-  Enqueue({"SET", Key("l", lease.id), absl::StrCat(lease.account, "\t", lease.model), "PX", Ms(options_.lease_ttl)});
+std::string RedisState::LeaseKey(const std::string& lease_id) const {
+  // "l-" + 16 hex digits of the table's prefix + 16 of the counter.
+  return Key("l", lease_id.size() > 18 ? absl::string_view(lease_id).substr(2, 16) : absl::string_view(lease_id));
 }
 
-void RedisState::LeaseEnded(const std::string& lease_id) { Enqueue({"DEL", Key("l", lease_id)}); }
+void RedisState::LeaseIssued(const std::string& lease_id, const std::string& account, const std::string& model) {
+  if (!Up()) {
+    writes_dropped_.fetch_add(1);
+    return;
+  }
+  std::string value;
+  value.reserve(account.size() + model.size() + 1);
+  value.append(account).push_back('\t');
+  value.append(model);
+  absl::MutexLock lock(&queue_mu_);
+  lease_adds_.emplace_back(lease_id, std::move(value));
+}
+
+void RedisState::LeaseEnded(const std::string& lease_id) {
+  if (!Up()) return;
+  absl::MutexLock lock(&queue_mu_);
+  lease_dels_.push_back(lease_id);
+}
 
 std::optional<SharedLease> RedisState::TakeLease(const std::string& lease_id) {
   const std::string event = json{{"r", replica_}, {"k", "l"}, {"id", lease_id}}.dump();
-  absl::StatusOr<RedisReply> r = RoundTrip({"EVAL", kTakeLease, "1", Key("l", lease_id), channel_, event});
+  absl::StatusOr<RedisReply> r = RoundTrip({"EVAL", kTakeLease, "1", LeaseKey(lease_id), lease_id, channel_, event});
   if (!r.ok() || r->type != RedisReply::Type::kString) return std::nullopt;
   std::vector<std::string> parts = absl::StrSplit(r->str, absl::MaxSplits('\t', 1));
   if (parts.size() != 2) return std::nullopt;
@@ -529,15 +549,58 @@ void RedisState::WriterLoop() {
       absl::MutexLock lock(&queue_mu_);
       queue_mu_.Await(absl::Condition(
           +[](RedisState* self) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-            return self->stopping_ || !self->queue_.empty() || !self->touches_.empty();
+            return self->stopping_ || !self->queue_.empty() || !self->touches_.empty() ||
+                   !self->lease_adds_.empty() || !self->lease_dels_.empty();
           },
           this));
       if (stopping_) return;
-      batch.reserve(queue_.size() + touches_.size());
+      // Linger a moment so a busy replica writes a few large batches rather than one per request
+      // (a write reaches Redis at most options_.write_linger late).
+      queue_mu_.AwaitWithTimeout(absl::Condition(&stopping_), options_.write_linger);
+      if (stopping_) return;
+      batch.reserve(queue_.size() + touches_.size() + 3);
       for (Argv& a : queue_) batch.push_back(std::move(a));
       queue_.clear();
       for (const std::string& s : touches_) batch.push_back({"PEXPIRE", Key("s", s), Ms(options_.session_ttl)});
       touches_.clear();
+      // One HSET (and one PEXPIRE) per lease hash for all new leases, one HDEL for all ended ones.
+      // An id issued and ended within the batch is neither written nor deleted.
+      absl::flat_hash_set<absl::string_view> ended(lease_dels_.begin(), lease_dels_.end());
+      // Ids of one table share their hash: the command is looked up once per run of them.
+      std::map<std::string, Argv> sets, dels;
+      auto command_for = [this](std::map<std::string, Argv>& by_key, const char* verb, const std::string& id,
+                                Argv*& last, std::string& last_prefix) -> Argv& {
+        absl::string_view prefix = absl::string_view(id).substr(0, 18);
+        if (last == nullptr || prefix != last_prefix) {
+          std::string key = LeaseKey(id);
+          Argv& cmd = by_key[key];
+          if (cmd.empty()) cmd = {verb, std::move(key)};
+          last = &cmd;
+          last_prefix = std::string(prefix);
+        }
+        return *last;
+      };
+      Argv* last = nullptr;
+      std::string last_prefix;
+      for (auto& [id, value] : lease_adds_) {
+        if (ended.erase(id) > 0) continue;
+        Argv& cmd = command_for(sets, "HSET", id, last, last_prefix);
+        cmd.push_back(std::move(id));
+        cmd.push_back(std::move(value));
+      }
+      last = nullptr;
+      for (std::string& id : lease_dels_) {
+        if (!ended.contains(id)) continue;
+        Argv& cmd = command_for(dels, "HDEL", id, last, last_prefix);
+        cmd.push_back(id);  // copied: `ended` still views these strings
+      }
+      for (auto& [key, cmd] : sets) {
+        batch.push_back(std::move(cmd));
+        batch.push_back({"PEXPIRE", key, Ms(options_.lease_ttl)});
+      }
+      for (auto& [key, cmd] : dels) batch.push_back(std::move(cmd));
+      lease_adds_.clear();
+      lease_dels_.clear();
     }
     if (!Up()) {
       writes_dropped_.fetch_add(static_cast<int64_t>(batch.size()));

@@ -30,6 +30,8 @@ struct RedisStateOptions {
   absl::Duration lease_ttl = absl::Minutes(10);
   // How long one replica may hold an account's refresh lock.
   absl::Duration refresh_lock_ttl = absl::Seconds(20);
+  // The background writer collects writes this long before sending them as one batch.
+  absl::Duration write_linger = absl::Milliseconds(2);
   // How long a runtime disable is remembered in Redis.
   absl::Duration disable_ttl = absl::Hours(24 * 30);
 };
@@ -69,7 +71,7 @@ class RedisState : public SharedState {
   std::optional<std::string> ClaimSession(const std::string& session, const std::string& expected,
                                           const std::string& want) override;
   void TouchSession(const std::string& session) override;
-  void LeaseIssued(const SharedLease& lease) override;
+  void LeaseIssued(const std::string& lease_id, const std::string& account, const std::string& model) override;
   void LeaseEnded(const std::string& lease_id) override;
   std::optional<SharedLease> TakeLease(const std::string& lease_id) override;
   void OutcomeApplied(const SharedOutcome& outcome, const std::optional<CooldownState>& cooldowns) override;
@@ -85,6 +87,8 @@ class RedisState : public SharedState {
   using Argv = std::vector<std::string>;
 
   std::string Key(absl::string_view kind, absl::string_view id) const;
+  // The hash holding a lease: one per issuing table, named by the id's random prefix.
+  std::string LeaseKey(const std::string& lease_id) const;
   // One round trip on a pooled connection; UNAVAILABLE at once while down.
   absl::StatusOr<RedisReply> RoundTrip(const Argv& argv);
   void Enqueue(Argv argv);
@@ -111,6 +115,10 @@ class RedisState : public SharedState {
   bool stopping_ ABSL_GUARDED_BY(queue_mu_) = false;
   std::deque<Argv> queue_ ABSL_GUARDED_BY(queue_mu_);
   absl::flat_hash_set<std::string> touches_ ABSL_GUARDED_BY(queue_mu_);
+  // Leases live in one hash per issuing table (the id's prefix names it): a whole batch of
+  // issues or ends is one HSET or HDEL, not a command per lease.
+  std::vector<std::pair<std::string, std::string>> lease_adds_ ABSL_GUARDED_BY(queue_mu_);  // id, value
+  std::vector<std::string> lease_dels_ ABSL_GUARDED_BY(queue_mu_);
 
   absl::Mutex wait_mu_;
   absl::flat_hash_map<std::string, uint64_t> token_events_ ABSL_GUARDED_BY(wait_mu_);

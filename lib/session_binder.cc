@@ -5,7 +5,7 @@ namespace tokenbroker {
 SessionBinder::SessionBinder(absl::Duration idle_ttl, size_t capacity)
     : idle_ttl_(idle_ttl), capacity_(capacity == 0 ? 1 : capacity) {}
 
-std::optional<std::string> SessionBinder::Lookup(const std::string& session, absl::Time now) {
+std::optional<std::string> SessionBinder::Lookup(const std::string& session, absl::Time now, absl::Time* previous_use) {
   auto it = index_.find(session);
   if (it == index_.end()) return std::nullopt;
   List::iterator node = it->second;
@@ -13,6 +13,7 @@ std::optional<std::string> SessionBinder::Lookup(const std::string& session, abs
     Erase(node);
     return std::nullopt;
   }
+  if (previous_use != nullptr) *previous_use = node->last_used;
   node->last_used = now;
   lru_.splice(lru_.begin(), lru_, node);
   return node->account;

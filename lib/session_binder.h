@@ -19,7 +19,8 @@ class SessionBinder {
   SessionBinder(absl::Duration idle_ttl, size_t capacity);
 
   // The account bound to `session`, if the binding is live at `now`; touches it.
-  std::optional<std::string> Lookup(const std::string& session, absl::Time now);
+  // `previous_use`, when given, receives the binding's last use before this one.
+  std::optional<std::string> Lookup(const std::string& session, absl::Time now, absl::Time* previous_use = nullptr);
   // Like Lookup, but changes nothing.
   std::optional<std::string> Peek(const std::string& session, absl::Time now) const;
   // Binds (or rebinds) `session` to `account` at `now`.

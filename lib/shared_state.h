@@ -82,8 +82,8 @@ class SharedState {
   // async: the session was used (its idle TTL starts again).
   virtual void TouchSession(const std::string& session) = 0;
 
-  // async: a lease was issued / ended here.
-  virtual void LeaseIssued(const SharedLease& lease) = 0;
+  // async: a lease was issued / ended (reported, released or timed out) here.
+  virtual void LeaseIssued(const std::string& lease_id, const std::string& account, const std::string& model) = 0;
   virtual void LeaseEnded(const std::string& lease_id) = 0;
   // A lease issued by another replica, taken (ended) so this one can apply its outcome; unset if
   // no replica knows it.

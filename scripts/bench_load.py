@@ -1,5 +1,7 @@
 """Closed-loop gRPC load: the broker's GetToken against the echo server (the gRPC floor: same
-method, same-size answer), over TCP loopback and a unix socket, with the broker/echo ratios.
+method, same-size answer), over TCP loopback and a unix socket, with the broker/echo ratios; and
+the broker with the Redis state backend against the memory backend (calls cycling over 1000
+sessions), with their ratio.
 
     /usr/bin/python3 scripts/bench_load.py --build build [--duration 5] [--smoke]
 """
@@ -36,6 +38,15 @@ def main():
         targets[("unix", "broker")] = "unix:" + sock
         c.start_broker("--log_level=warn")
         targets[("tcp", "broker")] = c.target
+        # The backends side by side, each on a fresh broker: memory, and a real redis-server on loopback.
+        c.start_broker("--log_level=warn")
+        memory_target = c.target
+        redis = harness.RedisServer(c.dir)
+        c.extra.append(redis)
+        c.start_broker("--log_level=warn", "--state_backend", redis.url)
+        redis_target = c.target
+        harness.wait_for(lambda: c.tbctl("health", "--service", "tokenbroker.v1.StateBackend", check=False,
+                                         target=redis_target).returncode == 0, what="the broker to sync with redis")
         for transport, listen in (("tcp", "127.0.0.1:0"), ("unix", "unix:" + echo_sock)):
             port_file = os.path.join(c.dir, f"echo-{transport}.port")
             echo = harness.Process(f"echo-{transport}", [c.bin("tests", "bench", "echo_server"), "--listen", listen,
@@ -47,18 +58,21 @@ def main():
         harness.wait_for(lambda: c.upstream_call("/__fake/stats")["token_calls"].__len__() >= args.accounts,
                          timeout=60, what="every account's first token")
 
-        def load(target, duration):
+        def load(target, duration, sessions=0):
             r = subprocess.run([c.bin("tests", "bench", "loadgen"), "--target", target, "--concurrency", "64",
-                                "--channels", "4", "--duration", f"{duration}s"],
+                                "--channels", "4", "--duration", f"{duration}s", "--sessions", str(sessions)],
                                capture_output=True, text=True, timeout=duration + 60)
             if r.returncode != 0:
                 raise RuntimeError(f"loadgen against {target} failed: {r.stderr}")
             return json.loads(r.stdout)
 
         results = {}
-        for key, target in targets.items():
-            load(target, min(1.0, args.duration))  # warm up connections and caches
-            results[key] = load(target, args.duration)
+        runs = [(key, target, 0) for key, target in targets.items()]
+        runs += [(("tcp", "broker, memory, 1000 sessions"), memory_target, 1000),
+                 (("tcp", "broker, redis, 1000 sessions"), redis_target, 1000)]
+        for key, target, sessions in runs:
+            load(target, min(1.0, args.duration), sessions)  # warm up connections and caches
+            results[key] = load(target, args.duration, sessions)
             if results[key]["errors"]:
                 raise RuntimeError(f"{key}: {results[key]['errors']} calls failed")
 
@@ -72,6 +86,8 @@ def main():
         for transport in ("tcp", "unix"):
             b, e = results[(transport, "broker")], results[(transport, "echo")]
             print(f"{transport}: broker/echo throughput {b['rps'] / e['rps']:.2f}, p99 {b['p99_ms'] / e['p99_ms']:.2f}")
+        m, r = results[("tcp", "broker, memory, 1000 sessions")], results[("tcp", "broker, redis, 1000 sessions")]
+        print(f"tcp: redis/memory backend throughput {r['rps'] / m['rps']:.2f}, p99 {r['p99_ms'] / m['p99_ms']:.2f}")
         return 0
     finally:
         c.close()

@@ -13,6 +13,7 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "tokenbroker/v1/broker.grpc.pb.h"
@@ -22,6 +23,7 @@ ABSL_FLAG(int, concurrency, 64, "calls in flight");
 ABSL_FLAG(int, channels, 4, "channels (connections) the calls are spread over");
 ABSL_FLAG(absl::Duration, duration, absl::Seconds(5), "how long to run");
 ABSL_FLAG(std::string, model, "gemini-3-pro-high", "model to ask for");
+ABSL_FLAG(int, sessions, 0, "session ids the calls cycle through (0: calls carry no session)");
 
 namespace {
 
@@ -37,6 +39,7 @@ struct Caller {
   std::chrono::steady_clock::time_point started;
   std::vector<uint32_t> latencies_us;  // only this caller's callbacks touch it (one call at a time)
   int64_t errors = 0;
+  int64_t next_session = 0;  // this caller's position in the session cycle
 };
 
 }  // namespace
@@ -58,8 +61,13 @@ int main(int argc, char** argv) {
   absl::Mutex mu;
   int running = concurrency;
 
+  const int sessions = std::max(0, absl::GetFlag(FLAGS_sessions));
   std::function<void(Caller&)> issue = [&](Caller& c) {
     c.context = std::make_unique<grpc::ClientContext>();
+    if (sessions > 0) {
+      c.request.set_session_id(absl::StrCat("bench-session-", c.next_session % sessions));
+      c.next_session += concurrency;
+    }
     c.response.Clear();
     c.started = std::chrono::steady_clock::now();
     c.stub->async()->GetToken(c.context.get(), &c.request, &c.response, [&, cp = &c](grpc::Status s) {
@@ -82,6 +90,7 @@ int main(int argc, char** argv) {
   for (int i = 0; i < concurrency; ++i) {
     callers[i].stub = stubs[i % n_channels].get();
     callers[i].request.set_model(absl::GetFlag(FLAGS_model));
+    callers[i].next_session = i;
     issue(callers[i]);
   }
   {

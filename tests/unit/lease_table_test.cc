@@ -1,6 +1,8 @@
 #include "lib/lease_table.h"
 
 #include <set>
+#include <string>
+#include <vector>
 
 #include "gtest/gtest.h"
 
@@ -11,8 +13,8 @@ const absl::Time kT0 = absl::FromUnixSeconds(1795914000);
 
 TEST(LeaseTable, IssueEndAndCount) {
   LeaseTable t(absl::Minutes(10));
-  const Lease a1 = t.Issue("a", "m", kT0);
-  const Lease a2 = t.Issue("a", "n", kT0);
+  const IssuedLease a1 = t.Issue("a", "m", kT0);
+  const IssuedLease a2 = t.Issue("a", "n", kT0);
   t.Issue("b", "m", kT0);
   EXPECT_NE(a1.id, a2.id);
   EXPECT_EQ(a1.expires, kT0 + absl::Minutes(10));
@@ -27,8 +29,8 @@ TEST(LeaseTable, IssueEndAndCount) {
 
 TEST(LeaseTable, ExpireEndsOnlyTimedOutLeases) {
   LeaseTable t(absl::Minutes(10));
-  const Lease early = t.Issue("a", "m", kT0);
-  const Lease late = t.Issue("a", "m", kT0 + absl::Minutes(5));
+  const IssuedLease early = t.Issue("a", "m", kT0);
+  const IssuedLease late = t.Issue("a", "m", kT0 + absl::Minutes(5));
   EXPECT_EQ(t.EarliestExpiry("a"), early.expires);
   EXPECT_TRUE(t.Expire(kT0 + absl::Minutes(9)).empty());
   std::vector<Lease> gone = t.Expire(kT0 + absl::Minutes(10));
@@ -47,6 +49,25 @@ TEST(LeaseTable, IdsAreUnique) {
   t.Forget("a");
   EXPECT_EQ(t.size(), 0u);
   EXPECT_EQ(t.InFlight("a"), 0);
+}
+
+TEST(LeaseTable, ForeignAndMalformedIdsAreUnknown) {
+  LeaseTable t(absl::Minutes(10)), other(absl::Minutes(10));
+  const IssuedLease mine = t.Issue("a", "m", kT0);
+  const IssuedLease theirs = other.Issue("a", "m", kT0);
+  EXPECT_TRUE(t.Contains(mine.id));
+  EXPECT_FALSE(t.Contains(theirs.id));  // another table's (replica's) prefix
+  for (const std::string& bad : std::vector<std::string>{"", "l-", "x-" + mine.id.substr(2), mine.id + "0", "l-" + std::string(32, 'G'),
+                                std::string(mine.id).replace(33, 1, "Z")}) {
+    EXPECT_FALSE(t.Contains(bad)) << bad;
+    EXPECT_FALSE(t.End(bad).has_value()) << bad;
+  }
+  EXPECT_EQ(t.InFlight("a"), 1);
+  std::optional<Lease> ended = t.End(mine.id);
+  ASSERT_TRUE(ended.has_value());
+  EXPECT_EQ(ended->id, mine.id);
+  EXPECT_EQ(ended->account, "a");
+  EXPECT_FALSE(t.Contains(mine.id));
 }
 
 }  // namespace

@@ -181,7 +181,9 @@ TEST(RedisStateTest, OutcomesLeasesAndDisablesReachTheOtherReplica) {
   req.model = "m";
   absl::StatusOr<Selection> sel = r1.pool.Select(req);
   ASSERT_TRUE(sel.ok());
-  ASSERT_TRUE(Eventually([&] { return redis.Connect()->Command({"EXISTS", "t:l:" + sel->lease_id})->integer == 1; }));
+  ASSERT_TRUE(Eventually([&] {
+    return redis.Connect()->Command({"HEXISTS", "t:l:" + sel->lease_id.substr(2, 16), sel->lease_id})->integer == 1;
+  }));
   Outcome o;
   o.lease_id = sel->lease_id;
   o.http_status = 429;
