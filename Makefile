@@ -57,10 +57,9 @@ demo: build
 # Selection cost at 1k, 10k and 100k accounts for each policy, start-up time and memory at 100k,
 # and GetToken under load against the echo server (not part of make test's timing; make test runs
 # a small smoke of each).
+# Every benchmark once, one table against the targets (scripts/bench_report.py); about 3 minutes.
 bench: build
-	@$(BUILD)/tests/bench/selection_bench --benchmark_min_time=0.2
-	@$(BUILD)/tests/bench/footprint_bench 100000
-	@$(PYTHON) scripts/bench_load.py --build $(BUILD) --duration 5
+	@$(PYTHON) scripts/bench_report.py --build $(BUILD)
 
 clean:
 	rm -rf $(BUILD) $(TSA_BUILD)
