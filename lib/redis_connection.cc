@@ -87,6 +87,12 @@ absl::StatusOr<std::unique_ptr<RedisConnection>> RedisConnection::Connect(const 
   redisSetTimeout(c, absl::ToTimeval(timeout));
   redisEnableKeepAlive(c);
   std::unique_ptr<RedisConnection> conn(new RedisConnection(c));
+  if (!address.password.empty()) {
+    absl::StatusOr<RedisReply> r = conn->Command({"AUTH", address.password});
+    // Redis's answer ("WRONGPASS ...", "ERR AUTH <password> called without any password configured")
+    // never repeats the password.
+    if (!r.ok()) return absl::PermissionDeniedError(absl::StrCat("redis AUTH refused: ", r.status().message()));
+  }
   if (address.db != 0) {
     absl::StatusOr<RedisReply> r = conn->Command({"SELECT", absl::StrCat(address.db)});
     if (!r.ok()) return r.status();

@@ -18,6 +18,7 @@ struct RedisAddress {
   std::string host;
   int port = 6379;
   int db = 0;
+  std::string password;  // secret: sent with AUTH when set (never in the URL)
 };
 
 // Parses `redis://host:port[/db]` (port defaults to 6379, db to 0). INVALID_ARGUMENT naming

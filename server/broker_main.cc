@@ -3,6 +3,7 @@
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 
+#include <cstdlib>
 #include <memory>
 
 #include "absl/flags/flag.h"
@@ -108,6 +109,10 @@ int Run() {
     }
     redis_options = RedisStateOptions{};
     redis_options->address = *address;
+    // A password comes from the environment (a Secret), never from the command line.
+    if (const char* password = std::getenv("TOKENBROKER_REDIS_PASSWORD"); password != nullptr) {
+      redis_options->address.password = password;
+    }
     redis_options->prefix = prefix;
     redis_options->command_timeout = timeout;
     redis_options->session_ttl = absl::GetFlag(FLAGS_session_ttl);

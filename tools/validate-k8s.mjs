@@ -72,6 +72,12 @@ if (redis) {
   if (!sidecar?.args?.some((a) => a.startsWith("--state_backend=redis://tokenbroker-redis:"))) {
     problems.push("proxy/tokenbroker: with the Redis overlay, --state_backend must point at tokenbroker-redis");
   }
+  if (!sidecar?.env?.some((e) => e.name === "TOKENBROKER_REDIS_PASSWORD" && e.valueFrom?.secretKeyRef)) {
+    problems.push("proxy/tokenbroker: the Redis password must come from a Secret (TOKENBROKER_REDIS_PASSWORD)");
+  }
+  if (!objects.some((o) => o.kind === "NetworkPolicy" && o.spec?.podSelector?.matchLabels?.["app.kubernetes.io/name"] === "tokenbroker-redis")) {
+    problems.push("tokenbroker-redis holds tokens: a NetworkPolicy must limit who reaches it");
+  }
 }
 
 if (problems.length > 0) {

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import unittest
+import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
@@ -53,9 +54,11 @@ class ScaleOut(unittest.TestCase):
         cls.redis = harness.RedisServer(c.dir, persist=True)
         c.extra.append(cls.redis)
         cls.replicas = []
-        for _ in range(3):
+        cls.metrics_port_file = os.path.join(c.dir, "metrics.port")
+        for i in range(3):
+            metrics = ["--metrics_listen=127.0.0.1:0", f"--metrics_port_file={cls.metrics_port_file}"] if i == 0 else []
             p = c.start_broker("--state_backend", cls.redis.url, "--state_prefix", "e2e:", "--log_level=debug",
-                               "--min_token_ttl=1s", "--refresh_ahead=1s", "--refresh_scan_interval=1h")
+                               "--min_token_ttl=1s", "--refresh_ahead=1s", "--refresh_scan_interval=1h", *metrics)
             cls.replicas.append(p)
         cls.targets = [f"127.0.0.1:{p.port}" for p in cls.replicas]
         cls.channels = [grpc.insecure_channel(t) for t in cls.targets]
@@ -73,6 +76,21 @@ class ScaleOut(unittest.TestCase):
     def state_serving(cls, target):
         r = cls.cluster.tbctl("health", "--service", STATE_SERVICE, check=False, target=target)
         return r.returncode == 0 and "SERVING" in r.stdout
+
+    def metric(self, name):
+        """The value of an unlabelled metric of replica 1."""
+        with open(self.metrics_port_file) as f:
+            port = f.read().strip()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            for line in resp.read().decode().splitlines():
+                if line.startswith(name + " "):
+                    return float(line.split()[1])
+        return None
+
+    @classmethod
+    def state_serving_overall(cls, target):
+        r = cls.cluster.tbctl("health", check=False, target=target)
+        return r.returncode == 0 and r.stdout.strip() == "SERVING"
 
     def get_token(self, replica, model, session="", force_rotate=False):
         return self.stubs[replica].GetToken(
@@ -201,6 +219,9 @@ class ScaleOut(unittest.TestCase):
             killed_at[0] = time.monotonic()
             harness.wait_for(lambda: all(not self.state_serving(t) for t in self.targets), timeout=10,
                              what="every replica to report the state backend down")
+            self.assertEqual(self.metric("tokenbroker_state_backend_up"), 0)
+            self.assertGreater(self.metric("tokenbroker_state_backend_errors_total"), 0)
+            self.assertTrue(self.state_serving_overall(self.targets[0]), "the broker itself stays SERVING")
             during = len(calls)
             harness.wait_for(lambda: len(calls) > during + 300, what="load to go on without redis")
             # While Redis is down: replica 2 moves the session, replica 1 cools an account.
@@ -213,6 +234,8 @@ class ScaleOut(unittest.TestCase):
             redis.start()
             harness.wait_for(lambda: all(self.state_serving(t) for t in self.targets), timeout=15,
                              what="every replica to resync")
+            self.assertEqual(self.metric("tokenbroker_state_backend_up"), 1)
+            self.assertGreaterEqual(self.metric("tokenbroker_state_backend_resyncs_total"), 2)
         finally:
             stop.set()
             for t in threads:

@@ -44,7 +44,7 @@ int FreePort() {
 // A redis-server child process on a free loopback port, in a temp dir, without persistence.
 class RedisProcess {
  public:
-  RedisProcess() : port_(FreePort()) { Start(); }
+  explicit RedisProcess(std::vector<std::string> extra = {}) : port_(FreePort()), extra_(std::move(extra)) { Start(); }
   ~RedisProcess() { Kill(); }
 
   void Start() {
@@ -52,11 +52,15 @@ class RedisProcess {
                                      "--dir", dir_.path(), "--save", "", "--appendonly", "no",
                                      "--protected-mode", "no", "--loglevel", "warning",
                                      "--logfile", dir_.Join("redis.log")};
+    args.insert(args.end(), extra_.begin(), extra_.end());
     std::vector<char*> argv;
     for (std::string& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
     ASSERT_EQ(posix_spawnp(&pid_, "redis-server", nullptr, nullptr, argv.data(), environ), 0);
-    ASSERT_TRUE(Eventually([&] { return RedisConnection::Connect(address(), absl::Milliseconds(200)).ok(); }));
+    ASSERT_TRUE(Eventually([&] {
+      auto c = RedisConnection::Connect(address(), absl::Milliseconds(200));
+      return c.ok() && (*c)->Command({"PING"}).status().code() != absl::StatusCode::kUnavailable;
+    }));
   }
   void Kill() {
     if (pid_ <= 0) return;
@@ -74,6 +78,7 @@ class RedisProcess {
  private:
   TempDir dir_;
   int port_;
+  std::vector<std::string> extra_;
   pid_t pid_ = 0;
 };
 
@@ -126,6 +131,22 @@ TEST(RedisConnectionTest, UnreachableServerIsUnavailableQuickly) {
   auto c = RedisConnection::Connect(RedisAddress{"127.0.0.1", FreePort(), 0}, absl::Milliseconds(200));
   EXPECT_TRUE(absl::IsUnavailable(c.status())) << c.status();
   EXPECT_LT(absl::Now() - start, absl::Seconds(1));
+}
+
+TEST(RedisConnectionTest, PasswordIsSentWithAuthAndNeverEchoed) {
+  RedisProcess redis({"--requirepass", "s3cret-pw"});
+  RedisAddress address = redis.address();
+  auto anonymous = RedisConnection::Connect(address, absl::Seconds(1));
+  ASSERT_TRUE(anonymous.ok());  // connecting needs no password; commands do
+  EXPECT_FALSE((*anonymous)->Command({"GET", "x"}).ok());
+  address.password = "wrong-pw";
+  auto wrong = RedisConnection::Connect(address, absl::Seconds(1));
+  EXPECT_TRUE(absl::IsPermissionDenied(wrong.status())) << wrong.status();
+  EXPECT_EQ(wrong.status().message().find("wrong-pw"), std::string::npos);
+  address.password = "s3cret-pw";
+  auto right = RedisConnection::Connect(address, absl::Seconds(1));
+  ASSERT_TRUE(right.ok()) << right.status();
+  EXPECT_TRUE((*right)->Command({"SET", "x", "1"}).ok());
 }
 
 TEST(RedisStateTest, SessionClaimFirstWinsAndMovesNeedTheCurrentBinding) {
