@@ -224,10 +224,17 @@ void TokenManager::WriteBack(const std::string& account_id, const AccountUpdate&
   if (absl::IsPermissionDenied(s) || absl::IsFailedPrecondition(s)) {
     if (!read_only_reported_) {
       read_only_reported_ = true;
-      spdlog::error(
-          "accounts directory {} is read-only ({}): refreshed tokens and disabled accounts are kept in this "
-          "process's memory only and are lost on restart",
-          store_->dir(), std::string(s.message()));
+      if (shared_ != nullptr) {
+        spdlog::warn(
+            "accounts directory {} is read-only ({}): refreshed tokens and disabled accounts are kept in memory "
+            "and in the shared state backend",
+            store_->dir(), std::string(s.message()));
+      } else {
+        spdlog::error(
+            "accounts directory {} is read-only ({}): refreshed tokens and disabled accounts are kept in this "
+            "process's memory only and are lost on restart",
+            store_->dir(), std::string(s.message()));
+      }
     }
     return;
   }

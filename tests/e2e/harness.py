@@ -87,6 +87,19 @@ class Process:
         return self.proc.returncode
 
 
+def quota_exhausted_body(model, delay):
+    """A 429 QUOTA_EXHAUSTED answer of Cloud Code, as in upstream-formats.md, with `delay` ("3s")."""
+    return json.dumps({"error": {
+        "code": 429, "status": "RESOURCE_EXHAUSTED",
+        "message": f"You have exhausted your capacity on this model. Your quota will reset after {delay}.",
+        "details": [
+            {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "QUOTA_EXHAUSTED",
+             "domain": "cloudcode-pa.googleapis.com",
+             "metadata": {"model": model, "quotaResetDelay": delay}},
+            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": delay},
+        ]}})
+
+
 def free_port():
     """A loopback TCP port nobody listens on right now (for servers that cannot bind port 0)."""
     with socket.socket() as s:

@@ -18,19 +18,6 @@ GET_TOKEN = "tokenbroker.v1.TokenBrokerService/GetToken"
 REPORT = "tokenbroker.v1.TokenBrokerService/ReportOutcome"
 
 
-def quota_exhausted_body(model, delay):
-    """A 429 QUOTA_EXHAUSTED answer of Cloud Code, as in upstream-formats.md, with `delay` ("3s")."""
-    return json.dumps({"error": {
-        "code": 429, "status": "RESOURCE_EXHAUSTED",
-        "message": f"You have exhausted your capacity on this model. Your quota will reset after {delay}.",
-        "details": [
-            {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "QUOTA_EXHAUSTED",
-             "domain": "cloudcode-pa.googleapis.com",
-             "metadata": {"model": model, "quotaResetDelay": delay}},
-            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": delay},
-        ]}})
-
-
 def rfc3339_to_epoch(text):
     """"2026-11-29T01:20:44.687321530Z" -> seconds since the epoch (protobuf JSON timestamps)."""
     base, _, frac = text.rstrip("Z").partition(".")
@@ -105,7 +92,7 @@ class OutcomesEndToEnd(unittest.TestCase):
         model, other = "model-quota", "model-other"
         first = self.get_token(model)
         self.assertEqual(first["accountId"], "acct-a")
-        r = self.report(leaseId=first["leaseId"], httpStatus=429, errorBody=quota_exhausted_body(model, "6s"))
+        r = self.report(leaseId=first["leaseId"], httpStatus=429, errorBody=harness.quota_exhausted_body(model, "6s"))
         self.assertEqual(r["scope"], "COOLDOWN_SCOPE_MODEL")
         self.assertEqual(r["accountId"], "acct-a")
         self.assertIn("QUOTA_EXHAUSTED", r["reason"])
@@ -132,7 +119,7 @@ class OutcomesEndToEnd(unittest.TestCase):
                            "--retry_after", "120")
         self.report(accountId="acct-b", model=model, httpStatus=429, retryAfter="45")
         self.report(accountId="acct-c", model=model, httpStatus=429,
-                    errorBody=quota_exhausted_body(model, "1h16m0.667s"))
+                    errorBody=harness.quota_exhausted_body(model, "1h16m0.667s"))
         asked = time.time()
         resp, err = self.call(GET_TOKEN, {"model": model})
         self.assertIsNone(resp)
@@ -162,7 +149,7 @@ class OutcomesEndToEnd(unittest.TestCase):
 
     def test_explain_names_the_reason_for_every_skipped_account(self):
         model = "model-explain"
-        self.report(accountId="acct-a", model=model, httpStatus=429, errorBody=quota_exhausted_body(model, "2h"))
+        self.report(accountId="acct-a", model=model, httpStatus=429, errorBody=harness.quota_exhausted_body(model, "2h"))
         out = self.cluster.tbctl_json("explain", "--model", model)
         verdicts = {a["accountId"]: a for a in out["accounts"]}
         self.assertEqual(out["chosenAccountId"], "acct-b")

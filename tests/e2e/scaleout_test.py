@@ -3,9 +3,7 @@ redis-server on a free loopback port. Cooldowns reach every replica, sessions st
 whichever replica serves them, a token is refreshed once across the fleet, and a Redis crash neither
 fails nor slows requests; after the restart the replicas converge."""
 import concurrent.futures
-import json
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -22,17 +20,6 @@ from tokenbroker.v1 import broker_pb2, broker_pb2_grpc  # noqa: E402
 
 STATE_SERVICE = "tokenbroker.v1.StateBackend"
 ACCOUNTS = ["acct-1", "acct-2", "acct-3", "acct-4"]
-
-
-def quota_body(model, delay):
-    return json.dumps({"error": {
-        "code": 429, "status": "RESOURCE_EXHAUSTED",
-        "message": f"You have exhausted your capacity on this model. Your quota will reset after {delay}.",
-        "details": [
-            {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "QUOTA_EXHAUSTED",
-             "domain": "cloudcode-pa.googleapis.com", "metadata": {"model": model, "quotaResetDelay": delay}},
-            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": delay},
-        ]}})
 
 
 def percentile(values, p):
@@ -109,7 +96,7 @@ class ScaleOut(unittest.TestCase):
         for trial in range(100):
             model = f"model-cool-{trial}"
             got = self.get_token(0, model)
-            self.report(0, lease_id=got.lease_id, http_status=429, error_body=quota_body(model, "300s"))
+            self.report(0, lease_id=got.lease_id, http_status=429, error_body=harness.quota_exhausted_body(model, "300s"))
             reported = time.monotonic()
             pending = {1, 2}
             while pending:
@@ -137,7 +124,7 @@ class ScaleOut(unittest.TestCase):
         for i in range(30):
             self.assertEqual(self.get_token(i % 3, model, session).account_id, moved, f"after rotate, call {i}")
         # Ineligibility moves it: a quota cooldown on the account, reported to replica 3.
-        self.report(2, account_id=moved, model=model, http_status=429, error_body=quota_body(model, "300s"))
+        self.report(2, account_id=moved, model=model, http_status=429, error_body=harness.quota_exhausted_body(model, "300s"))
         harness.wait_for(lambda: all(self.verdicts(r, model).get(moved) == broker_pb2.VERDICT_COOLDOWN
                                      for r in range(3)), timeout=5, what="the cooldown on every replica")
         answers = [self.get_token(i % 3, model, session).account_id for i in range(30)]
@@ -188,7 +175,7 @@ class ScaleOut(unittest.TestCase):
         self.assertEqual(c.upstream_call("/__fake/stats")["token_calls"]["1//rt-refresh"], 1)
 
     def test_4_redis_crash_neither_fails_nor_slows_calls_and_replicas_converge_after(self):
-        c, redis = self.cluster, self.redis
+        redis = self.redis
         model, session = "model-outage", "session-outage"
         bound = self.get_token(0, model, session).account_id
         for r in range(3):
@@ -229,7 +216,7 @@ class ScaleOut(unittest.TestCase):
             self.assertNotEqual(moved, bound)
             cooled = self.get_token(0, "model-outage-cool")
             self.report(0, lease_id=cooled.lease_id, http_status=429,
-                        error_body=quota_body("model-outage-cool", "300s"))
+                        error_body=harness.quota_exhausted_body("model-outage-cool", "300s"))
             restarted_at[0] = time.monotonic()
             redis.start()
             harness.wait_for(lambda: all(self.state_serving(t) for t in self.targets), timeout=15,
