@@ -153,6 +153,8 @@ std::optional<absl::StatusOr<AccessToken>> TokenManager::RefreshShared(const std
       return AccessToken{t->access_token, t->expiry};
     }
     if (absl::Now() >= give_up || !shared_->Up()) return std::nullopt;
+    absl::MutexLock lock(&mu_);
+    if (stopping_) return absl::UnavailableError("token manager is shutting down");
   }
 }
 

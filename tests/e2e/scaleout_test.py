@@ -52,6 +52,9 @@ class ScaleOut(unittest.TestCase):
         cls.stubs = [broker_pb2_grpc.TokenBrokerServiceStub(ch) for ch in cls.channels]
         for t in cls.targets:
             harness.wait_for(lambda t=t: cls.state_serving(t), what=f"{t} to sync with redis")
+        # The operator's way to ask the same: tbctl health --service.
+        r = c.tbctl("health", "--service", STATE_SERVICE, target=cls.targets[0])
+        assert r.stdout.strip() == "SERVING", r.stdout
 
     @classmethod
     def tearDownClass(cls):
@@ -60,9 +63,19 @@ class ScaleOut(unittest.TestCase):
         cls.cluster.close()
 
     @classmethod
+    def health(cls, target, service=""):
+        """grpc.health.v1 Check in-process (no tbctl subprocess: this polls during the load test);
+        the two one-field messages are encoded by hand. True when SERVING."""
+        name = service.encode()
+        check = cls.channels[cls.targets.index(target)].unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=lambda _: (b"\x0a" + bytes([len(name)]) + name) if name else b"",
+            response_deserializer=lambda data: data)
+        return check(None, timeout=5) == b"\x08\x01"  # status = SERVING (1)
+
+    @classmethod
     def state_serving(cls, target):
-        r = cls.cluster.tbctl("health", "--service", STATE_SERVICE, check=False, target=target)
-        return r.returncode == 0 and "SERVING" in r.stdout
+        return cls.health(target, STATE_SERVICE)
 
     def metric(self, name):
         """The value of an unlabelled metric of replica 1."""
@@ -76,8 +89,7 @@ class ScaleOut(unittest.TestCase):
 
     @classmethod
     def state_serving_overall(cls, target):
-        r = cls.cluster.tbctl("health", check=False, target=target)
-        return r.returncode == 0 and r.stdout.strip() == "SERVING"
+        return cls.health(target)
 
     def get_token(self, replica, model, session="", force_rotate=False):
         return self.stubs[replica].GetToken(
