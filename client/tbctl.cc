@@ -3,7 +3,9 @@
 #include <grpcpp/grpcpp.h>
 
 #include <cstdlib>
+#include <fstream>
 #include <iostream>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -45,6 +47,10 @@ ABSL_FLAG(double, low_threshold, -1, "LOW threshold; negative keeps the broker's
 ABSL_FLAG(double, exhausted_threshold, -1, "EXHAUSTED threshold; negative keeps the broker's (set-quota-manager).");
 ABSL_FLAG(std::string, service, "",
           "health: the service to check (\"\" overall; tokenbroker.v1.StateBackend: the Redis state backend).");
+ABSL_FLAG(std::string, token_file, "", "A file holding the bearer token to send (default: $TOKENBROKER_TOKEN).");
+ABSL_FLAG(std::string, tls_ca_file, "", "Connect over TLS, trusting this PEM CA for the broker's certificate.");
+ABSL_FLAG(std::string, tls_cert_file, "", "With --tls_ca_file: a PEM client certificate (mutual TLS).");
+ABSL_FLAG(std::string, tls_key_file, "", "The private key of --tls_cert_file.");
 ABSL_FLAG(int, count, 0, "watch-quota: stop after this many messages (0: until interrupted).");
 
 namespace {
@@ -131,8 +137,40 @@ int PrintJson(const google::protobuf::Message& message) {
   return 0;
 }
 
+// Every call: the deadline, and the bearer token when one is given (--token_file or
+// $TOKENBROKER_TOKEN; never a flag value, which would show in `ps`).
 void SetDeadline(grpc::ClientContext* ctx) {
   ctx->set_deadline(absl::ToChronoTime(absl::Now() + absl::GetFlag(FLAGS_timeout)));
+  static const std::string token = [] {
+    std::string t;
+    if (const std::string path = absl::GetFlag(FLAGS_token_file); !path.empty()) {
+      std::ifstream in(path);
+      std::getline(in, t);
+    } else if (const char* env = std::getenv("TOKENBROKER_TOKEN"); env != nullptr) {
+      t = env;
+    }
+    return std::string(absl::StripAsciiWhitespace(t));
+  }();
+  if (!token.empty()) ctx->AddMetadata("authorization", "Bearer " + token);
+}
+
+std::string ReadPem(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+std::shared_ptr<grpc::ChannelCredentials> ChannelCredentials() {
+  const std::string ca = absl::GetFlag(FLAGS_tls_ca_file);
+  if (ca.empty()) return grpc::InsecureChannelCredentials();
+  grpc::SslCredentialsOptions options;
+  options.pem_root_certs = ReadPem(ca);
+  if (const std::string cert = absl::GetFlag(FLAGS_tls_cert_file); !cert.empty()) {
+    options.pem_cert_chain = ReadPem(cert);
+    options.pem_private_key = ReadPem(absl::GetFlag(FLAGS_tls_key_file));
+  }
+  return grpc::SslCredentials(options);
 }
 
 int GetToken(TokenBrokerService::Stub& stub) {
@@ -311,7 +349,11 @@ int main(int argc, char** argv) {
     const char* env = std::getenv("TOKENBROKER_TARGET");
     target = env != nullptr ? env : "127.0.0.1:50051";
   }
-  auto channel = grpc::CreateChannel(target, grpc::InsecureChannelCredentials());
+  if (absl::GetFlag(FLAGS_tls_ca_file).empty() && !absl::GetFlag(FLAGS_tls_cert_file).empty()) {
+    std::cerr << "tbctl: --tls_cert_file needs --tls_ca_file (the CA of the broker's certificate)\n";
+    return 2;
+  }
+  auto channel = grpc::CreateChannel(target, ChannelCredentials());
   auto stub = TokenBrokerService::NewStub(channel);
   const std::string command = args[1];
   if (command == "get-token") return GetToken(*stub);

@@ -19,6 +19,8 @@
 #include "lib/quota_poller.h"
 #include "lib/redis_state.h"
 #include "lib/token_manager.h"
+#include "server/audit_log.h"
+#include "server/auth.h"
 #include "server/broker_service.h"
 #include "server/daemon.h"
 #include "server/metrics.h"
@@ -49,6 +51,17 @@ ABSL_FLAG(int, poll_concurrency, 4, "With --embedded_monitor: quota requests in 
 ABSL_FLAG(std::string, metrics_listen, "",
           "Serve Prometheus /metrics on this host:port (port 0: any free one); empty: no metrics.");
 ABSL_FLAG(std::string, metrics_port_file, "", "If set, the bound /metrics port is written to this file.");
+ABSL_FLAG(std::string, caller_tokens_file, "",
+          "Callers and their bearer tokens, one \"<name> <token>\" a line: GetToken and ReportOutcome then need "
+          "\"authorization: Bearer <token>\" (empty: open to whoever reaches the socket).");
+ABSL_FLAG(std::string, admin_token_file, "",
+          "A file holding the admin token: SetQuotaManager, ListAccounts and ExplainSelection then need it.");
+ABSL_FLAG(std::string, tls_cert_file, "", "PEM certificate (chain) of the API port: serve TLS (with --tls_key_file).");
+ABSL_FLAG(std::string, tls_key_file, "", "PEM private key of --tls_cert_file.");
+ABSL_FLAG(std::string, tls_client_ca_file, "",
+          "PEM CA certificates: the API port then requires client certificates they sign (mutual TLS).");
+ABSL_FLAG(std::string, audit_log, "",
+          "Append one JSON line per issued token (time, caller, account, model, hashed session, lease) to this file.");
 ABSL_FLAG(std::string, state_backend, "memory",
           "Where session bindings, cooldowns, leases, runtime disables and tokens are shared: memory (this "
           "process only) or redis://host:port[/db] (every replica using the same Redis and --state_prefix).");
@@ -118,6 +131,20 @@ int Run() {
     redis_options->session_ttl = absl::GetFlag(FLAGS_session_ttl);
     redis_options->lease_ttl = absl::GetFlag(FLAGS_lease_timeout);
   }
+  absl::StatusOr<AuthConfig> auth_config =
+      LoadAuthConfig(absl::GetFlag(FLAGS_caller_tokens_file), "--caller_tokens_file",
+                     absl::GetFlag(FLAGS_admin_token_file), "--admin_token_file");
+  if (!auth_config.ok()) return FailStartup(kProgram, std::string(auth_config.status().message()));
+  const Authenticator auth(*std::move(auth_config));
+  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials = ApiCredentials(
+      absl::GetFlag(FLAGS_tls_cert_file), absl::GetFlag(FLAGS_tls_key_file), absl::GetFlag(FLAGS_tls_client_ca_file));
+  if (!credentials.ok()) return FailStartup(kProgram, std::string(credentials.status().message()));
+  std::unique_ptr<AuditLog> audit;
+  if (const std::string path = absl::GetFlag(FLAGS_audit_log); !path.empty()) {
+    absl::StatusOr<std::unique_ptr<AuditLog>> opened = AuditLog::Open(path);
+    if (!opened.ok()) return FailStartup(kProgram, std::string(opened.status().message()));
+    audit = *std::move(opened);
+  }
   absl::StatusOr<std::unique_ptr<AccountStore>> store = AccountStore::Open(absl::GetFlag(FLAGS_accounts_dir));
   if (!store.ok()) return FailStartup(kProgram, absl::StrCat("--accounts_dir: ", store.status().message()));
 
@@ -176,6 +203,7 @@ int Run() {
   }
 
   BrokerService service(pool, tokens, &subscriber);
+  service.SetSecurity(auth.enabled() ? &auth : nullptr, audit.get());
   std::unique_ptr<Metrics> metrics;
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
   if (std::string metrics_listen = absl::GetFlag(FLAGS_metrics_listen); !metrics_listen.empty()) {
@@ -190,7 +218,7 @@ int Run() {
     spdlog::info("metrics on http://{}/metrics (port {})", metrics_listen, metrics->port());
     if (std::string pf = absl::GetFlag(FLAGS_metrics_port_file); !pf.empty()) WritePort(pf, metrics->port());
   }
-  absl::StatusOr<Servers> servers = Servers::Start({&service}, std::move(interceptors));
+  absl::StatusOr<Servers> servers = Servers::Start({&service}, std::move(interceptors), *credentials);
   if (!servers.ok()) {
     if (poller) poller->Stop();
     tokens.Stop();
@@ -205,8 +233,12 @@ int Run() {
   };
   bool serving = update_health();
   const std::string listen = absl::GetFlag(FLAGS_listen);
-  spdlog::info("serving on {}{} with policy {}; {}", listen,
-               listen.rfind("unix:", 0) == 0 ? "" : absl::StrCat(" (port ", port, ")"), std::string(PolicyName(*policy)),
+  spdlog::info("serving on {}{}{} with policy {}; {}", listen,
+               listen.rfind("unix:", 0) == 0 ? "" : absl::StrCat(" (port ", port, ")"),
+               absl::GetFlag(FLAGS_tls_cert_file).empty()         ? ""
+               : absl::GetFlag(FLAGS_tls_client_ca_file).empty() ? " over TLS"
+                                                                 : " over mutual TLS",
+               std::string(PolicyName(*policy)),
                serving ? "health SERVING" : "health NOT_SERVING until a usable account is loaded");
   WritePortFile(port);
 

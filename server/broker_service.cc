@@ -36,6 +36,7 @@ struct BrokerService::Pending {
   int attempt = 0;
   absl::Status last_error;
   absl::Time deadline = absl::InfinitePast();  // end of max_wait; in the past: no waiting
+  std::string caller;                          // for the audit log
 };
 
 BrokerService::BrokerService(AccountPool& pool, TokenManager& tokens, QuotaSubscriber* subscriber)
@@ -43,11 +44,18 @@ BrokerService::BrokerService(AccountPool& pool, TokenManager& tokens, QuotaSubsc
 
 BrokerService::~BrokerService() { Shutdown(); }
 
+absl::StatusOr<std::string> BrokerService::Caller(const grpc::CallbackServerContext& context, bool admin) const {
+  if (auth_ == nullptr) return std::string("-");
+  return auth_->Check(context, admin);
+}
+
 void BrokerService::Shutdown() { waits_.Shutdown(); }
 
 grpc::ServerUnaryReactor* BrokerService::GetToken(grpc::CallbackServerContext* context,
                                                   const v1::GetTokenRequest* request,
                                                   v1::GetTokenResponse* response) {
+  absl::StatusOr<std::string> caller = Caller(*context, /*admin=*/false);
+  if (!caller.ok()) return FinishNow(context, caller.status());
   for (const absl::Status& s : {ValidateModel("model", request->model(), /*required=*/true),
                                 ValidateSessionId("session_id", request->session_id()),
                                 ValidateModel("quota_group", request->quota_group(), /*required=*/false)}) {
@@ -68,6 +76,7 @@ grpc::ServerUnaryReactor* BrokerService::GetToken(grpc::CallbackServerContext* c
   pending->request.model = request->model();
   pending->request.session_id = request->session_id();
   pending->request.force_rotate = request->force_rotate();
+  pending->caller = *std::move(caller);
   if (max_wait > absl::ZeroDuration()) pending->deadline = absl::Now() + max_wait;
   grpc::ServerUnaryReactor* reactor = pending->reactor;
   Issue(std::move(pending), /*may_wait=*/true);
@@ -131,6 +140,11 @@ void BrokerService::Issue(std::unique_ptr<Pending> p, bool may_wait) {
                     SessionTag(p->request.session_id), selection.account_id, std::string(TierName(selection.tier)),
                     selection.from_session ? " (session)" : "");
     }
+    if (audit_ != nullptr) {
+      audit_->Issued({p->caller, selection.account_id, p->request.model, SessionTag(p->request.session_id),
+                      selection.lease_id, std::string(TierName(selection.tier))},
+                     absl::Now());
+    }
     p->reactor->Finish(grpc::Status::OK);
   });
 }
@@ -138,6 +152,9 @@ void BrokerService::Issue(std::unique_ptr<Pending> p, bool may_wait) {
 grpc::ServerUnaryReactor* BrokerService::ReportOutcome(grpc::CallbackServerContext* context,
                                                        const v1::ReportOutcomeRequest* request,
                                                        v1::ReportOutcomeResponse* response) {
+  if (absl::Status allowed = Caller(*context, /*admin=*/false).status(); !allowed.ok()) {
+    return FinishNow(context, allowed);
+  }
   if (request->lease_id().empty() && request->account_id().empty()) {
     return FinishNow(context, InvalidFieldError("lease_id", "give the lease_id from GetToken, or account_id and model"));
   }
@@ -192,6 +209,9 @@ grpc::ServerUnaryReactor* BrokerService::ReportOutcome(grpc::CallbackServerConte
 grpc::ServerUnaryReactor* BrokerService::SetQuotaManager(grpc::CallbackServerContext* context,
                                                          const v1::SetQuotaManagerRequest* request,
                                                          v1::SetQuotaManagerResponse* response) {
+  if (absl::Status allowed = Caller(*context, /*admin=*/true).status(); !allowed.ok()) {
+    return FinishNow(context, allowed);
+  }
   absl::MutexLock lock(&quota_mu_);
   QuotaSettings settings = pool_.quota_settings();
   settings.enabled = request->enabled();
@@ -230,6 +250,9 @@ grpc::ServerUnaryReactor* BrokerService::SetQuotaManager(grpc::CallbackServerCon
 grpc::ServerUnaryReactor* BrokerService::ListAccounts(grpc::CallbackServerContext* context,
                                                       const v1::ListAccountsRequest*,
                                                       v1::ListAccountsResponse* response) {
+  if (absl::Status allowed = Caller(*context, /*admin=*/true).status(); !allowed.ok()) {
+    return FinishNow(context, allowed);
+  }
   for (const AccountView& view : pool_.List()) ToProto(view, response->add_accounts());
   return FinishNow(context, absl::OkStatus());
 }
@@ -237,6 +260,9 @@ grpc::ServerUnaryReactor* BrokerService::ListAccounts(grpc::CallbackServerContex
 grpc::ServerUnaryReactor* BrokerService::ExplainSelection(grpc::CallbackServerContext* context,
                                                           const v1::ExplainSelectionRequest* request,
                                                           v1::ExplainSelectionResponse* response) {
+  if (absl::Status allowed = Caller(*context, /*admin=*/true).status(); !allowed.ok()) {
+    return FinishNow(context, allowed);
+  }
   for (const absl::Status& s : {ValidateModel("model", request->model(), /*required=*/true),
                                 ValidateSessionId("session_id", request->session_id())}) {
     if (!s.ok()) return FinishNow(context, s);

@@ -4,6 +4,8 @@
 
 #include "lib/account_pool.h"
 #include "lib/token_manager.h"
+#include "server/audit_log.h"
+#include "server/auth.h"
 #include "server/quota_subscriber.h"
 #include "server/wait_queue.h"
 #include "tokenbroker/v1/broker.grpc.pb.h"
@@ -26,6 +28,13 @@ class BrokerService final : public v1::TokenBrokerService::CallbackService {
   // draining server is not held up by them. Call before grpc::Server::Shutdown.
   void Shutdown();
 
+  // Checks callers with `auth` and records every issuance in `audit` (either may be null: open,
+  // unaudited). Call before serving; both must outlive the service.
+  void SetSecurity(const Authenticator* auth, AuditLog* audit) {
+    auth_ = auth;
+    audit_ = audit;
+  }
+
   // GetToken calls parked until an account frees.
   size_t WaitingCalls() const { return waits_.size(); }
 
@@ -47,6 +56,8 @@ class BrokerService final : public v1::TokenBrokerService::CallbackService {
 
  private:
   struct Pending;
+  // The caller's name; UNAUTHENTICATED or PERMISSION_DENIED when it may not make this call.
+  absl::StatusOr<std::string> Caller(const grpc::CallbackServerContext& context, bool admin) const;
   // Selects an account and finishes the call with its token; when the token cannot be had, tries
   // again without that account, up to a few times; when no account is eligible and the caller
   // gave max_wait, parks the call in the wait queue until an account frees or the deadline.
@@ -55,6 +66,8 @@ class BrokerService final : public v1::TokenBrokerService::CallbackService {
   AccountPool& pool_;
   TokenManager& tokens_;
   QuotaSubscriber* subscriber_;
+  const Authenticator* auth_ = nullptr;
+  AuditLog* audit_ = nullptr;
   absl::Mutex quota_mu_;  // serialises SetQuotaManager calls
   WaitQueue waits_;
 };

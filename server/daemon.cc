@@ -142,19 +142,21 @@ bool AccountLoader::ReloadIfChanged() {
 
 absl::StatusOr<Servers> Servers::Start(
     const std::vector<grpc::Service*>& services,
-    std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors) {
+    std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors,
+    std::shared_ptr<grpc::ServerCredentials> credentials) {
   // Linking the health descriptors lets reflection describe gRPC's built-in health service.
   (void)grpc::health::v1::HealthCheckRequest::descriptor();
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   auto build = [](const std::string& flag, const std::string& listen, const std::vector<grpc::Service*>& services,
                   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors,
+                  std::shared_ptr<grpc::ServerCredentials> creds,
                   int* port) -> absl::StatusOr<std::unique_ptr<grpc::Server>> {
     grpc::ServerBuilder builder;
     // gRPC sets SO_REUSEPORT by default: a second server on a taken port would start silently.
     builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
     *port = 0;
-    builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), port);
+    builder.AddListeningPort(listen, creds ? creds : grpc::InsecureServerCredentials(), port);
     for (grpc::Service* s : services) builder.RegisterService(s);
     if (!interceptors.empty()) builder.experimental().SetInterceptorCreators(std::move(interceptors));
     std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
@@ -165,12 +167,12 @@ absl::StatusOr<Servers> Servers::Start(
   };
   Servers out;
   absl::StatusOr<std::unique_ptr<grpc::Server>> api =
-      build("listen", absl::GetFlag(FLAGS_listen), services, std::move(interceptors), &out.port_);
+      build("listen", absl::GetFlag(FLAGS_listen), services, std::move(interceptors), std::move(credentials), &out.port_);
   if (!api.ok()) return api.status();
   out.api_ = *std::move(api);
   if (std::string health_listen = absl::GetFlag(FLAGS_health_listen); !health_listen.empty()) {
     int health_port = 0;
-    absl::StatusOr<std::unique_ptr<grpc::Server>> health = build("health_listen", health_listen, {}, {}, &health_port);
+    absl::StatusOr<std::unique_ptr<grpc::Server>> health = build("health_listen", health_listen, {}, {}, nullptr, &health_port);
     if (!health.ok()) {
       out.api_->Shutdown();
       return health.status();

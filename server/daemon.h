@@ -73,9 +73,11 @@ class AccountLoader {
 class Servers {
  public:
   // `interceptors` (may be empty) see every API call. The message names the flag at fault.
+  // `credentials` secure the API port (default plaintext); the health port is always plaintext.
   static absl::StatusOr<Servers> Start(
       const std::vector<grpc::Service*>& services,
-      std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors = {});
+      std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors = {},
+      std::shared_ptr<grpc::ServerCredentials> credentials = nullptr);
 
   // The bound TCP port of the API server; 0 for a unix socket.
   int port() const { return port_; }
