@@ -5,8 +5,12 @@
 // waits exactly that long and tries again.
 //
 //   node client/node/proxy_example.js --broker 127.0.0.1:50051 --upstream http://127.0.0.1:8080 --model gemini-3-pro-high
+//
+// Against a secured broker: the bearer token comes from $TOKENBROKER_TOKEN; --tls-ca (with
+// --tls-cert and --tls-key for mutual TLS) turns TLS on.
 'use strict';
 
+const fs = require('fs');
 const path = require('path');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
@@ -50,13 +54,20 @@ function retryDelay(error) {
 const sleep = (seconds) => new Promise((resolve) => setTimeout(resolve, seconds * 1000));
 
 class Broker {
-  constructor(target) {
-    this.client = new TokenBrokerService(target, grpc.credentials.createInsecure());
+  constructor(target, { token, tlsCa, tlsCert, tlsKey } = {}) {
+    const creds = tlsCa
+      ? grpc.credentials.createSsl(fs.readFileSync(tlsCa), tlsKey ? fs.readFileSync(tlsKey) : null,
+        tlsCert ? fs.readFileSync(tlsCert) : null)
+      : grpc.credentials.createInsecure();
+    this.client = new TokenBrokerService(target, creds);
+    this.metadata = new grpc.Metadata();
+    if (token) this.metadata.set('authorization', `Bearer ${token}`);
   }
 
   call(method, request) {
     return new Promise((resolve, reject) => {
-      this.client[method](request, { deadline: Date.now() + 30000 }, (err, reply) => (err ? reject(err) : resolve(reply)));
+      this.client[method](request, this.metadata, { deadline: Date.now() + 30000 },
+        (err, reply) => (err ? reject(err) : resolve(reply)));
     });
   }
 
@@ -107,7 +118,9 @@ module.exports = { Broker, proxy, retryDelay };
 
 if (require.main === module) {
   const args = Object.fromEntries(process.argv.slice(2).reduce((acc, v, i, all) => (i % 2 ? acc : [...acc, [v.replace(/^--/, ''), all[i + 1]]]), []));
-  const broker = new Broker(args.broker || '127.0.0.1:50051');
+  const broker = new Broker(args.broker || '127.0.0.1:50051', {
+    token: process.env.TOKENBROKER_TOKEN, tlsCa: args['tls-ca'], tlsCert: args['tls-cert'], tlsKey: args['tls-key'],
+  });
   proxy(broker, args.upstream, args.model || 'gemini-3-pro-high', args.session || '', { request: { contents: [] } })
     .then((r) => console.log(`served by ${r.accountId}: ${JSON.stringify(r.response).slice(0, 200)}`))
     .catch((e) => { console.error(e.message); process.exitCode = 1; })

@@ -113,6 +113,29 @@ class Security(unittest.TestCase):
         r = self.tbctl("health")
         self.assertEqual(r.returncode, 0, r.stderr)
 
+    def test_f_the_python_example_proxy_works_against_the_secured_broker(self):
+        repo = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+        env = dict(os.environ, PYTHONPATH=os.path.join(os.path.abspath(BUILD), "python"),
+                   TOKENBROKER_TOKEN=CALLER_TOKEN)
+        r = subprocess.run(["/usr/bin/python3", os.path.join(repo, "client", "python", "proxy_example.py"),
+                            "--broker", self.cluster.target, "--upstream",
+                            f"http://127.0.0.1:{self.cluster.upstream.port}", "--model", "model-python",
+                            "--tls-ca", self.pki("ca.pem"), "--tls-cert", self.pki("client.pem"),
+                            "--tls-key", self.pki("client.key")], capture_output=True, text=True, timeout=60, env=env)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("served by acct-a", r.stdout)
+
+    def test_g_the_node_example_proxy_works_against_the_secured_broker(self):
+        repo = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+        env = dict(os.environ, TOKENBROKER_TOKEN=CALLER_TOKEN)
+        r = subprocess.run(["node", "proxy_example.js", "--broker", self.cluster.target, "--upstream",
+                            f"http://127.0.0.1:{self.cluster.upstream.port}", "--model", "model-node",
+                            "--tls-ca", self.pki("ca.pem"), "--tls-cert", self.pki("client.pem"),
+                            "--tls-key", self.pki("client.key")],
+                           cwd=os.path.join(repo, "client", "node"), capture_output=True, text=True, timeout=60, env=env)
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        self.assertIn("served by acct-a", r.stdout)
+
     def test_z_audit_log_has_one_line_per_issuance_and_no_secret(self):
         ok = self.tbctl("get-token", "--model=model-audit", "--session=conv-secret-2", token=OTHER_TOKEN)
         self.assertEqual(ok.returncode, 0, ok.stderr)
