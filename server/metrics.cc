@@ -8,11 +8,14 @@
 #include <prometheus/registry.h>
 
 #include <chrono>
+#include <map>
 #include <exception>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "lib/quota_hub.h"
+#include "lib/quota_poller.h"
 #include "lib/redis_state.h"
 
 namespace tokenbroker {
@@ -135,6 +138,47 @@ class StateCollector final : public prometheus::Collectable {
   const RedisState* redis_;
 };
 
+// The monitor's state, read at scrape time.
+class MonitorCollector final : public prometheus::Collectable {
+ public:
+  MonitorCollector(AccountPool& pool, TokenManager& tokens, const QuotaHub& hub, const QuotaPoller& poller)
+      : pool_(pool), tokens_(tokens), hub_(hub), poller_(poller) {}
+
+  std::vector<prometheus::MetricFamily> Collect() const override {
+    using prometheus::MetricType;
+    auto states = Family("tokenbroker_accounts", "Loaded accounts by state.", MetricType::Gauge);
+    std::map<std::string, int> by_state = {{"enabled", 0}, {"disabled", 0}, {"proxy_disabled", 0}};
+    for (const AccountView& a : pool_.List()) {
+      ++by_state[a.disabled ? "disabled" : a.proxy_disabled ? "proxy_disabled" : "enabled"];
+    }
+    for (const auto& [state, n] : by_state) states.metric.push_back(Value(n, {{"state", state}}, false));
+    auto refreshes = Family("tokenbroker_token_refreshes_total", "Token refreshes by result.", MetricType::Counter);
+    auto counts = tokens_.RefreshCounts();
+    for (const char* result : {"ok", "invalid_grant", "error"}) {
+      refreshes.metric.push_back(Value(static_cast<double>(counts[result]), {{"result", result}}, true));
+    }
+    auto polls = Family("tokenbroker_monitor_polls_total", "Quota polls of accounts.", MetricType::Counter);
+    polls.metric.push_back(Value(static_cast<double>(poller_.PollCount()), {}, true));
+    auto subscribers = Family("tokenbroker_monitor_subscribers", "Open WatchQuota streams.", MetricType::Gauge);
+    subscribers.metric.push_back(Value(static_cast<double>(hub_.subscribers()), {}, false));
+    auto known = Family("tokenbroker_monitor_quota_entries", "(account, model) quota entries known.",
+                        MetricType::Gauge);
+    known.metric.push_back(Value(static_cast<double>(hub_.size()), {}, false));
+    auto backlog = Family("tokenbroker_monitor_max_pending",
+                          "Quota entries the slowest WatchQuota stream has not read yet.", MetricType::Gauge);
+    backlog.metric.push_back(Value(static_cast<double>(hub_.MaxPending()), {}, false));
+    std::vector<prometheus::MetricFamily> out;
+    for (auto* f : {&states, &refreshes, &polls, &subscribers, &known, &backlog}) out.push_back(std::move(*f));
+    return out;
+  }
+
+ private:
+  AccountPool& pool_;
+  TokenManager& tokens_;
+  const QuotaHub& hub_;
+  const QuotaPoller& poller_;
+};
+
 }  // namespace
 
 // Per-RPC counters and latency histograms, with the label lookups cached so a call costs two
@@ -221,9 +265,21 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Start(const std::string& liste
                                                         TokenManager& tokens, QuotaSubscriber& subscriber,
                                                         BrokerService& service, const RedisState* redis) {
   std::unique_ptr<Metrics> m(new Metrics());
+  m->state_ = std::make_shared<StateCollector>(pool, tokens, subscriber, service, redis);
+  return Serve(listen, std::move(m));
+}
+
+absl::StatusOr<std::unique_ptr<Metrics>> Metrics::StartForMonitor(const std::string& listen, AccountPool& pool,
+                                                                  TokenManager& tokens, const QuotaHub& hub,
+                                                                  const QuotaPoller& poller) {
+  std::unique_ptr<Metrics> m(new Metrics());
+  m->state_ = std::make_shared<MonitorCollector>(pool, tokens, hub, poller);
+  return Serve(listen, std::move(m));
+}
+
+absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Serve(const std::string& listen, std::unique_ptr<Metrics> m) {
   m->registry_ = std::make_shared<prometheus::Registry>();
   m->rpc_ = std::make_shared<RpcMetrics>(*m->registry_);
-  m->state_ = std::make_shared<StateCollector>(pool, tokens, subscriber, service, redis);
   try {
     m->exposer_ = std::make_unique<prometheus::Exposer>(listen, /*num_threads=*/1);
   } catch (const std::exception& e) {

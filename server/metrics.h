@@ -22,6 +22,8 @@ namespace tokenbroker {
 
 class RpcMetrics;
 class RedisState;
+class QuotaHub;
+class QuotaPoller;
 
 // Prometheus /metrics for the broker on its own address: per-RPC counts by method and code and
 // latency histograms by method (from a gRPC interceptor), and, read at scrape time, accounts by
@@ -36,6 +38,11 @@ class Metrics {
                                                         TokenManager& tokens, QuotaSubscriber& subscriber,
                                                         BrokerService& service,
                                                         const RedisState* redis = nullptr);
+  // The monitor's /metrics: RPC metrics, accounts by state, token refreshes, quota polls, quota
+  // stream subscribers and the slowest one's backlog.
+  static absl::StatusOr<std::unique_ptr<Metrics>> StartForMonitor(const std::string& listen, AccountPool& pool,
+                                                                  TokenManager& tokens, const QuotaHub& hub,
+                                                                  const QuotaPoller& poller);
   ~Metrics();
 
   // The port /metrics is served on.
@@ -45,6 +52,8 @@ class Metrics {
 
  private:
   Metrics() = default;
+  static absl::StatusOr<std::unique_ptr<Metrics>> Serve(const std::string& listen,
+                                                        std::unique_ptr<Metrics> m);
   std::shared_ptr<prometheus::Registry> registry_;
   std::shared_ptr<RpcMetrics> rpc_;
   std::shared_ptr<prometheus::Collectable> state_;

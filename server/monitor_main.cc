@@ -17,11 +17,15 @@
 #include "lib/quota_poller.h"
 #include "lib/token_manager.h"
 #include "server/daemon.h"
+#include "server/metrics.h"
 #include "server/monitor_service.h"
 #include "spdlog/spdlog.h"
 
 ABSL_FLAG(absl::Duration, poll_interval, absl::Minutes(5), "Each account's quota is read this often (±10 % jitter).");
 ABSL_FLAG(int, poll_concurrency, 4, "Quota requests in flight at most.");
+ABSL_FLAG(std::string, metrics_listen, "",
+          "Serve Prometheus /metrics on this host:port (port 0: any free one); empty: no metrics.");
+ABSL_FLAG(std::string, metrics_port_file, "", "If set, the bound /metrics port is written to this file.");
 
 namespace tokenbroker {
 namespace {
@@ -58,7 +62,21 @@ int Run() {
   poller.Start();
 
   MonitorService service(hub);
-  absl::StatusOr<Servers> servers = Servers::Start({&service});
+  std::unique_ptr<Metrics> metrics;
+  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
+  if (std::string metrics_listen = absl::GetFlag(FLAGS_metrics_listen); !metrics_listen.empty()) {
+    absl::StatusOr<std::unique_ptr<Metrics>> started = Metrics::StartForMonitor(metrics_listen, pool, tokens, hub, poller);
+    if (!started.ok()) {
+      poller.Stop();
+      tokens.Stop();
+      return FailStartup(kProgram, std::string(started.status().message()));
+    }
+    metrics = *std::move(started);
+    interceptors = metrics->Interceptors();
+    spdlog::info("metrics on http://{}/metrics (port {})", metrics_listen, metrics->port());
+    if (std::string pf = absl::GetFlag(FLAGS_metrics_port_file); !pf.empty()) WritePort(pf, metrics->port());
+  }
+  absl::StatusOr<Servers> servers = Servers::Start({&service}, std::move(interceptors));
   if (!servers.ok()) {
     poller.Stop();
     tokens.Stop();

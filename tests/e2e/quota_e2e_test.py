@@ -5,6 +5,7 @@ import os
 import sys
 import time
 import unittest
+import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
@@ -34,7 +35,10 @@ class QuotaEndToEnd(unittest.TestCase):
         c.start_upstream()
         profile(c, "1//rt-a", "g1-ultra-tier", 0.02, "proj-a")
         profile(c, "1//rt-b", "g1-pro-tier", 0.8, "proj-b")
-        cls.monitor = c.start_monitor("--poll_interval=1s", "--poll_concurrency=2", "--log_level=debug")
+        cls.monitor_metrics_port_file = os.path.join(c.dir, "monitor-metrics.port")
+        cls.monitor = c.start_monitor("--poll_interval=1s", "--poll_concurrency=2", "--log_level=debug",
+                                      "--metrics_listen=127.0.0.1:0",
+                                      f"--metrics_port_file={cls.monitor_metrics_port_file}")
         cls.monitor_target = f"127.0.0.1:{cls.monitor.port}"
         # Broker 1 starts without quota validation; broker 2 is attached to the monitor from start,
         # with a short cache TTL.
@@ -99,6 +103,24 @@ class QuotaEndToEnd(unittest.TestCase):
         profile(c, "1//rt-a", "g1-ultra-tier", 0.02, "proj-a")
         harness.wait_for(lambda: self.get(self.b1_target)["accountId"] == "acct-b"
                          and self.get(self.b2_target)["accountId"] == "acct-b", what="both brokers to skip acct-a")
+
+    def test_2b_the_monitor_has_metrics_of_its_own(self):
+        with open(self.monitor_metrics_port_file) as f:
+            port = f.read().strip()
+
+        def scrape():
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+                text = resp.read().decode()
+            return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+                    if line and not line.startswith("#")}
+        m = harness.wait_for(lambda: (lambda m: m if m.get("tokenbroker_monitor_subscribers", 0) >= 1 else None)(scrape()),
+                             what="a WatchQuota subscriber on the monitor's metrics")
+        self.assertGreater(m["tokenbroker_monitor_polls_total"], 0)
+        self.assertEqual(m['tokenbroker_accounts{state="enabled"}'], 2)
+        self.assertGreaterEqual(m['tokenbroker_token_refreshes_total{result="ok"}'], 2)
+        self.assertGreaterEqual(m["tokenbroker_monitor_quota_entries"], 2)
+        self.assertTrue(any(k.startswith('tokenbroker_rpc_total{code="OK",method="/tokenbroker.v1.QuotaMonitorService')
+                            or k.startswith("tokenbroker_rpc_duration_seconds_count") for k in m), list(m)[:20])
 
     def test_3_bounded_concurrency_and_one_poll_per_interval(self):
         stats = self.cluster.upstream_call("/__fake/stats")
