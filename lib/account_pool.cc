@@ -551,11 +551,12 @@ absl::StatusOr<Selection> AccountPool::SelectOnce(const SelectRequest& request, 
     chosen = ev.chosen;
     from_session = ev.from_session;
   }
+  const char* rebind_reason = !bound ? "new" : request.force_rotate ? "force_rotate" : "ineligible";
   if (claim != nullptr && !request.session_id.empty() && !from_session) {
     claim->needed = true;
     claim->expected = bound.value_or("");
     claim->candidate = entries_[*chosen].record.id;
-    claim->reason = !bound ? "new" : request.force_rotate ? "force_rotate" : "ineligible";
+    claim->reason = rebind_reason;
     return Selection{};
   }
   Entry& entry = entries_[*chosen];
@@ -572,8 +573,7 @@ absl::StatusOr<Selection> AccountPool::SelectOnce(const SelectRequest& request, 
     if (SharedState* shared = shared_state()) shared->TouchSession(request.session_id);
   }
   if (!request.session_id.empty() && !from_session) {
-    std::string reason = !bound ? "new" : request.force_rotate ? "force_rotate" : "ineligible";
-    ++rebinds_[reason];
+    ++rebinds_[rebind_reason];
     sessions_.Bind(request.session_id, entry.record.id, now);
   }
 

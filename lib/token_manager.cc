@@ -184,16 +184,11 @@ absl::StatusOr<AccessToken> TokenManager::RefreshWithOAuth(const std::string& ac
   if (fence > 0) shared_->UnlockRefresh(account_id, fence);
   if (IsInvalidGrant(grant.status())) {
     std::string reason(grant.status().message());
-    pool_.Disable(account_id, reason);
-    if (shared_ != nullptr) shared_->AccountDisabled(account_id, reason);
     {
       absl::MutexLock lock(&mu_);
       ++counts_["invalid_grant"];
     }
-    spdlog::warn("account {} disabled: the token endpoint answered {}", account_id, reason);
-    AccountUpdate update;
-    update.disabled_reason = reason;
-    WriteBack(account_id, update);
+    Disable(account_id, reason);
     return absl::FailedPreconditionError(absl::StrCat("account ", account_id, " disabled: ", reason));
   }
   {
