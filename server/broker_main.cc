@@ -215,8 +215,7 @@ int Run() {
     }
     metrics = *std::move(started);
     interceptors = metrics->Interceptors();
-    spdlog::info("metrics on http://{}/metrics (port {})", metrics_listen, metrics->port());
-    if (std::string pf = absl::GetFlag(FLAGS_metrics_port_file); !pf.empty()) WritePort(pf, metrics->port());
+    metrics->Announce(metrics_listen, absl::GetFlag(FLAGS_metrics_port_file));
   }
   absl::StatusOr<Servers> servers = Servers::Start({&service}, std::move(interceptors), *credentials);
   if (!servers.ok()) {

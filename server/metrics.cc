@@ -8,8 +8,8 @@
 #include <prometheus/registry.h>
 
 #include <chrono>
-#include <map>
 #include <exception>
+#include <map>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
@@ -17,6 +17,8 @@
 #include "lib/quota_hub.h"
 #include "lib/quota_poller.h"
 #include "lib/redis_state.h"
+#include "server/daemon.h"
+#include "spdlog/spdlog.h"
 
 namespace tokenbroker {
 namespace {
@@ -293,6 +295,11 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Serve(const std::string& liste
 }
 
 Metrics::~Metrics() = default;
+
+void Metrics::Announce(const std::string& listen, const std::string& port_file) const {
+  spdlog::info("metrics on http://{}/metrics (port {})", listen, port_);
+  if (!port_file.empty()) WritePort(port_file, port_);
+}
 
 std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> Metrics::Interceptors() {
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> out;

@@ -47,6 +47,8 @@ class Metrics {
 
   // The port /metrics is served on.
   int port() const { return port_; }
+  // Logs where /metrics is served and writes the port to `port_file` (when set).
+  void Announce(const std::string& listen, const std::string& port_file) const;
   // Interceptor factories to pass to the gRPC server (they feed the RPC metrics).
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> Interceptors();
 
