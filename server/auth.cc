@@ -2,6 +2,8 @@
 
 #include <grpcpp/security/server_credentials.h>
 
+#include <sys/stat.h>
+
 #include <fstream>
 #include <sstream>
 
@@ -11,6 +13,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "lib/errors.h"
+#include "spdlog/spdlog.h"
 
 namespace tokenbroker {
 namespace {
@@ -91,7 +94,56 @@ absl::StatusOr<AuthConfig> LoadAuthConfig(const std::string& callers_file, absl:
   return out;
 }
 
+absl::StatusOr<std::unique_ptr<Authenticator>> Authenticator::Open(const std::string& callers_file,
+                                                                   const std::string& admin_file) {
+  absl::StatusOr<AuthConfig> config =
+      LoadAuthConfig(callers_file, "--caller_tokens_file", admin_file, "--admin_token_file");
+  if (!config.ok()) return config.status();
+  auto auth = std::make_unique<Authenticator>(*std::move(config));
+  auth->callers_file_ = callers_file;
+  auth->admin_file_ = admin_file;
+  auth->stamp_ = auth->Stamp();
+  return auth;
+}
+
+std::string Authenticator::Stamp() const {
+  std::string out;
+  for (const std::string* path : {&callers_file_, &admin_file_}) {
+    struct stat st {};
+    if (!path->empty() && ::stat(path->c_str(), &st) == 0) {
+      absl::StrAppend(&out, st.st_size, ":", st.st_mtim.tv_sec, ".", st.st_mtim.tv_nsec, ":", st.st_ino, ";");
+    } else {
+      out += "-;";
+    }
+  }
+  return out;
+}
+
+bool Authenticator::ReloadIfChanged() {
+  if (callers_file_.empty() && admin_file_.empty()) return false;
+  std::string stamp = Stamp();
+  if (stamp == stamp_) return false;
+  stamp_ = std::move(stamp);
+  absl::StatusOr<AuthConfig> config =
+      LoadAuthConfig(callers_file_, "--caller_tokens_file", admin_file_, "--admin_token_file");
+  if (!config.ok()) {
+    spdlog::error("token files changed but cannot be used ({}); the tokens in use stay", std::string(config.status().message()));
+    return false;
+  }
+  absl::MutexLock lock(&mu_);
+  config_ = *std::move(config);
+  spdlog::info("token files reloaded: {} callers{}", config_.callers.size(),
+               config_.admin_token.empty() ? "" : " and the admin token");
+  return true;
+}
+
+bool Authenticator::enabled() const {
+  absl::ReaderMutexLock lock(&mu_);
+  return !config_.callers.empty() || !config_.admin_token.empty();
+}
+
 absl::StatusOr<std::string> Authenticator::Check(const grpc::ServerContextBase& context, bool admin) const {
+  absl::ReaderMutexLock lock(&mu_);
   const bool callers_on = !config_.callers.empty();
   const bool admin_on = !config_.admin_token.empty();
   if (!callers_on && !admin_on) return std::string("-");

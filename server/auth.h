@@ -13,6 +13,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
 
 namespace tokenbroker {
 
@@ -35,17 +36,30 @@ absl::StatusOr<AuthConfig> LoadAuthConfig(const std::string& callers_file, absl:
 // a caller token (or the admin token) when caller tokens are configured; admin RPCs
 // (SetQuotaManager, ListAccounts, ExplainSelection) need the admin token when one is configured,
 // else a caller token when those are. Everything is open when neither is configured.
+// Thread-safe.
 class Authenticator {
  public:
   explicit Authenticator(AuthConfig config) : config_(std::move(config)) {}
+  // Reads the files now and remembers them for ReloadIfChanged. The message names the flag.
+  static absl::StatusOr<std::unique_ptr<Authenticator>> Open(const std::string& callers_file,
+                                                             const std::string& admin_file);
 
-  bool enabled() const { return !config_.callers.empty() || !config_.admin_token.empty(); }
+  bool enabled() const;
   // The caller's name ("admin" for the admin token, "-" when nothing is configured), or
   // UNAUTHENTICATED (no or an unknown token) / PERMISSION_DENIED (a caller token on an admin RPC).
   absl::StatusOr<std::string> Check(const grpc::ServerContextBase& context, bool admin) const;
+  // Reads the files again when they changed (a rotated Secret), so tokens rotate without a
+  // restart. A file that no longer parses is logged and the tokens in use are kept. Returns
+  // whether new tokens were taken.
+  bool ReloadIfChanged();
 
  private:
-  const AuthConfig config_;
+  std::string Stamp() const;  // size and mtime of the files: what ReloadIfChanged compares
+
+  std::string callers_file_, admin_file_;
+  std::string stamp_;  // only ReloadIfChanged's caller (the main loop) touches it
+  mutable absl::Mutex mu_;
+  AuthConfig config_ ABSL_GUARDED_BY(mu_);
 };
 
 // Server credentials for the API port: TLS when `cert_file` is set (with `key_file`), requiring and

@@ -131,11 +131,9 @@ int Run() {
     redis_options->session_ttl = absl::GetFlag(FLAGS_session_ttl);
     redis_options->lease_ttl = absl::GetFlag(FLAGS_lease_timeout);
   }
-  absl::StatusOr<AuthConfig> auth_config =
-      LoadAuthConfig(absl::GetFlag(FLAGS_caller_tokens_file), "--caller_tokens_file",
-                     absl::GetFlag(FLAGS_admin_token_file), "--admin_token_file");
-  if (!auth_config.ok()) return FailStartup(kProgram, std::string(auth_config.status().message()));
-  const Authenticator auth(*std::move(auth_config));
+  absl::StatusOr<std::unique_ptr<Authenticator>> auth =
+      Authenticator::Open(absl::GetFlag(FLAGS_caller_tokens_file), absl::GetFlag(FLAGS_admin_token_file));
+  if (!auth.ok()) return FailStartup(kProgram, std::string(auth.status().message()));
   absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials = ApiCredentials(
       absl::GetFlag(FLAGS_tls_cert_file), absl::GetFlag(FLAGS_tls_key_file), absl::GetFlag(FLAGS_tls_client_ca_file));
   if (!credentials.ok()) return FailStartup(kProgram, std::string(credentials.status().message()));
@@ -203,7 +201,7 @@ int Run() {
   }
 
   BrokerService service(pool, tokens, &subscriber);
-  service.SetSecurity(auth.enabled() ? &auth : nullptr, audit.get());
+  service.SetSecurity((*auth)->enabled() ? auth->get() : nullptr, audit.get());
   std::unique_ptr<Metrics> metrics;
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
   if (std::string metrics_listen = absl::GetFlag(FLAGS_metrics_listen); !metrics_listen.empty()) {
@@ -249,6 +247,7 @@ int Run() {
   while ((signal = WaitForStopSignal(tick)).empty()) {
     if (absl::Now() >= next_reload) {
       loader.ReloadIfChanged();
+      (*auth)->ReloadIfChanged();
       next_reload = absl::Now() + reload;
     }
     if (bool now_serving = update_health(); now_serving != serving) {

@@ -136,6 +136,23 @@ class Security(unittest.TestCase):
         self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
         self.assertIn("served by acct-a", r.stdout)
 
+    def test_x_rotated_token_files_take_effect_without_a_restart(self):
+        rotated = "caller-token-rotated-0011223344"
+        with open(self.pki("callers.txt.new"), "w") as f:
+            f.write(f"proxy-a {rotated}\nproxy-b {OTHER_TOKEN}\n")
+        os.replace(self.pki("callers.txt.new"), self.pki("callers.txt"))  # as a Secret update swaps the file
+        harness.wait_for(lambda: self.tbctl("get-token", "--model=m-rot", token=rotated).returncode == 0,
+                         what="the rotated token to be accepted")
+        r = self.tbctl("get-token", "--model=m-rot", token=CALLER_TOKEN)
+        self.assertIn("UNAUTHENTICATED", r.stderr)
+        # A broken file is refused; the tokens in use stay.
+        with open(self.pki("callers.txt.new"), "w") as f:
+            f.write("proxy-a\n")
+        os.replace(self.pki("callers.txt.new"), self.pki("callers.txt"))
+        harness.wait_for(lambda: "cannot be used" in self.cluster.broker_logs(), what="the refusal in the log")
+        self.assertEqual(self.tbctl("get-token", "--model=m-rot", token=rotated).returncode, 0)
+        self.assertNotIn(rotated, self.cluster.broker_logs())
+
     def test_z_audit_log_has_one_line_per_issuance_and_no_secret(self):
         ok = self.tbctl("get-token", "--model=model-audit", "--session=conv-secret-2", token=OTHER_TOKEN)
         self.assertEqual(ok.returncode, 0, ok.stderr)
