@@ -28,9 +28,9 @@ def step(n, title):
     print(f"\n{bold}== {n}. {title}{plain}")
 
 
-def run(cluster, *args):
-    print("$ tbctl " + " ".join(shlex.quote(a) for a in args))
-    r = cluster.tbctl(*args, check=False)
+def run(cluster, *args, target=None):
+    print("$ tbctl " + (f"--target={target} " if target else "") + " ".join(shlex.quote(a) for a in args))
+    r = cluster.tbctl(*args, check=False, target=target)
     out = (r.stdout + r.stderr).rstrip()
     print("  " + out.replace("\n", "\n  "))
     return r
@@ -143,6 +143,32 @@ def main():
 
         step(10, "Bad input gets a clear error naming the field")
         run(cluster, "get-token", "--model", "gemini 3 pro")
+
+        step(11, "Scale out: two more brokers share one Redis; a session and a cooldown hold on both")
+        redis = harness.RedisServer(cluster.dir)
+        cluster.extra.append(redis)
+        replicas = []
+        for _ in range(2):
+            cluster.start_broker("--state_backend", redis.url)
+            replicas.append(cluster.target)
+        print(f"redis-server on 127.0.0.1:{redis.port}; replicas on {replicas[0]} and {replicas[1]}")
+        for t in replicas:
+            harness.wait_for(lambda t=t: cluster.tbctl("health", "--service", "tokenbroker.v1.StateBackend",
+                                                       check=False, target=t).returncode == 0,
+                             what="the replicas to sync with redis")
+        served = []
+        for t in replicas + replicas:
+            r = run(cluster, "get-token", "--model", MODEL, "--session", "shared-conversation", target=t)
+            served.append([line.split()[1] for line in r.stdout.splitlines() if line.startswith("account")][0])
+        assert len(set(served)) == 1, served
+        print(f"-> four calls over two replicas, one account: {served[0]}")
+        run(cluster, "report-outcome", "--account", served[0], "--model", MODEL, "--http_status", "429",
+            "--error_body", body, target=replicas[0])
+        harness.wait_for(lambda: served[0] not in cluster.tbctl("get-token", "--model", MODEL, "--session",
+                                                                "shared-conversation", target=replicas[1]).stdout,
+                         what="the cooldown to reach the other replica")
+        run(cluster, "get-token", "--model", MODEL, "--session", "shared-conversation", target=replicas[1])
+        print(f"-> reported to the first replica, honoured by the second: the session left {served[0]}")
 
         print("\nDemo complete. Tokens are redacted in tbctl's output; --show_token prints them.")
         return 0
