@@ -156,6 +156,16 @@ absl::StatusOr<std::vector<RedisReply>> RedisConnection::Pipeline(
   return out;
 }
 
+absl::Status RedisConnection::Send(const std::vector<std::string>& argv) {
+  if (broken_) return absl::UnavailableError("redis connection is broken");
+  if (absl::Status s = Append(argv); !s.ok()) return s;
+  int done = 0;
+  while (done == 0) {
+    if (redisBufferWrite(context_, &done) != REDIS_OK) return IoError("write");
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::optional<RedisReply>> RedisConnection::Receive(absl::Duration wait) {
   if (broken_) return absl::UnavailableError("redis connection is broken");
   void* raw = nullptr;

@@ -51,6 +51,9 @@ class RedisConnection {
   absl::StatusOr<RedisReply> Command(const std::vector<std::string>& argv);
   // Sends every command, then reads every reply (error replies stay in the vector).
   absl::StatusOr<std::vector<RedisReply>> Pipeline(const std::vector<std::vector<std::string>>& commands);
+  // Sends one command without reading its reply (for a subscribed connection, whose replies
+  // arrive among the pushed messages).
+  absl::Status Send(const std::vector<std::string>& argv);
   // For a subscribed connection: the next pushed message, or nullopt when none came in `wait`.
   absl::StatusOr<std::optional<RedisReply>> Receive(absl::Duration wait);
 

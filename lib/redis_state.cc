@@ -525,7 +525,23 @@ void RedisState::SubscriberLoop() {
                  options_.address.port, replica_);
     reported = false;
     backoff = absl::Milliseconds(50);
+    // A server that dies closes the connection at once; one that hangs is caught by a PING that
+    // goes unanswered for connect_timeout.
+    absl::Time next_ping = absl::Now() + options_.connect_timeout;
+    std::optional<absl::Time> ping_sent;
     while (!stopping() && !reconnect_.load()) {
+      const absl::Time now = absl::Now();
+      if (ping_sent && now - *ping_sent > options_.connect_timeout) {
+        MarkDown(absl::DeadlineExceededError("PING unanswered"));
+        break;
+      }
+      if (!ping_sent && now >= next_ping) {
+        if (absl::Status s = (*sub)->Send({"PING"}); !s.ok()) {
+          MarkDown(s);
+          break;
+        }
+        ping_sent = now;
+      }
       absl::StatusOr<std::optional<RedisReply>> msg = (*sub)->Receive(absl::Milliseconds(100));
       if (!msg.ok()) {
         MarkDown(msg.status());
@@ -535,6 +551,9 @@ void RedisState::SubscriberLoop() {
       const RedisReply& m = **msg;
       if (m.type == RedisReply::Type::kArray && m.elements.size() == 3 && m.elements[0].str == "message") {
         Dispatch(m.elements[2].str);
+      } else if (m.type == RedisReply::Type::kArray && !m.elements.empty() && m.elements[0].str == "pong") {
+        ping_sent.reset();
+        next_ping = absl::Now() + options_.connect_timeout;
       }
     }
     up_.store(false);

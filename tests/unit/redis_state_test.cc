@@ -68,6 +68,8 @@ class RedisProcess {
     ::waitpid(pid_, nullptr, 0);
     pid_ = 0;
   }
+  void Pause() { ::kill(pid_, SIGSTOP); }   // hangs: connections stay open, nothing answers
+  void Resume() { ::kill(pid_, SIGCONT); }
   RedisAddress address() const { return RedisAddress{"127.0.0.1", port_, 0}; }
   std::unique_ptr<RedisConnection> Connect() const {
     auto c = RedisConnection::Connect(address(), absl::Seconds(1));
@@ -265,6 +267,20 @@ TEST(RedisStateTest, DownMeansFailFastAndResyncMergesBothWays) {
     if (v.account_id == "b") b_cooling = !v.cooldowns.empty();
   }
   EXPECT_TRUE(b_cooling);
+}
+
+TEST(RedisStateTest, AHungServerIsNoticedWithoutAnyRequestAndRejoinedAfter) {
+  RedisProcess redis;
+  Replica r(redis.address());
+  ASSERT_TRUE(r.state.WaitUntilUp(absl::Seconds(5)));
+  const int64_t resyncs = r.state.stats().resyncs;
+  redis.Pause();
+  const absl::Time paused = absl::Now();
+  ASSERT_TRUE(Eventually([&] { return !r.state.Up(); }));
+  EXPECT_LT(absl::Now() - paused, absl::Seconds(4));  // the unanswered PING, not a request, noticed it
+  redis.Resume();
+  ASSERT_TRUE(Eventually([&] { return r.state.Up(); }));
+  EXPECT_GT(r.state.stats().resyncs, resyncs);
 }
 
 }  // namespace
