@@ -18,9 +18,12 @@ SET_QUOTA = "tokenbroker.v1.TokenBrokerService/SetQuotaManager"
 
 
 def profile(cluster, refresh_token, tier, fraction, project):
+    # The quota resets two hours from now (a fixed date would turn the test into a time bomb: past
+    # the reset, an exhausted account counts as unknown).
+    reset = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 7200))
     cluster.upstream_call("/__fake/profile", {
         "refresh_token": refresh_token, "project": project, "tier": tier,
-        "models": {MODEL: {"quotaInfo": {"remainingFraction": fraction, "resetTime": "2026-11-29T04:00:00Z"}},
+        "models": {MODEL: {"quotaInfo": {"remainingFraction": fraction, "resetTime": reset}},
                    "gemini-3-pro-high": {"quotaInfo": {"remainingFraction": 0.5}}}})
 
 
