@@ -96,7 +96,9 @@ int Run() {
     update_health();
   }
   spdlog::info("received {}; stopping", signal);
-  servers->Drain(absl::GetFlag(FLAGS_drain_timeout));
+  // Streams never end by themselves: they are ended (brokers reconnect and keep their cache) so
+  // the drain does not wait its whole timeout on them.
+  servers->Drain(absl::GetFlag(FLAGS_drain_timeout), [&service] { service.CloseStreams(); });
   poller.Stop();
   tokens.Stop();
   spdlog::info("stopped");

@@ -1,5 +1,10 @@
 #pragma once
 
+#include <memory>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_set.h"
+#include "absl/synchronization/mutex.h"
 #include "lib/quota_hub.h"
 #include "tokenbroker/v1/monitor.grpc.pb.h"
 
@@ -16,8 +21,21 @@ class MonitorService final : public v1::QuotaMonitorService::CallbackService {
   grpc::ServerWriteReactor<v1::WatchQuotaResponse>* WatchQuota(grpc::CallbackServerContext* context,
                                                                const v1::WatchQuotaRequest* request) override;
 
+  // Ends every open stream with UNAVAILABLE, and any new one at once, so a draining monitor is
+  // not held up by streams that never end by themselves (brokers reconnect and keep their cache).
+  void CloseStreams();
+
+  // (Internal.) How the hub and CloseStreams reach a stream that may already be gone.
+  struct Link {
+    absl::Mutex mu;
+    grpc::ServerWriteReactor<v1::WatchQuotaResponse>* reactor ABSL_GUARDED_BY(mu) = nullptr;
+  };
+
  private:
   QuotaHub& hub_;
+  absl::Mutex mu_;
+  bool closing_ ABSL_GUARDED_BY(mu_) = false;
+  absl::flat_hash_set<std::shared_ptr<Link>> links_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace tokenbroker
