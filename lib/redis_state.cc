@@ -99,6 +99,15 @@ std::optional<CooldownState> CooldownsFromJson(const json& j) {
   return s;
 }
 
+// How long an account's cooldown state stays in Redis: a day past its last cooldown (so a streak
+// is remembered a while), at most 30 days.
+absl::Duration CooldownTtl(const CooldownState& state) {
+  const absl::Time now = absl::Now();
+  absl::Time last = now;
+  for (const CooldownState::Item& i : state.items) last = std::max(last, i.until);
+  return std::min(last - now + absl::Hours(24), absl::Hours(24 * 30));
+}
+
 std::string NewReplicaId() {
   absl::BitGen gen;
   return absl::StrCat(absl::Hex(absl::Uniform<uint64_t>(gen), absl::kZeroPad16));
@@ -263,11 +272,7 @@ void RedisState::OutcomeApplied(const SharedOutcome& o, const std::optional<Cool
                 {"st", o.http_status}, {"ra", o.retry_after}, {"b", o.error_body}, {"at", Millis(o.at)}};
   Enqueue({"PUBLISH", channel_, event.dump()});
   if (cooldowns) {
-    absl::Time last = absl::Now();
-    for (const CooldownState::Item& i : cooldowns->items) last = std::max(last, i.until);
-    // The state outlives its last cooldown by a day, so a streak is remembered a while.
-    absl::Duration ttl = std::min(last - absl::Now() + absl::Hours(24), absl::Hours(24 * 30));
-    Enqueue({"SET", Key("c", o.account), CooldownsToJson(*cooldowns).dump(), "PX", Ms(ttl)});
+    Enqueue({"SET", Key("c", o.account), CooldownsToJson(*cooldowns).dump(), "PX", Ms(CooldownTtl(*cooldowns))});
   } else {
     Enqueue({"DEL", Key("c", o.account)});
   }
@@ -421,7 +426,7 @@ absl::Status RedisState::Resync(RedisConnection& conn) {
   //    What was uploaded is also published: replicas that resynced earlier learn it too.
   for (const auto& [account, state] : local.cooldowns) {
     json c = CooldownsToJson(state);
-    batch.push_back({"SET", Key("c", account), c.dump(), "PX", Ms(absl::Hours(24))});
+    batch.push_back({"SET", Key("c", account), c.dump(), "PX", Ms(CooldownTtl(state))});
     batch.push_back({"PUBLISH", channel_, json{{"r", replica_}, {"k", "c"}, {"a", account}, {"c", c}}.dump()});
   }
   for (const auto& [account, reason] : local.disabled) {
