@@ -87,16 +87,22 @@ json CooldownsToJson(const CooldownState& s) {
   return {{"items", items}, {"streak", s.streak}, {"vu", s.validation_url}};
 }
 
+// Unset for anything that is not what CooldownsToJson wrote (another version, a stray writer).
 std::optional<CooldownState> CooldownsFromJson(const json& j) {
   if (!j.is_object()) return std::nullopt;
-  CooldownState s;
-  s.streak = j.value("streak", 0);
-  s.validation_url = j.value("vu", "");
-  for (const json& i : j.value("items", json::array())) {
-    if (!i.is_object()) continue;
-    s.items.push_back({i.value("m", ""), FromMillis(i.value("u", int64_t{0})), i.value("why", ""), i.value("q", false)});
+  try {
+    CooldownState s;
+    s.streak = j.value("streak", 0);
+    s.validation_url = j.value("vu", "");
+    for (const json& i : j.value("items", json::array())) {
+      if (!i.is_object()) continue;
+      s.items.push_back(
+          {i.value("m", ""), FromMillis(i.value("u", int64_t{0})), i.value("why", ""), i.value("q", false)});
+    }
+    return s;
+  } catch (const json::exception&) {
+    return std::nullopt;
   }
-  return s;
 }
 
 // How long an account's cooldown state stays in Redis: a day past its last cooldown (so a streak
@@ -350,10 +356,12 @@ void RedisState::BumpTokenEvent(const std::string& account) {
 
 void RedisState::Dispatch(const std::string& message) {
   json j = json::parse(message, nullptr, /*allow_exceptions=*/false);
-  if (!j.is_object() || j.value("r", "") == replica_) return;
-  const std::string kind = j.value("k", "");
-  events_received_.fetch_add(1);
+  if (!j.is_object()) return;
+  std::string kind;
   try {
+    if (j.value("r", "") == replica_) return;
+    kind = j.value("k", "");
+    events_received_.fetch_add(1);
     if (kind == "s") {
       listener_->OnRemoteSession(j.at("s").get<std::string>(), j.at("a").get<std::string>());
     } else if (kind == "o") {

@@ -269,6 +269,29 @@ TEST(RedisStateTest, DownMeansFailFastAndResyncMergesBothWays) {
   EXPECT_TRUE(b_cooling);
 }
 
+TEST(RedisStateTest, MalformedStateAndEventsAreIgnored) {
+  RedisProcess redis;
+  auto conn = redis.Connect();
+  // What another version or a stray writer could leave behind.
+  ASSERT_TRUE(conn->Command({"SET", "t:c:a", "not json"}).ok());
+  ASSERT_TRUE(conn->Command({"SET", "t:c:b", R"({"streak":"many","items":[{"u":"soon"}]})"}).ok());
+  ASSERT_TRUE(conn->Command({"HSET", "t:t:a", "tok", "x", "exp", "never"}).ok());
+  Replica r1(redis.address()), r2(redis.address());
+  ASSERT_TRUE(r1.state.WaitUntilUp(absl::Seconds(5)));
+  ASSERT_TRUE(r2.state.WaitUntilUp(absl::Seconds(5)));
+  for (const char* event : {"", "[]", "{", R"({"r":7})", R"({"r":"x","k":"o","a":1})", R"({"r":"x","k":"s"})",
+                            R"({"r":"x","k":"t","a":"a","tok":"t","exp":"later"})", R"({"r":"x","k":"zzz"})",
+                            R"({"r":"x","k":"c","a":"a","c":{"streak":[]}})"}) {
+    ASSERT_TRUE(conn->Command({"PUBLISH", "t:events", event}).ok());
+  }
+  // Still up, and a good event after the bad ones still arrives.
+  r2.pool.Disable("c", "invalid_grant: revoked");
+  r2.state.AccountDisabled("c", "invalid_grant: revoked");
+  EXPECT_TRUE(Eventually([&] { return r1.pool.GetCredentials("c")->disabled; }));
+  EXPECT_TRUE(r1.state.Up());
+  EXPECT_FALSE(r1.pool.GetCredentials("a")->disabled);
+}
+
 TEST(RedisStateTest, AHungServerIsNoticedWithoutAnyRequestAndRejoinedAfter) {
   RedisProcess redis;
   Replica r(redis.address());
