@@ -586,9 +586,17 @@ void RedisState::WriterLoop() {
           },
           this));
       if (stopping_) return;
-      // Linger a moment so a busy replica writes a few large batches rather than one per request
-      // (a write reaches Redis at most options_.write_linger late).
-      queue_mu_.AwaitWithTimeout(absl::Condition(&stopping_), options_.write_linger);
+      // Lease and session-TTL writes (one per request on a busy replica) linger a moment so they go
+      // out as a few large batches; anything else (outcomes, disables: what other replicas must see
+      // soon) ends the wait at once.
+      if (queue_.empty()) {
+        queue_mu_.AwaitWithTimeout(absl::Condition(
+                                       +[](RedisState* self) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+                                         return self->stopping_ || !self->queue_.empty();
+                                       },
+                                       this),
+                                   options_.write_linger);
+      }
       if (stopping_) return;
       batch.reserve(queue_.size() + touches_.size() + 3);
       for (Argv& a : queue_) batch.push_back(std::move(a));

@@ -30,8 +30,9 @@ struct RedisStateOptions {
   absl::Duration lease_ttl = absl::Minutes(10);
   // How long one replica may hold an account's refresh lock.
   absl::Duration refresh_lock_ttl = absl::Seconds(20);
-  // The background writer collects writes this long before sending them as one batch.
-  absl::Duration write_linger = absl::Milliseconds(2);
+  // The background writer collects lease and session-TTL writes this long before sending them as
+  // one batch (other writes go at once).
+  absl::Duration write_linger = absl::Milliseconds(10);
   // How long a runtime disable is remembered in Redis.
   absl::Duration disable_ttl = absl::Hours(24 * 30);
 };
