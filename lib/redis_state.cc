@@ -114,6 +114,24 @@ absl::Duration CooldownTtl(const CooldownState& state) {
   return std::min(last - now + absl::Hours(24), absl::Hours(24 * 30));
 }
 
+// A token hash (`t:<account>`, as kStoreToken writes it); unset when empty, malformed, or not valid
+// past `min_expiry`.
+std::optional<SharedToken> TokenFromHash(const RedisReply& reply, absl::Time min_expiry) {
+  if (reply.type != RedisReply::Type::kArray) return std::nullopt;
+  SharedToken t;
+  int64_t exp = 0;
+  for (size_t i = 0; i + 1 < reply.elements.size(); i += 2) {
+    const std::string& field = reply.elements[i].str;
+    const std::string& value = reply.elements[i + 1].str;
+    if (field == "tok") t.access_token = value;
+    if (field == "exp") (void)absl::SimpleAtoi(value, &exp);
+    if (field == "rt") t.refresh_token = value;
+  }
+  t.expiry = absl::FromUnixMillis(exp);
+  if (t.access_token.empty() || t.expiry < min_expiry) return std::nullopt;
+  return t;
+}
+
 std::string NewReplicaId() {
   absl::BitGen gen;
   return absl::StrCat(absl::Hex(absl::Uniform<uint64_t>(gen), absl::kZeroPad16));
@@ -293,19 +311,8 @@ void RedisState::TokenDropped(const std::string& account) { Enqueue({"DEL", Key(
 
 std::optional<SharedToken> RedisState::FetchToken(const std::string& account, absl::Time min_expiry) {
   absl::StatusOr<RedisReply> r = RoundTrip({"HGETALL", Key("t", account)});
-  if (!r.ok() || r->type != RedisReply::Type::kArray) return std::nullopt;
-  SharedToken t;
-  int64_t exp = 0;
-  for (size_t i = 0; i + 1 < r->elements.size(); i += 2) {
-    const std::string& field = r->elements[i].str;
-    const std::string& value = r->elements[i + 1].str;
-    if (field == "tok") t.access_token = value;
-    if (field == "exp") (void)absl::SimpleAtoi(value, &exp);
-    if (field == "rt") t.refresh_token = value;
-  }
-  t.expiry = absl::FromUnixMillis(exp);
-  if (t.access_token.empty() || t.expiry < min_expiry) return std::nullopt;
-  return t;
+  if (!r.ok()) return std::nullopt;
+  return TokenFromHash(*r, min_expiry);
 }
 
 absl::StatusOr<int64_t> RedisState::LockRefresh(const std::string& account, absl::Time min_expiry) {
@@ -473,16 +480,9 @@ absl::Status RedisState::Resync(RedisConnection& conn) {
     absl::StatusOr<std::vector<RedisReply>> r = conn.Pipeline(batch);
     if (!r.ok()) return r.status();
     for (size_t i = start; i < end; ++i) {
-      const RedisReply& reply = (*r)[i - start];
-      SharedToken t;
-      int64_t exp = 0;
-      for (size_t k = 0; k + 1 < reply.elements.size(); k += 2) {
-        if (reply.elements[k].str == "tok") t.access_token = reply.elements[k + 1].str;
-        if (reply.elements[k].str == "exp") (void)absl::SimpleAtoi(reply.elements[k + 1].str, &exp);
-        if (reply.elements[k].str == "rt") t.refresh_token = reply.elements[k + 1].str;
+      if (std::optional<SharedToken> t = TokenFromHash((*r)[i - start], absl::Now())) {
+        listener_->OnRemoteToken(ids[i], *t);
       }
-      t.expiry = absl::FromUnixMillis(exp);
-      if (!t.access_token.empty() && t.expiry > absl::Now()) listener_->OnRemoteToken(ids[i], t);
     }
   }
   return absl::OkStatus();
