@@ -2,6 +2,7 @@
 // default and --json for scripts. Access tokens are shown only with --show_token.
 #include <grpcpp/grpcpp.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <fstream>
 #include <iostream>
@@ -10,8 +11,6 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
-#include "absl/flags/usage.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -22,6 +21,7 @@
 #include "google/rpc/error_details.pb.h"
 #include "google/rpc/status.pb.h"
 #include "grpc/health/v1/health.grpc.pb.h"
+#include "server/command_line.h"
 #include "tokenbroker/v1/broker.grpc.pb.h"
 #include "tokenbroker/v1/monitor.grpc.pb.h"
 
@@ -52,13 +52,14 @@ ABSL_FLAG(std::string, tls_ca_file, "", "Connect over TLS, trusting this PEM CA 
 ABSL_FLAG(std::string, tls_cert_file, "", "With --tls_ca_file: a PEM client certificate (mutual TLS).");
 ABSL_FLAG(std::string, tls_key_file, "", "The private key of --tls_cert_file.");
 ABSL_FLAG(int, count, 0, "watch-quota: stop after this many messages (0: until interrupted).");
+ABSL_FLAG(bool, enable, false, "reset-account: also re-enable a disabled account.");
 
 namespace {
 
 using tokenbroker::v1::TokenBrokerService;
 namespace v1 = tokenbroker::v1;
 
-constexpr char kUsage[] = R"(tbctl: talk to a tokenbroker.
+constexpr char kUsage[] = R"(tbctl: talk to a tokenbroker (or, with watch-quota, a tokenbroker-monitor).
 
 Usage: tbctl [--target=ADDR] [--json] COMMAND [flags]
 
@@ -70,11 +71,24 @@ Commands:
   list-accounts          every account and its state (no secrets)
   report-outcome (--lease=L | --account=A --model=M) --http_status=N [--retry_after=V] [--error_body=B]
                          tell the broker what the upstream answered
+  reset-account --account=A [--model=M] [--enable]
+                         undo what reports did (admin): lift the cooldown on M, or every cooldown
+                         and the failure streak; --enable also lifts a disable
   set-quota-manager [--enabled] [--monitor=ADDR] [--cache_ttl=D] [--low_threshold=F] [--exhausted_threshold=F]
                          attach (--enabled) or detach proactive quota validation
   watch-quota [--count=N]  stream quota from a tokenbroker-monitor (--target is the monitor)
   health                 the broker's grpc.health.v1 status (--service for one detail)
+
+Environment: TOKENBROKER_TARGET (default of --target), TOKENBROKER_TOKEN (the bearer token, unless
+--token_file). Exit status: 0 on success, 1 when the call fails (the error on stderr), 2 for a bad
+flag or command.
 )";
+
+const std::vector<std::string>& Commands() {
+  static const std::vector<std::string> commands = {"get-token", "explain", "list-accounts", "report-outcome",
+                                                    "reset-account", "set-quota-manager", "watch-quota", "health"};
+  return commands;
+}
 
 std::string Redact(const std::string& token) {
   if (absl::GetFlag(FLAGS_show_token) || token.empty()) return token;
@@ -222,24 +236,109 @@ int Explain(TokenBrokerService::Stub& stub) {
   return 0;
 }
 
+struct AccountStatus {
+  std::string state;
+  std::string detail;
+};
+
+// What an operator needs to know of one account, worst first: disabled, out of rotation, blocked
+// until someone verifies it, cooling down (COOLING: the whole account; COOLING_MODEL: some models,
+// the others still served), waiting for a probe, holding no valid access token (its refresh is
+// failing, or has not run yet), or serving.
+AccountStatus StatusOf(const v1::Account& a, absl::Time now) {
+  std::vector<std::string> notes;
+  std::string state = "ENABLED";
+  auto end = [](const v1::Cooldown& c) { return absl::FromUnixSeconds(c.end_time().seconds()); };
+  std::vector<std::string> models_cooling;
+  bool account_cooling = false;
+  bool probing = false;
+  for (const v1::Cooldown& c : a.cooldowns()) {
+    if (c.half_open()) {
+      probing = true;
+      notes.push_back(absl::StrCat(c.model().empty() ? "account" : c.model(), " waits for a probe's report"));
+    } else if (end(c) > now) {
+      if (c.model().empty()) {
+        account_cooling = true;
+      } else {
+        models_cooling.push_back(c.model());
+      }
+      notes.push_back(absl::StrCat(c.model().empty() ? "account" : c.model(), " cooling until ",
+                                   FormatTime(c.end_time()), ": ", c.reason()));
+    }
+  }
+  const bool has_token = a.has_token_expire_time() && absl::FromUnixSeconds(a.token_expire_time().seconds()) > now;
+  if (a.state() == v1::ACCOUNT_STATE_DISABLED) {
+    state = "DISABLED";
+  } else if (a.state() == v1::ACCOUNT_STATE_PROXY_DISABLED) {
+    state = "PROXY_DISABLED";
+  } else if (!a.validation_url().empty() && account_cooling) {
+    state = "VALIDATION_REQUIRED";
+  } else if (account_cooling) {
+    state = "COOLING";
+  } else if (!models_cooling.empty()) {
+    state = "COOLING_MODEL";  // the detail names the models
+  } else if (probing) {
+    state = "PROBING";
+  } else if (!has_token) {
+    state = "NO_TOKEN";
+  }
+  std::vector<std::string> detail;
+  if (!a.disabled_reason().empty()) detail.push_back(a.disabled_reason());
+  if (!a.validation_url().empty()) detail.push_back(absl::StrCat("verify the account at ", a.validation_url()));
+  detail.insert(detail.end(), notes.begin(), notes.end());
+  if (!has_token && a.state() == v1::ACCOUNT_STATE_ENABLED) {
+    detail.push_back(a.has_token_expire_time()
+                         ? absl::StrCat("access token expired ", FormatTime(a.token_expire_time()),
+                                        "; refresh failing (the broker log says why) or pending")
+                         : "no access token yet; refresh failing (the broker log says why) or pending");
+  }
+  if (a.failure_streak() > 0) detail.push_back(absl::StrCat(a.failure_streak(), " upstream failures in a row"));
+  if (a.protected_models_size() > 0) {
+    detail.push_back(absl::StrCat("protected: ", absl::StrJoin(a.protected_models(), ",")));
+  }
+  return {state, absl::StrJoin(detail, "; ")};
+}
+
 int ListAccounts(TokenBrokerService::Stub& stub) {
+  // Every page, as one response.
   v1::ListAccountsResponse resp;
-  grpc::ClientContext ctx;
-  SetDeadline(&ctx);
-  grpc::Status status = stub.ListAccounts(&ctx, v1::ListAccountsRequest(), &resp);
-  if (!status.ok()) return PrintError(status);
+  v1::ListAccountsRequest req;
+  do {
+    v1::ListAccountsResponse page;
+    grpc::ClientContext ctx;
+    SetDeadline(&ctx);
+    grpc::Status status = stub.ListAccounts(&ctx, req, &page);
+    if (!status.ok()) return PrintError(status);
+    for (v1::Account& a : *page.mutable_accounts()) *resp.add_accounts() = std::move(a);
+    req.set_page_token(page.next_page_token());
+  } while (!req.page_token().empty());
   if (absl::GetFlag(FLAGS_json)) return PrintJson(resp);
-  std::cout << absl::StrFormat("%-24s %-28s %-8s %-15s %-8s %s\n", "ACCOUNT", "EMAIL", "TIER", "STATE",
+  std::cout << absl::StrFormat("%-24s %-28s %-8s %-19s %-8s %s\n", "ACCOUNT", "EMAIL", "TIER", "STATE",
                                "SESSIONS", "DETAIL");
   for (const auto& a : resp.accounts()) {
-    std::string detail = a.disabled_reason();
-    if (a.protected_models_size() > 0) {
-      absl::StrAppend(&detail, detail.empty() ? "" : "; ", "protected: ", absl::StrJoin(a.protected_models(), ","));
-    }
-    std::cout << absl::StrFormat("%-24s %-28s %-8s %-15s %-8d %s\n", a.account_id(), a.email(), TierText(a.tier()),
-                                 EnumText(v1::AccountState_Name(a.state()), "ACCOUNT_STATE_"), a.bound_sessions(),
-                                 detail.empty() ? "-" : detail);
+    AccountStatus st = StatusOf(a, absl::Now());
+    std::cout << absl::StrFormat("%-24s %-28s %-8s %-19s %-8d %s\n", a.account_id(), a.email(), TierText(a.tier()),
+                                 st.state, a.bound_sessions(), st.detail.empty() ? "-" : st.detail);
   }
+  return 0;
+}
+
+int ResetAccount(TokenBrokerService::Stub& stub) {
+  v1::ResetAccountRequest req;
+  req.set_account_id(absl::GetFlag(FLAGS_account));
+  req.set_model(absl::GetFlag(FLAGS_model));
+  req.set_enable(absl::GetFlag(FLAGS_enable));
+  v1::ResetAccountResponse resp;
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx);
+  grpc::Status status = stub.ResetAccount(&ctx, req, &resp);
+  if (!status.ok()) return PrintError(status);
+  if (absl::GetFlag(FLAGS_json)) return PrintJson(resp);
+  AccountStatus st = StatusOf(resp.account(), absl::Now());
+  std::cout << "account   " << resp.account().account_id() << "\n"
+            << "cooldown  " << (resp.cooldown_lifted() ? "lifted" : "none to lift") << "\n"
+            << "enabled   " << (resp.enabled() ? "yes (was disabled)" : "unchanged") << "\n"
+            << "state     " << st.state << (st.detail.empty() ? "" : " (" + st.detail + ")") << "\n";
   return 0;
 }
 
@@ -288,7 +387,7 @@ int SetQuotaManager(TokenBrokerService::Stub& stub) {
   return 0;
 }
 
-int WatchQuota(const std::shared_ptr<grpc::Channel>& channel) {
+int WatchQuota(const std::shared_ptr<grpc::Channel>& channel, const std::string& target) {
   auto stub = v1::QuotaMonitorService::NewStub(channel);
   grpc::ClientContext ctx;
   auto reader = stub->WatchQuota(&ctx, v1::WatchQuotaRequest());
@@ -302,7 +401,11 @@ int WatchQuota(const std::shared_ptr<grpc::Channel>& channel) {
     } else {
       std::cout << (msg.snapshot() ? "snapshot" : "changes") << ": " << msg.observations_size() << " observations\n";
       for (const auto& o : msg.observations()) {
-        if (o.model().empty()) {
+        if (!o.bucket_id().empty()) {
+          std::cout << absl::StrFormat("  %-24s %-32s %5.1f%%  resets %s\n", o.account_id(),
+                                       absl::StrCat("bucket ", o.bucket_id()), o.remaining_fraction() * 100,
+                                       FormatTime(o.reset_time()));
+        } else if (o.model().empty()) {
           std::cout << absl::StrFormat("  %-24s %-8s project=%s%s\n", o.account_id(), TierText(o.tier()),
                                        o.project_id().empty() ? "-" : o.project_id(), o.forbidden() ? " FORBIDDEN" : "");
         } else {
@@ -318,6 +421,11 @@ int WatchQuota(const std::shared_ptr<grpc::Channel>& channel) {
     }
   }
   grpc::Status status = reader->Finish();
+  if (status.error_code() == grpc::StatusCode::UNIMPLEMENTED) {
+    std::cerr << "tbctl: " << target << " is not a tokenbroker-monitor (it does not serve WatchQuota); point "
+              << "--target at the monitor, e.g. tbctl --target=127.0.0.1:50052 watch-quota\n";
+    return 1;
+  }
   if (!status.ok() && status.error_code() != grpc::StatusCode::CANCELLED) return PrintError(status);
   return 0;
 }
@@ -338,10 +446,22 @@ int Health(const std::shared_ptr<grpc::Channel>& channel) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(kUsage);
-  std::vector<char*> args = absl::ParseCommandLine(argc, argv);
-  if (args.size() != 2) {
-    std::cerr << kUsage;
+  std::vector<std::string> args =
+      tokenbroker::ParseFlagsOrExit(argc, argv, {.program = "tbctl", .usage = kUsage, .positional = true});
+  if (args.empty()) {
+    std::cerr << "tbctl: no command given; one of " << absl::StrJoin(Commands(), ", ") << " (tbctl --help)\n";
+    return 2;
+  }
+  if (args.size() > 1) {
+    std::cerr << "tbctl: one command at a time; unexpected '" << args[1] << "' after " << args[0] << "\n";
+    return 2;
+  }
+  const std::string command = args[0];
+  if (std::find(Commands().begin(), Commands().end(), command) == Commands().end()) {
+    std::string close = tokenbroker::ClosestMatch(command, Commands());
+    std::cerr << "tbctl: unknown command '" << command << "'"
+              << (close.empty() ? "" : absl::StrCat(" (did you mean ", close, "?)")) << "; one of "
+              << absl::StrJoin(Commands(), ", ") << "\n";
     return 2;
   }
   std::string target = absl::GetFlag(FLAGS_target);
@@ -355,14 +475,13 @@ int main(int argc, char** argv) {
   }
   auto channel = grpc::CreateChannel(target, ChannelCredentials());
   auto stub = TokenBrokerService::NewStub(channel);
-  const std::string command = args[1];
   if (command == "get-token") return GetToken(*stub);
   if (command == "explain") return Explain(*stub);
   if (command == "list-accounts") return ListAccounts(*stub);
   if (command == "report-outcome") return ReportOutcome(*stub);
+  if (command == "reset-account") return ResetAccount(*stub);
   if (command == "set-quota-manager") return SetQuotaManager(*stub);
   if (command == "health") return Health(channel);
-  if (command == "watch-quota") return WatchQuota(channel);
-  std::cerr << "tbctl: unknown command '" << command << "'\n\n" << kUsage;
-  return 2;
+  if (command == "watch-quota") return WatchQuota(channel, target);
+  return 2;  // not reached: every command is handled above
 }

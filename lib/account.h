@@ -25,6 +25,20 @@ struct ModelQuota {
   double remaining_fraction = 0;  // 0..1
   std::optional<absl::Time> reset_time;
   absl::Time observed = absl::InfinitePast();  // when it was read from upstream
+  // Not read from upstream: a quota 429 showed it spent at `observed` (only an observation taken
+  // after that, allowing for the quota API's lag, replaces it).
+  bool from_outcome = false;
+};
+
+// Last known state of one quota bucket of one account (retrieveUserQuotaSummary): a window of a
+// model family's quota, which limits every model of the family.
+struct BucketQuota {
+  std::string family;  // "gemini", "3p"
+  std::string bucket;  // e.g. "gemini-5h", "3p-weekly"
+  double remaining_fraction = 0;
+  std::optional<absl::Time> reset_time;
+  absl::Time observed = absl::InfinitePast();
+  bool from_outcome = false;  // as ModelQuota::from_outcome
 };
 
 // One account as the account store holds it. Contains secrets (refresh and access token): never
@@ -42,6 +56,8 @@ struct AccountRecord {
   bool proxy_disabled = false;
   std::vector<std::string> protected_models;
   std::vector<ModelQuota> quotas;
+  std::vector<BucketQuota> buckets;  // from the monitor only (never in the file); at most kMaxBuckets
+  static constexpr size_t kMaxBuckets = 16;
   bool quota_forbidden = false;  // the quota API answered 403 for it
   absl::Time quota_forbidden_observed = absl::InfinitePast();
 };

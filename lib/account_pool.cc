@@ -6,6 +6,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/status/status.h"
 #include "lib/errors.h"
+#include "lib/safe_text.h"
 
 namespace tokenbroker {
 
@@ -61,46 +62,8 @@ absl::string_view VerdictCountName(Verdict v) {
   return "eligible";
 }
 
-// The quota fraction to rank by: fresh data when validation is on; any known data, as a hint,
-// when it is off.
-std::optional<double> RankingFraction(const AccountRecord& rec, const std::string& model,
-                                      const QuotaSettings& quota, absl::Time now) {
-  const ModelQuota* q = QuotaFor(rec, model);
-  if (q == nullptr) return std::nullopt;
-  if (quota.enabled && now - q->observed > quota.cache_ttl) return std::nullopt;
-  return q->remaining_fraction;
-}
-
-QuotaDecision DecisionFor(const AccountRecord& rec, const std::string& model, const QuotaSettings& quota,
-                          absl::Time now) {
-  const ModelQuota* q = QuotaFor(rec, model);
-  if (q == nullptr) return QuotaDecision::kUnknown;
-  return DecideQuota(quota, q->remaining_fraction, q->observed, q->reset_time, now);
-}
-
 bool Forbidden(const AccountRecord& rec, const QuotaSettings& quota, absl::Time now) {
   return quota.enabled && rec.quota_forbidden && now - rec.quota_forbidden_observed <= quota.cache_ttl;
-}
-
-// Whether validation says the account is out of quota for the model (the selection path's check).
-bool Exhausted(const AccountRecord& rec, const std::string& model, const QuotaSettings& quota, absl::Time now) {
-  return quota.enabled && (Forbidden(rec, quota, now) || DecisionFor(rec, model, quota, now) == QuotaDecision::kExhausted);
-}
-
-// Why the account is out of quota for the model, when it is (for ExplainSelection).
-std::optional<std::string> ExhaustedReason(const AccountRecord& rec, const std::string& model,
-                                           const QuotaSettings& quota, absl::Time now,
-                                           std::optional<absl::Time>* available_at) {
-  if (!Exhausted(rec, model, quota, now)) return std::nullopt;
-  if (Forbidden(rec, quota, now)) return std::string("the quota API answers 403 for this account (forbidden)");
-  const ModelQuota* q = QuotaFor(rec, model);
-  std::string why = absl::StrCat("quota for ", model, " at ", q->remaining_fraction,
-                                 ", below exhausted_threshold ", quota.exhausted_threshold);
-  if (q->reset_time) {
-    *available_at = *q->reset_time;
-    absl::StrAppend(&why, "; resets at ", FormatTimestamp(*q->reset_time));
-  }
-  return why;
 }
 
 int DecisionRank(QuotaDecision d) {
@@ -118,7 +81,7 @@ int DecisionRank(QuotaDecision d) {
 
 namespace {
 
-// Whether `a` ranks before `b` under `policy` (DESIGN §4): tier, then quota decision, then policy.
+// Whether `a` ranks before `b` under `policy` (docs/ARCHITECTURE.md §4): tier, then quota decision, then policy.
 bool Better(const RankKey& a, const RankKey& b, Policy policy) {
   if (a.tier != b.tier) return a.tier > b.tier;
   if (a.decision != b.decision) return a.decision > b.decision;
@@ -169,6 +132,8 @@ void AccountPool::Load(std::vector<AccountRecord> records) {
       const Entry& old = entries_[it->second];
       entry.last_used = old.last_used;
       entry.in_flight = old.in_flight;
+      entry.usage = old.usage;
+      entry.marks = old.marks;
       // A token refreshed in memory is newer than what an unwritable file still holds.
       if (old.record.access_expiry > rec.access_expiry && old.record.refresh_token == rec.refresh_token) {
         rec.access_token = old.record.access_token;
@@ -184,6 +149,7 @@ void AccountPool::Load(std::vector<AccountRecord> records) {
           *mine = q;
         }
       }
+      rec.buckets = old.record.buckets;  // only the monitor knows them
       if (old.record.quota_forbidden_observed > rec.quota_forbidden_observed) {
         rec.quota_forbidden = old.record.quota_forbidden;
         rec.quota_forbidden_observed = old.record.quota_forbidden_observed;
@@ -270,9 +236,23 @@ AccountPool::Evaluation AccountPool::Evaluate(const SelectRequest& request, absl
       v.available_at = leases_.EarliestExpiry(rec.id);
       v.detail = absl::StrCat(entries_[i].in_flight, " leases in flight (cap ",
                               options_.max_inflight_per_account, ")");
-    } else if (std::optional<std::string> why = ExhaustedReason(rec, request.model, quota_, now, &v.available_at)) {
+    } else if (ExhaustedLocked(i, request.model, now)) {
       v.verdict = Verdict::kExhausted;
-      v.detail = *why;
+      if (Forbidden(rec, quota_, now)) {
+        v.detail = "the quota API answers 403 for this account (forbidden)";
+      } else {
+        const QuotaView qv = QuotaViewLocked(i, request.model, now);
+        v.detail = absl::StrCat("quota for ", request.model, " estimated at ", qv.estimate.estimated, " (observed ",
+                                qv.estimate.observed, qv.estimate.reset_passed ? " at its reset" : "", ", ",
+                                qv.estimate.leases, " leases since at ", qv.estimate.cost, " each",
+                                qv.estimate.cost_learned ? "" : " (prior)", "), below exhausted_threshold ",
+                                quota_.exhausted_threshold);
+        if (qv.cost_key != ModelFamily(request.model)) absl::StrAppend(&v.detail, "; bucket ", qv.cost_key);
+        if (qv.reset_time) {
+          v.available_at = *qv.reset_time;
+          absl::StrAppend(&v.detail, "; resets at ", FormatTimestamp(*qv.reset_time));
+        }
+      }
     } else if (request.exclude.contains(rec.id)) {
       v.verdict = Verdict::kRotatedAway;
       v.detail = "excluded for this request (its token could not be refreshed)";
@@ -309,6 +289,12 @@ AccountPool::Evaluation AccountPool::Evaluate(const SelectRequest& request, absl
     ev.ranked.push_back(*rotated_away);
     ev.verdicts[*rotated_away].detail = "force_rotate found no other eligible account";
   }
+  for (size_t i = 0; i < entries_.size(); ++i) {
+    const QuotaView qv = QuotaViewLocked(i, request.model, now);
+    if (!qv.fresh) continue;
+    ev.verdicts[i].observed_fraction = qv.estimate.observed;
+    ev.verdicts[i].estimated_fraction = qv.estimate.estimated;
+  }
   for (size_t r = 0; r < ev.ranked.size(); ++r) {
     AccountVerdict& v = ev.verdicts[ev.ranked[r]];
     v.rank = static_cast<int>(r + 1);
@@ -319,10 +305,10 @@ AccountPool::Evaluation AccountPool::Evaluate(const SelectRequest& request, absl
       v.verdict = Verdict::kRankedLower;
       const AccountRecord& top = entries_[ev.ranked[0]].record;
       const AccountRecord& mine = entries_[ev.ranked[r]].record;
-      const QuotaDecision my_decision = DecisionFor(mine, request.model, quota_, now);
+      const QuotaDecision my_decision = QuotaViewLocked(ev.ranked[r], request.model, now).decision;
       if (mine.tier < top.tier) {
         v.detail = absl::StrCat("lower tier than ", TierName(top.tier));
-      } else if (DecisionRank(my_decision) < DecisionRank(DecisionFor(top, request.model, quota_, now))) {
+      } else if (DecisionRank(my_decision) < DecisionRank(QuotaViewLocked(ev.ranked[0], request.model, now).decision)) {
         v.detail = absl::StrCat("quota ", QuotaDecisionName(my_decision), " for ", request.model);
       } else {
         v.detail = absl::StrCat("ranked lower by ", PolicyName(options_.policy));
@@ -347,14 +333,11 @@ RankKey AccountPool::KeyFor(size_t i, const SelectRequest& request, absl::Time n
   RankKey k;
   k.index = i;
   k.tier = static_cast<int>(e.record.tier);
-  if (const ModelQuota* q = QuotaFor(e.record, request.model)) {
-    k.decision = DecisionRank(DecideQuota(quota_, q->remaining_fraction, q->observed, q->reset_time, now));
-    if (!quota_.enabled || now - q->observed <= quota_.cache_ttl) {  // as RankingFraction
-      k.fraction = q->remaining_fraction;
-      if (q->reset_time) k.reset = *q->reset_time;
-    }
-  } else {
-    k.decision = DecisionRank(QuotaDecision::kUnknown);
+  const QuotaView qv = QuotaViewLocked(i, request.model, now);
+  k.decision = DecisionRank(qv.decision);
+  if (qv.fraction) {
+    k.fraction = *qv.fraction;
+    if (qv.reset_time) k.reset = *qv.reset_time;
   }
   k.in_flight = e.in_flight;
   k.last_used = e.last_used;
@@ -371,7 +354,7 @@ bool AccountPool::EligibleLocked(size_t i, const SelectRequest& request, absl::T
   if (rec.disabled || rec.proxy_disabled || IsProtected(rec, request.model)) return false;
   if (cooldowns_.Check(rec.id, request.model, now)) return false;
   if (options_.max_inflight_per_account > 0 && e.in_flight >= options_.max_inflight_per_account) return false;
-  if (Exhausted(rec, request.model, quota_, now)) return false;
+  if (ExhaustedLocked(i, request.model, now)) return false;
   if (!request.exclude.empty() && request.exclude.contains(rec.id)) return false;
   if (request.force_rotate && previous && *previous == rec.id) return false;
   return true;
@@ -394,11 +377,24 @@ void AccountPool::ReindexOne(ModelIndex& index, const std::string& model, size_t
   key.rotation = 0;  // not part of an indexed rank (round_robin is not indexed)
   index.key_of[i] = key;
   index.order.insert(key);
-  // When the rank changes by itself: fresh quota data turning stale, an exhausted quota resetting.
-  if (const ModelQuota* q = QuotaFor(entries_[i].record, model); q != nullptr && quota_.enabled) {
-    absl::Time when = q->observed + quota_.cache_ttl + absl::Nanoseconds(1);
-    if (q->reset_time && *q->reset_time > now) when = std::min(when, *q->reset_time);
-    if (when > now && when != absl::InfiniteFuture()) index.changes.emplace(when, i);
+  // When the rank changes by itself: a reading of the model's family turning stale, or a quota
+  // resetting. One pending change per account: re-ranking on every lease schedules nothing new.
+  if (!quota_.enabled) return;
+  absl::Time when = absl::InfiniteFuture();
+  const absl::Duration ttl = quota_.cache_ttl;
+  auto consider = [&](absl::Time observed, const std::optional<absl::Time>& reset) {
+    when = std::min(when, observed + ttl + absl::Nanoseconds(1));
+    if (reset && *reset > now) when = std::min(when, *reset);
+  };
+  const AccountRecord& rec = entries_[i].record;
+  if (const ModelQuota* q = QuotaFor(rec, model)) consider(q->observed, q->reset_time);
+  const absl::string_view family = ModelFamily(model);
+  for (const BucketQuota& b : rec.buckets) {
+    if (b.family == family) consider(b.observed, b.reset_time);
+  }
+  if (when > now && when != absl::InfiniteFuture() && index.scheduled[i] != when) {
+    index.scheduled[i] = when;
+    index.changes.emplace(when, i);
   }
 }
 
@@ -408,6 +404,7 @@ AccountPool::ModelIndex* AccountPool::IndexFor(const std::string& model, absl::T
     if (model_index_.size() >= kMaxIndexedModels) return nullptr;
     auto index = std::make_unique<ModelIndex>(options_.policy);
     index->key_of.resize(entries_.size());
+    index->scheduled.assign(entries_.size(), absl::InfinitePast());
     for (size_t i = 0; i < entries_.size(); ++i) {
       index->key_of[i].index = i;
       index->key_of[i].tier = -1;  // a key not in the set: the first erase finds nothing
@@ -562,10 +559,13 @@ absl::StatusOr<Selection> AccountPool::SelectOnce(const SelectRequest& request, 
   Entry& entry = entries_[*chosen];
   entry.last_used = now;
   ++entry.in_flight;
+  // The decision this lease was admitted on (before it counts against the estimate).
+  const QuotaView admitted = QuotaViewLocked(*chosen, request.model, now);
+  RecordUsageLocked(*chosen, request.model, now, 1);
   ReindexLocked(*chosen, now);
-  IssuedLease lease = leases_.Issue(entry.record.id, request.model, now);
+  IssuedLease lease = leases_.Issue(entry.record.id, request.model, now, request.caller);
   if (SharedState* shared = shared_state()) shared->LeaseIssued(lease.id, entry.record.id, request.model);
-  cooldowns_.OnIssued(entry.record.id, request.model, now);
+  cooldowns_.OnIssued(entry.record.id, request.model, now, lease.id);
   last_for_model_[request.model] = entry.record.id;
   // The binding's TTL in the shared state restarts now and then, not on every use: its idle
   // expiry there lags the local one by at most a twentieth of the TTL.
@@ -584,8 +584,8 @@ absl::StatusOr<Selection> AccountPool::SelectOnce(const SelectRequest& request, 
   sel.project_id = entry.record.project_id;
   sel.from_session = from_session;
   sel.lease_id = std::move(lease.id);
-  sel.quota_decision = DecisionFor(entry.record, request.model, quota_, now);
-  sel.remaining_fraction = RankingFraction(entry.record, request.model, quota_, now);
+  sel.quota_decision = admitted.decision;
+  sel.remaining_fraction = admitted.fraction;
   return sel;
 }
 
@@ -637,6 +637,8 @@ std::vector<AccountView> AccountPool::List() const {
 }
 
 void AccountPool::EndLeaseLocked(const Lease& lease) {
+  // A lease that ends without a report (released, timed out) frees the half-open probe it held.
+  cooldowns_.OnLeaseEnded(lease.account, lease.model, lease.id);
   if (auto it = index_.find(lease.account); it != index_.end() && entries_[it->second].in_flight > 0) {
     --entries_[it->second].in_flight;
     ReindexLocked(it->second, clock_.Now());
@@ -659,7 +661,30 @@ void AccountPool::ReleaseLease(const std::string& lease_id) {
   }
 }
 
+namespace {
+
+absl::Status ForeignLeaseError(const std::string& lease_id) {
+  return absl::PermissionDeniedError(absl::StrCat(
+      "lease_id ", SafeText(lease_id, 64), " was issued to another caller; only that caller may report it"));
+}
+
+absl::Status NamedAccountError() {
+  return absl::PermissionDeniedError(
+      "a report naming account_id and model without a lease of this caller needs the admin token; "
+      "report with the lease_id GetToken returned");
+}
+
+}  // namespace
+
 absl::StatusOr<OutcomeResult> AccountPool::ReportOutcome(const Outcome& outcome) {
+  // Reports are untrusted (docs/ARCHITECTURE.md §5): a lease is reported only by the caller it was issued to,
+  // checked before anything changes. Its id carries the caller's tag, so a lease of another
+  // replica is checked before it is taken from the shared state.
+  if (!outcome.lease_id.empty() && !outcome.may_report_any_lease) {
+    if (std::optional<std::string> tag = CallerTagOfLease(outcome.lease_id); tag && *tag != CallerTag(outcome.caller)) {
+      return ForeignLeaseError(outcome.lease_id);
+    }
+  }
   SharedState* shared = shared_state();
   if (shared != nullptr && !outcome.lease_id.empty()) {
     bool here = false;
@@ -674,6 +699,7 @@ absl::StatusOr<OutcomeResult> AccountPool::ReportOutcome(const Outcome& outcome)
         by_account.lease_id.clear();
         by_account.account_id = remote->account;
         by_account.model = remote->model;
+        by_account.may_name_account = true;  // named by a lease of this caller
         return ReportOutcomeHere(by_account, shared);
       }
     }
@@ -686,12 +712,18 @@ absl::StatusOr<OutcomeResult> AccountPool::ReportOutcomeHere(const Outcome& outc
   absl::MutexLock lock(&mu_);
   ExpireLeasesLocked(now);
   OutcomeResult result;
+  std::optional<absl::Time> issued_at;  // of the reported lease, when it was issued here
   if (!outcome.lease_id.empty()) {
+    if (std::optional<Lease> mine = leases_.Find(outcome.lease_id);
+        mine && !outcome.may_report_any_lease && mine->caller != outcome.caller) {
+      return ForeignLeaseError(outcome.lease_id);
+    }
     if (std::optional<Lease> lease = leases_.End(outcome.lease_id)) {
       EndLeaseLocked(*lease);
       if (shared != nullptr) shared->LeaseEnded(lease->id);
       result.account_id = lease->account;
       result.model = lease->model;
+      issued_at = lease->expires - options_.lease_timeout;
     } else if (outcome.account_id.empty()) {
       return absl::NotFoundError(absl::StrCat(
           "lease_id ", outcome.lease_id,
@@ -699,6 +731,7 @@ absl::StatusOr<OutcomeResult> AccountPool::ReportOutcomeHere(const Outcome& outc
     }
   }
   if (result.account_id.empty()) {
+    if (!outcome.may_name_account) return NamedAccountError();
     result.account_id = outcome.account_id;
     result.model = outcome.model;
   }
@@ -713,7 +746,11 @@ absl::StatusOr<OutcomeResult> AccountPool::ReportOutcomeHere(const Outcome& outc
   UpstreamError parsed = ParseUpstreamError(outcome.http_status, outcome.retry_after, outcome.error_body, now);
   // A success on an account with nothing on record changes nothing anywhere: not shared.
   const bool share = shared != nullptr && (parsed.kind != FailureKind::kSuccess || cooldowns_.Has(rec.id));
-  CooldownDecision d = cooldowns_.Apply(rec.id, result.model, parsed, now);
+  CooldownDecision d = cooldowns_.Apply(rec.id, result.model, parsed, now, outcome.lease_id);
+  if (parsed.kind == FailureKind::kQuotaExhausted || parsed.kind == FailureKind::kRateLimited) {
+    MarkExhaustionLocked(it->second, result.model, now);
+  }
+  LearnFromOutcomeLocked(it->second, result.model, parsed, issued_at, now);
   if (share) {
     shared->OutcomeApplied({rec.id, result.model, outcome.http_status, outcome.retry_after, outcome.error_body, now},
                            cooldowns_.Export(rec.id));
@@ -722,12 +759,6 @@ absl::StatusOr<OutcomeResult> AccountPool::ReportOutcomeHere(const Outcome& outc
   result.scope = d.scope;
   result.until = d.until;
   result.reason = d.reason;
-  if (d.disable && !rec.disabled) {
-    rec.disabled = true;
-    rec.disabled_reason = "invalid_grant: reported by the proxy";
-    runtime_disabled_[rec.id] = rec.disabled_reason;
-    result.disabled = true;
-  }
   if (d.invalidate_token) {
     rec.access_token.clear();
     rec.access_expiry = absl::InfinitePast();
@@ -764,6 +795,37 @@ void AccountPool::Disable(const std::string& account_id, const std::string& reas
   runtime_disabled_[account_id] = reason;
 }
 
+ResetResult AccountPool::ResetLocked(size_t i, const std::string& model, bool enable) {
+  AccountRecord& rec = entries_[i].record;
+  ResetResult out;
+  out.cooldown_lifted = cooldowns_.Lift(rec.id, model);
+  if (enable && rec.disabled) {
+    rec.disabled = false;
+    rec.disabled_reason.clear();
+    out.enabled = true;
+  }
+  if (enable) runtime_disabled_.erase(rec.id);
+  return out;
+}
+
+absl::StatusOr<ResetResult> AccountPool::Reset(const ResetRequest& request) {
+  absl::MutexLock lock(&mu_);
+  auto it = index_.find(request.account_id);
+  if (it == index_.end()) {
+    return absl::NotFoundError(absl::StrCat("account_id ", SafeText(request.account_id, 64), " is not loaded"));
+  }
+  ResetResult out = ResetLocked(it->second, request.model, request.enable);
+  if (SharedState* shared = shared_state()) {
+    shared->AccountReset(request.account_id, request.model, request.enable, cooldowns_.Export(request.account_id));
+  }
+  return out;
+}
+
+void AccountPool::OnRemoteReset(const std::string& account, const std::string& model, bool enabled) {
+  absl::MutexLock lock(&mu_);
+  if (auto it = index_.find(account); it != index_.end()) ResetLocked(it->second, model, enabled);
+}
+
 std::vector<std::string> AccountPool::ExpiringBefore(absl::Time deadline) const {
   absl::ReaderMutexLock lock(&mu_);
   std::vector<std::string> out;
@@ -785,6 +847,121 @@ QuotaSettings AccountPool::quota_settings() const {
   return quota_;
 }
 
+AccountPool::QuotaView AccountPool::QuotaViewLocked(size_t i, const std::string& model, absl::Time now) const {
+  const Entry& e = entries_[i];
+  QuotaView v;
+  const ModelQuota* own = QuotaFor(e.record, model);
+  if (!quota_.enabled) {
+    if (own != nullptr) {  // hints to rank by, no decision
+      v.fraction = own->remaining_fraction;
+      v.reset_time = own->reset_time;
+    }
+    return v;
+  }
+  const absl::string_view family = ModelFamily(model);
+  auto consider = [&](absl::string_view cost_key, const QuotaReading& reading) ABSL_SHARED_LOCKS_REQUIRED(mu_) {
+    if (now - reading.observed > quota_.cache_ttl) return;  // stale: unknown
+    const double prior = e.usage.Cost(cost_key) ? 0 : CostPriorLocked(cost_key, e.record.tier);  // if unlearned
+    QuotaEstimate est = e.usage.Estimate(family, cost_key, reading, now, quota_lag_, prior);
+    if (v.fresh && est.estimated >= v.estimate.estimated) return;
+    v.fresh = true;
+    v.estimate = est;
+    v.reading = reading;
+    v.cost_key = cost_key;
+  };
+  if (own != nullptr) consider(family, QuotaReading{own->remaining_fraction, own->reset_time, own->observed});
+  for (const BucketQuota& b : e.record.buckets) {
+    if (b.family == family) consider(b.bucket, QuotaReading{b.remaining_fraction, b.reset_time, b.observed});
+  }
+  if (!v.fresh) return v;
+  if (v.reading.reset_time && !v.estimate.reset_passed) v.reset_time = v.reading.reset_time;
+  v.decision = DecideQuota(quota_, v.estimate.estimated, v.reading.observed, v.reset_time, now);
+  // Less than half a call left is no call left, whatever the threshold.
+  if (v.estimate.estimated < v.estimate.cost / 2) v.decision = QuotaDecision::kExhausted;
+  v.fraction = v.estimate.estimated;
+  return v;
+}
+
+bool AccountPool::ExhaustedLocked(size_t i, const std::string& model, absl::Time now) const {
+  if (!quota_.enabled) return false;
+  return Forbidden(entries_[i].record, quota_, now) ||
+         QuotaViewLocked(i, model, now).decision == QuotaDecision::kExhausted;
+}
+
+double AccountPool::CostPriorLocked(absl::string_view cost_key, Tier tier) const {
+  if (auto it = learned_cost_.find(absl::StrCat(cost_key, "/", TierName(tier))); it != learned_cost_.end()) {
+    return it->second;
+  }
+  if (auto it = learned_cost_.find(cost_key); it != learned_cost_.end()) return it->second;
+  return quota_.call_cost_prior;
+}
+
+void AccountPool::RecordUsageLocked(size_t i, const std::string& model, absl::Time at, int count) {
+  if (!quota_.enabled) return;
+  QuotaUsage& usage = entries_[i].usage;
+  usage.Record(ModelFamily(model), at, count);
+  // Observations older than cache_ttl no longer count, so neither do the leases before them.
+  usage.Trim(clock_.Now() - quota_.cache_ttl - quota_.max_lag - absl::Seconds(1));
+}
+
+void AccountPool::LearnFromOutcomeLocked(size_t i, const std::string& model, const UpstreamError& parsed,
+                                         std::optional<absl::Time> issued_at, absl::Time now) {
+  const FailureKind kind = parsed.kind;
+  if (!quota_.enabled || kind == FailureKind::kSuccess) return;
+  Entry& e = entries_[i];
+  const absl::string_view family = ModelFamily(model);
+  // A failed call spent no quota: it must not count against the estimate nor the learned cost.
+  if (issued_at) {
+    e.usage.Forget(family, *issued_at);
+    ReindexLocked(i, now);
+  }
+  if (kind != FailureKind::kQuotaExhausted) return;
+  // The leases since the binding quota's last observation spent all it showed: an upper bound of
+  // one call's cost.
+  const QuotaView v = QuotaViewLocked(i, model, now);
+  if (!v.fresh) return;
+  if (!v.estimate.reset_passed &&
+      e.usage.LearnExhausted(v.cost_key, v.reading.fraction, e.usage.IssuedSince(family, v.reading.observed - quota_lag_))) {
+    ShareLearnedCostLocked(i, v.cost_key);
+  }
+  // The quota is spent now, for every model of the family: no other model walks into the same 429.
+  auto spent = [&](std::optional<absl::Time> reset) {
+    if (parsed.delay) return std::optional<absl::Time>(now + *parsed.delay);
+    return reset && *reset > now ? reset : std::nullopt;
+  };
+  for (ModelQuota& q : e.record.quotas) {
+    if (ModelFamily(q.model) != family) continue;
+    q = ModelQuota{q.model, 0, spent(q.reset_time), now, /*from_outcome=*/true};
+  }
+  for (BucketQuota& b : e.record.buckets) {
+    if (b.bucket != v.cost_key) continue;
+    b = BucketQuota{b.family, b.bucket, 0, spent(b.reset_time), now, /*from_outcome=*/true};
+  }
+  ReindexLocked(i, now);
+}
+
+void AccountPool::ShareLearnedCostLocked(size_t i, absl::string_view cost_key) {
+  const double cost = *entries_[i].usage.Cost(cost_key);
+  learned_cost_[absl::StrCat(cost_key, "/", TierName(entries_[i].record.tier))] = cost;
+  learned_cost_[std::string(cost_key)] = cost;
+}
+
+void AccountPool::MarkExhaustionLocked(size_t i, const std::string& model, absl::Time at) {
+  Entry& e = entries_[i];
+  QuotaMark mark{model, at, std::nullopt, std::nullopt};
+  if (const ModelQuota* q = QuotaFor(e.record, model)) {
+    mark.fraction = q->remaining_fraction;
+    mark.reset_time = q->reset_time;
+  }
+  auto same = std::find_if(e.marks.begin(), e.marks.end(), [&](const QuotaMark& m) { return m.model == model; });
+  if (same != e.marks.end()) {
+    *same = std::move(mark);
+    return;
+  }
+  if (e.marks.size() >= kMaxMarks) e.marks.erase(e.marks.begin());  // the oldest model's
+  e.marks.push_back(std::move(mark));
+}
+
 void AccountPool::UpdateQuota(const std::vector<QuotaObservation>& observations) {
   const absl::Time now = clock_.Now();
   absl::MutexLock lock(&mu_);
@@ -792,38 +969,78 @@ void AccountPool::UpdateQuota(const std::vector<QuotaObservation>& observations)
   for (const QuotaObservation& o : observations) {
     auto it = index_.find(o.account_id);
     if (it == index_.end()) continue;
-    AccountRecord& rec = entries_[it->second].record;
+    Entry& entry = entries_[it->second];
+    AccountRecord& rec = entry.record;
     if (o.tier != Tier::kUnknown) rec.tier = o.tier;
     if (!o.project_id.empty()) rec.project_id = o.project_id;
     rec.quota_forbidden = o.forbidden;
     rec.quota_forbidden_observed = o.observed;
+    // A reset time before the moment the answer was taken means the answer is at least that old.
+    if (o.reset_time && *o.reset_time < o.observed) {
+      quota_lag_ = std::min({std::max(quota_lag_, o.observed - *o.reset_time), quota_.max_lag, quota_.cache_ttl / 2});
+    }
+    if (!o.bucket.empty()) {  // a bucket limits every model of its family
+      UpdateBucketLocked(it->second, o);
+      ReindexLocked(it->second, now);
+      continue;
+    }
     if (o.model.empty()) {  // an account-level observation (tier, project, forbidden)
       ReindexLocked(it->second, now);
       continue;
     }
-    touched.emplace_back(&o.model, it->second);
+    const ModelQuota seen{o.model, o.remaining_fraction, o.reset_time, o.observed};
+    const absl::string_view family = ModelFamily(o.model);
     auto q = std::find_if(rec.quotas.begin(), rec.quotas.end(), [&](const ModelQuota& m) { return m.model == o.model; });
     if (q == rec.quotas.end()) {
-      rec.quotas.push_back(ModelQuota{o.model, o.remaining_fraction, o.reset_time, o.observed});
-      q = std::prev(rec.quotas.end());
+      rec.quotas.push_back(seen);
     } else {
       if (o.observed < q->observed) continue;  // late, older news
-      const bool rose = o.remaining_fraction > q->remaining_fraction;
-      const bool reset_passed = q->reset_time && *q->reset_time <= now;
-      q->remaining_fraction = o.remaining_fraction;
-      q->reset_time = o.reset_time;
-      q->observed = o.observed;
-      if ((rose || reset_passed) && o.remaining_fraction >= quota_.exhausted_threshold) {
-        cooldowns_.EndQuotaCooldown(rec.id, o.model);
+      if (q->from_outcome && o.observed - quota_lag_ <= q->observed) continue;  // may predate the 429
+      if (!SourceLiesAbout(o.source, o.model) &&
+          entry.usage.Learn(family, family, QuotaReading{q->remaining_fraction, q->reset_time, q->observed},
+                            QuotaReading{o.remaining_fraction, o.reset_time, o.observed}, quota_lag_)) {
+        ShareLearnedCostLocked(it->second, family);
       }
-      continue;
+      *q = seen;
     }
-    // First sighting, with quota available: a quota cooldown on it is out of date.
-    if (o.remaining_fraction >= quota_.exhausted_threshold) cooldowns_.EndQuotaCooldown(rec.id, o.model);
+    touched.emplace_back(&o.model, it->second);
+    if (SourceLiesAbout(o.source, o.model)) continue;
+    auto mark = std::find_if(entry.marks.begin(), entry.marks.end(), [&](const QuotaMark& m) { return m.model == o.model; });
+    if (mark != entry.marks.end() &&
+        ObservationEndsExhaustion(*mark, o.remaining_fraction, o.reset_time, o.observed, quota_lag_,
+                                  quota_.exhausted_threshold)) {
+      cooldowns_.EndQuotaCooldown(rec.id, o.model);
+      entry.marks.erase(mark);
+    }
   }
   for (const auto& [model, i] : touched) {
     if (auto idx = model_index_.find(*model); idx != model_index_.end()) ReindexOne(*idx->second, *model, i, now);
   }
+}
+
+void AccountPool::UpdateBucketLocked(size_t i, const QuotaObservation& o) {
+  Entry& e = entries_[i];
+  std::vector<BucketQuota>& buckets = e.record.buckets;
+  const std::string family(FamilyOfGroup(o.family));
+  const QuotaReading seen{o.remaining_fraction, o.reset_time, o.observed};
+  auto b = std::find_if(buckets.begin(), buckets.end(), [&](const BucketQuota& x) { return x.bucket == o.bucket; });
+  if (b == buckets.end()) {
+    if (buckets.size() >= AccountRecord::kMaxBuckets) return;  // the monitor names a bounded set
+    buckets.push_back(BucketQuota{family, o.bucket, o.remaining_fraction, o.reset_time, o.observed});
+    return;
+  }
+  if (o.observed < b->observed) return;  // late, older news
+  if (b->from_outcome && o.observed - quota_lag_ <= b->observed) return;  // may predate the 429
+  if (e.usage.Learn(family, b->bucket, QuotaReading{b->remaining_fraction, b->reset_time, b->observed}, seen,
+                    quota_lag_)) {
+    ShareLearnedCostLocked(i, b->bucket);
+  }
+  *b = BucketQuota{family, o.bucket, o.remaining_fraction, o.reset_time, o.observed};
+}
+
+absl::Duration AccountPool::quota_lag() const {
+  absl::ReaderMutexLock lock(&mu_);
+  return quota_lag_;
 }
 
 std::map<std::string, int64_t> AccountPool::RebindCounts() const {
@@ -846,11 +1063,10 @@ void AccountPool::OnRemoteOutcome(const SharedOutcome& o) {
   AccountRecord& rec = entries_[it->second].record;
   UpstreamError parsed = ParseUpstreamError(o.http_status, o.retry_after, o.error_body, o.at);
   CooldownDecision d = cooldowns_.Apply(rec.id, o.model, parsed, o.at);
-  if (d.disable && !rec.disabled) {
-    rec.disabled = true;
-    rec.disabled_reason = "invalid_grant: reported by the proxy to another replica";
-    runtime_disabled_[rec.id] = rec.disabled_reason;
+  if (parsed.kind == FailureKind::kQuotaExhausted || parsed.kind == FailureKind::kRateLimited) {
+    MarkExhaustionLocked(it->second, o.model, o.at);
   }
+  LearnFromOutcomeLocked(it->second, o.model, parsed, std::nullopt, o.at);
   if (d.invalidate_token) {
     rec.access_token.clear();
     rec.access_expiry = absl::InfinitePast();
@@ -883,6 +1099,16 @@ void AccountPool::OnRemoteToken(const std::string& account, const SharedToken& t
   rec.access_token = token.access_token;
   rec.access_expiry = token.expiry;
   if (token.refresh_token) rec.refresh_token = *token.refresh_token;
+}
+
+void AccountPool::OnRemoteLeasesIssued(const std::string& account, const std::string& model, int count,
+                                       absl::Time at) {
+  const absl::Time now = clock_.Now();
+  absl::MutexLock lock(&mu_);
+  auto it = index_.find(account);
+  if (it == index_.end() || count <= 0) return;
+  RecordUsageLocked(it->second, model, at, count);
+  ReindexLocked(it->second, now);
 }
 
 void AccountPool::OnRemoteLeaseEnd(const std::string& lease_id) {

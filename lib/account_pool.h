@@ -22,6 +22,7 @@
 #include "lib/cooldowns.h"
 #include "lib/lease_table.h"
 #include "lib/quota.h"
+#include "lib/quota_estimate.h"
 #include "lib/session_binder.h"
 #include "lib/shared_state.h"
 
@@ -40,7 +41,7 @@ struct RankKey {
   size_t index = 0;
 };
 
-// How eligible accounts of the same tier are ranked (DESIGN §4).
+// How eligible accounts of the same tier are ranked (docs/ARCHITECTURE.md §4).
 enum class Policy { kBalance, kFillFirst, kResetSoonest, kRoundRobin };
 
 // Accepts "balance", "fill_first", "reset_soonest", "round_robin".
@@ -66,6 +67,9 @@ struct SelectRequest {
   bool force_rotate = false;
   // Accounts to leave out of this one selection (e.g. whose token refresh just failed).
   absl::flat_hash_set<std::string> exclude;
+  // Who asks (recorded with the lease: only this caller may report it). "-" when callers are not
+  // identified.
+  std::string caller = "-";
 };
 
 struct Selection {
@@ -88,6 +92,10 @@ struct AccountVerdict {
   int rank = 0;  // 1-based among eligible accounts, 0 when not eligible
   // For a cooling or lease-capped account: when it may become eligible again.
   std::optional<absl::Time> available_at;
+  // With quota validation on and fresh data for the model: the last observed fraction and the
+  // estimate after the leases issued since (predictive admission).
+  std::optional<double> observed_fraction;
+  std::optional<double> estimated_fraction;
 };
 
 struct Explanation {
@@ -119,6 +127,8 @@ struct AccountView {
 };
 
 // What a proxy reports after using a token. Name the account by lease_id, or by account_id+model.
+// Reports are untrusted input (docs/ARCHITECTURE.md §5): the server fills in who reports and what it may do.
+// The defaults trust the reporter (in-process use and tests).
 struct Outcome {
   std::string lease_id;
   std::string account_id;
@@ -126,6 +136,12 @@ struct Outcome {
   int http_status = 0;
   std::string retry_after;
   std::string error_body;
+  std::string caller = "-";  // who reports
+  // May report a lease issued to another caller (an operator).
+  bool may_report_any_lease = true;
+  // May name an account without a lease of it (an operator): also needed when the lease is
+  // unknown and the report falls back to account_id and model.
+  bool may_name_account = true;
 };
 
 struct OutcomeResult {
@@ -134,7 +150,6 @@ struct OutcomeResult {
   CooldownScope scope = CooldownScope::kNone;
   absl::Time until = absl::InfinitePast();
   std::string reason;
-  bool disabled = false;  // the report disabled the account (invalid_grant); persist it
 };
 
 // What the token refresher needs of an account. Holds secrets.
@@ -143,6 +158,18 @@ struct Credentials {
   std::string access_token;
   absl::Time access_expiry = absl::InfinitePast();
   bool disabled = false;
+};
+
+// An operator's undo (ResetAccount): what reports (or a refresh's invalid_grant) did to an account.
+struct ResetRequest {
+  std::string account_id;
+  std::string model;    // the cooldown on this model; empty: every cooldown and the failure streak
+  bool enable = false;  // also lift a disable
+};
+
+struct ResetResult {
+  bool cooldown_lifted = false;  // a cooldown, streak or validation block was lifted
+  bool enabled = false;          // the account was disabled and is enabled now
 };
 
 struct PoolOptions {
@@ -157,7 +184,7 @@ struct PoolOptions {
 };
 
 // The loaded accounts, their runtime state, session bindings and the selection rules of
-// DESIGN §4. Thread-safe. `clock` must outlive the pool.
+// docs/ARCHITECTURE.md §4. Thread-safe. `clock` must outlive the pool.
 //
 // With a SharedState attached (several replicas), it is also the replica's local view of the
 // fleet's state: a new or moved session binding is claimed fleet-wide before it is used (the
@@ -190,9 +217,13 @@ class AccountPool : public SharedStateListener {
   Explanation Explain(const SelectRequest& request);
 
   // Applies what the upstream answered: ends the lease, parses the answer, cools down the account
-  // or model, resets the streak on success, disables on invalid_grant, drops the token on 401.
+  // or model, resets the streak on success (never ending a live cooldown), drops the token on 401
+  // or a reported invalid_grant. A report never disables an account: it is a caller's word, and
+  // only the broker's own token refresh (TokenManager) may disable.
   // NOT_FOUND for an unknown lease (without account_id) or account; INVALID_ARGUMENT when the model
-  // is missing.
+  // is missing; PERMISSION_DENIED, changing nothing, for a lease issued to another caller (unless
+  // may_report_any_lease) or a report naming an account without a lease of it (unless
+  // may_name_account).
   absl::StatusOr<OutcomeResult> ReportOutcome(const Outcome& outcome);
 
   // Ends a lease without an outcome (e.g. its token could not be had). Unknown ids are ignored.
@@ -207,17 +238,25 @@ class AccountPool : public SharedStateListener {
                 const std::optional<std::string>& refresh_token);
   // Disables the account with `reason` (for example after invalid_grant).
   void Disable(const std::string& account_id, const std::string& reason);
+  // Undoes what reports or a refresh's invalid_grant did (an operator's call), here and, through
+  // the shared state, on every replica. NOT_FOUND for an unknown account. Persisting an enable in
+  // the account's file is the caller's (TokenManager::Enable).
+  absl::StatusOr<ResetResult> Reset(const ResetRequest& request);
   // Ids of usable accounts whose access token expires before `deadline`.
   std::vector<std::string> ExpiringBefore(absl::Time deadline) const;
 
   // Proactive quota validation settings (validated by the caller with ValidateQuotaSettings).
   void SetQuotaSettings(const QuotaSettings& settings);
   QuotaSettings quota_settings() const;
-  // Feeds quota observations (from the monitor). Unknown accounts are ignored. When an
-  // (account, model)'s quota comes back — its fraction rises to the exhausted threshold or above,
-  // or its reset time passes — a quota cooldown on it ends. Non-empty tier and project id update
-  // the account's.
+  // Feeds quota observations (from the monitor). Unknown accounts and observations older than the
+  // one held are ignored. Each observation teaches the cost of one call (QuotaUsage::Learn) and,
+  // when its reset time lies before the time it was taken, how far the quota API lags. A quota
+  // cooldown on (account, model) ends early only as ObservationEndsExhaustion allows, and never
+  // on a source known to lie about the model (fetchAvailableModels for 3p models). Non-empty tier
+  // and project id update the account's.
   void UpdateQuota(const std::vector<QuotaObservation>& observations);
+  // How far behind the quota API's answers are taken to be (learned; at most max_lag).
+  absl::Duration quota_lag() const;
 
   // Session rebinds since start, by reason ("new", "force_rotate", "ineligible", "expired").
   std::map<std::string, int64_t> RebindCounts() const;
@@ -229,6 +268,8 @@ class AccountPool : public SharedStateListener {
   void OnRemoteDisable(const std::string& account, const std::string& reason) override;
   void OnRemoteToken(const std::string& account, const SharedToken& token) override;
   void OnRemoteLeaseEnd(const std::string& lease_id) override;
+  void OnRemoteReset(const std::string& account, const std::string& model, bool enabled) override;
+  void OnRemoteLeasesIssued(const std::string& account, const std::string& model, int count, absl::Time at) override;
   LocalState SnapshotForResync() override;
   std::vector<std::string> AccountIds() override;
 
@@ -237,7 +278,41 @@ class AccountPool : public SharedStateListener {
     AccountRecord record;
     absl::Time last_used = absl::InfinitePast();
     int in_flight = 0;
+    QuotaUsage usage;                // leases per model family, learned call cost
+    std::vector<QuotaMark> marks;    // quota cooldowns' yardsticks, one per model, at most kMaxMarks
   };
+  static constexpr size_t kMaxMarks = 16;
+  // What quota validation says about one (account, model) now.
+  // The model's own observation and every bucket of its family are estimated; the lowest estimate
+  // is the one that binds.
+  struct QuotaView {
+    bool fresh = false;                 // validation on and some observation within cache_ttl
+    QuotaEstimate estimate;             // of the binding quota, when fresh
+    QuotaReading reading;               // its last observation
+    absl::string_view cost_key;         // its cost key (the family, or a bucket id); valid under mu_
+    QuotaDecision decision = QuotaDecision::kUnknown;
+    std::optional<double> fraction;     // to rank by: the estimate, or (validation off) the hint
+    std::optional<absl::Time> reset_time;  // of the binding quota, while it lies ahead
+  };
+  QuotaView QuotaViewLocked(size_t i, const std::string& model, absl::Time now) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  bool ExhaustedLocked(size_t i, const std::string& model, absl::Time now) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // The cost of one call taken for an account that has not learned its own yet.
+  double CostPriorLocked(absl::string_view cost_key, Tier tier) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // Counts leases against entry i's quota estimate (validation on only).
+  void RecordUsageLocked(size_t i, const std::string& model, absl::Time at, int count)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // What a failed call teaches the estimate: it spent nothing (its lease, issued at `issued_at`
+  // here, is un-counted), and a quota 429 prices the calls since the last observation.
+  // A quota 429 is also a reading: the binding quota, and every model of the family, spent at
+  // `now` until `now + delay` (or their known reset).
+  void LearnFromOutcomeLocked(size_t i, const std::string& model, const UpstreamError& parsed,
+                              std::optional<absl::Time> issued_at, absl::Time now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Makes entry i's learned cost of `cost_key` the prior of accounts that have not learned theirs.
+  void ShareLearnedCostLocked(size_t i, absl::string_view cost_key) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Applies one bucket observation (retrieveUserQuotaSummary) to entry i.
+  void UpdateBucketLocked(size_t i, const QuotaObservation& o) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Remembers the quota a quota cooldown on (entry i, model) began against.
+  void MarkExhaustionLocked(size_t i, const std::string& model, absl::Time at) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   struct Evaluation;
   // A choice that moves or creates a session binding, to be claimed fleet-wide before it is used.
   struct Claim {
@@ -250,6 +325,7 @@ class AccountPool : public SharedStateListener {
   // not committed: it is described in *claim and an empty Selection is returned.
   absl::StatusOr<Selection> SelectOnce(const SelectRequest& request, Claim* claim);
   absl::StatusOr<OutcomeResult> ReportOutcomeHere(const Outcome& outcome, SharedState* shared);
+  ResetResult ResetLocked(size_t i, const std::string& model, bool enable) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   void ExpireLeasesLocked(absl::Time now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void EndLeaseLocked(const Lease& lease) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -287,6 +363,7 @@ class AccountPool : public SharedStateListener {
     std::set<RankKey, KeyLess> order;
     std::vector<RankKey> key_of;                  // by entry position
     std::multimap<absl::Time, size_t> changes;    // when an account's rank changes by itself
+    std::vector<absl::Time> scheduled;            // by entry position: its latest entry in `changes`
   };
   static constexpr size_t kMaxIndexedModels = 64;
   // The index for the model, built on first use and brought up to `now`; null when not indexed.
@@ -313,6 +390,11 @@ class AccountPool : public SharedStateListener {
   Cooldowns cooldowns_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<std::string, std::unique_ptr<ModelIndex>> model_index_ ABSL_GUARDED_BY(mu_);
   QuotaSettings quota_ ABSL_GUARDED_BY(mu_);
+  absl::Duration quota_lag_ ABSL_GUARDED_BY(mu_) = absl::ZeroDuration();
+  // The cost of one call last learned by any account, by "cost key/tier" and by cost key: the prior
+  // of accounts that have not learned theirs (bounded: families are a fixed set, buckets at most
+  // kMaxBuckets per account and named alike across accounts).
+  absl::flat_hash_map<std::string, double> learned_cost_ ABSL_GUARDED_BY(mu_);
   LeaseTable leases_ ABSL_GUARDED_BY(mu_);
   // Accounts disabled while running (not by their file): shared with other replicas.
   absl::flat_hash_map<std::string, std::string> runtime_disabled_ ABSL_GUARDED_BY(mu_);

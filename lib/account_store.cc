@@ -237,7 +237,35 @@ absl::StatusOr<std::unique_ptr<AccountStore>> AccountStore::Open(std::string dir
     return absl::FailedPreconditionError(absl::StrCat("accounts directory ", dir, " is not a directory"));
   }
   while (dir.size() > 1 && dir.back() == '/') dir.pop_back();
-  return std::unique_ptr<AccountStore>(new AccountStore(std::move(dir)));
+  auto store = std::unique_ptr<AccountStore>(new AccountStore(std::move(dir)));
+  store->removed_temp_files_ = store->RemoveTempFiles();
+  return store;
+}
+
+namespace {
+
+bool IsTempFileName(absl::string_view name) {
+  // "<id>.json.tmp.<pid>", as WriteFileAtomic names them.
+  size_t at = name.rfind(".json.tmp.");
+  if (at == absl::string_view::npos || at == 0) return false;
+  absl::string_view pid = name.substr(at + 10);
+  return !pid.empty() && pid.find_first_not_of("0123456789") == absl::string_view::npos;
+}
+
+}  // namespace
+
+int AccountStore::RemoveTempFiles() const {
+  // Under the folder's lock no write is half done: every temp file there is left by a process
+  // that died mid-write, and holds tokens.
+  absl::StatusOr<DirLock> lock = DirLock::Acquire(dir_);
+  if (!lock.ok()) return 0;  // a read-only folder: nothing could have been left by us
+  int removed = 0;
+  std::error_code ec;
+  for (const fs::directory_entry& entry : fs::directory_iterator(dir_, ec)) {
+    const std::string name = entry.path().filename().string();
+    if (IsTempFileName(name) && ::unlink(entry.path().c_str()) == 0) ++removed;
+  }
+  return removed;
 }
 
 LoadResult AccountStore::LoadAll() const {
@@ -309,6 +337,10 @@ absl::Status AccountStore::Update(const std::string& id, const AccountUpdate& up
     doc["disabled"] = true;
     doc["disabled_reason"] = *update.disabled_reason;
     doc["disabled_at"] = absl::ToUnixSeconds(absl::Now());
+  } else if (update.enable) {
+    doc["disabled"] = false;
+    doc["disabled_reason"] = nullptr;  // as Antigravity-Manager writes an enabled account
+    doc.erase("disabled_at");
   }
   return WriteFileAtomic(dir_, path, doc.dump(2) + "\n");
 }

@@ -31,6 +31,7 @@ struct AccountUpdate {
   std::optional<absl::Time> access_expiry;
   std::optional<std::string> refresh_token;  // set when the token endpoint rotated it
   std::optional<std::string> disabled_reason;  // set: disabled=true with this reason and time
+  bool enable = false;  // disabled=false, and the reason and time of a disable removed
 };
 
 // Parses one account file's JSON text in Antigravity-Manager's format. `id` becomes the record's
@@ -45,9 +46,13 @@ absl::StatusOr<AccountRecord> ParseAccountJson(const std::string& id, absl::stri
 class AccountStore {
  public:
   // Fails with NOT_FOUND / FAILED_PRECONDITION when `dir` does not exist or is not a directory.
+  // Removes the temp files of writes a crash interrupted (`<id>.json.tmp.<pid>`: they hold tokens),
+  // under the folder's lock so no write in progress is touched.
   static absl::StatusOr<std::unique_ptr<AccountStore>> Open(std::string dir);
 
   const std::string& dir() const { return dir_; }
+  // How many such temp files Open removed (for the start-up log).
+  int removed_temp_files() const { return removed_temp_files_; }
 
   // Reads every `*.json` file (hidden files and temp files are ignored). A malformed, empty or
   // unreadable file becomes a LoadProblem naming its path and the reason; the rest load.
@@ -63,8 +68,10 @@ class AccountStore {
 
  private:
   explicit AccountStore(std::string dir) : dir_(std::move(dir)) {}
+  int RemoveTempFiles() const;
 
   std::string dir_;
+  int removed_temp_files_ = 0;
 };
 
 }  // namespace tokenbroker

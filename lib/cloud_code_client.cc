@@ -2,7 +2,10 @@
 
 #include <algorithm>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "lib/upstream_error.h"
 #include "nlohmann/json.hpp"
 
 namespace tokenbroker {
@@ -16,16 +19,34 @@ std::string StringAt(const Json& obj, const char* key) {
   return it != obj.end() && it->is_string() ? it->get<std::string>() : "";
 }
 
+constexpr char kRetryDelayPayload[] = "tokenbroker/retry-delay-ms";
+
 absl::Status StatusForHttp(long status, const std::string& method) {
   std::string what = absl::StrCat("Cloud Code ", method, " answered HTTP ", status);
   if (status == 401) return absl::UnauthenticatedError(what);
   if (status == 403) return absl::PermissionDeniedError(what);
   if (status == 429) return absl::ResourceExhaustedError(what);
+  if (status == 404) return absl::NotFoundError(what);
   if (status >= 500) return absl::UnavailableError(what);
   return absl::InternalError(what);
 }
 
+// StatusForHttp, carrying the delay the answer asked for (Retry-After, RetryInfo, ...) if any.
+absl::Status StatusForResponse(const HttpResponse& resp, const std::string& method) {
+  absl::Status s = StatusForHttp(resp.status, method);
+  UpstreamError parsed = ParseUpstreamError(static_cast<int>(resp.status), resp.retry_after, resp.body, absl::Now());
+  if (parsed.delay) s.SetPayload(kRetryDelayPayload, absl::Cord(absl::StrCat(absl::ToInt64Milliseconds(*parsed.delay))));
+  return s;
+}
+
 }  // namespace
+
+std::optional<absl::Duration> RetryDelayOf(const absl::Status& status) {
+  const auto payload = status.GetPayload(kRetryDelayPayload);
+  int64_t ms = 0;
+  if (!payload || !absl::SimpleAtoi(std::string(*payload), &ms) || ms < 0) return std::nullopt;
+  return absl::Milliseconds(ms);
+}
 
 absl::StatusOr<CodeAssistInfo> ParseLoadCodeAssist(absl::string_view body) {
   Json doc = Json::parse(body.begin(), body.end(), nullptr, /*allow_exceptions=*/false);
@@ -87,6 +108,42 @@ absl::StatusOr<std::vector<ModelQuotaInfo>> ParseAvailableModels(absl::string_vi
 CloudCodeClient::CloudCodeClient(std::vector<std::string> base_urls, const HttpClient& http, absl::Duration timeout)
     : base_urls_(std::move(base_urls)), http_(http), timeout_(timeout) {}
 
+absl::StatusOr<std::vector<QuotaBucketInfo>> ParseQuotaSummary(absl::string_view body) {
+  constexpr size_t kMaxBuckets = 32;
+  Json doc = Json::parse(body.begin(), body.end(), nullptr, /*allow_exceptions=*/false);
+  if (doc.is_discarded() || !doc.is_object()) {
+    return absl::InvalidArgumentError("retrieveUserQuotaSummary answer is not a JSON object");
+  }
+  const Json* root = &doc;
+  if (auto nested = doc.find("quotaSummary"); nested != doc.end() && nested->is_object()) root = &*nested;
+  std::vector<QuotaBucketInfo> out;
+  auto groups = root->find("groups");
+  if (groups == root->end() || groups->is_null()) return out;
+  if (!groups->is_array()) return absl::InvalidArgumentError("retrieveUserQuotaSummary: 'groups' is not an array");
+  for (const Json& g : *groups) {
+    if (!g.is_object()) continue;
+    auto buckets = g.find("buckets");
+    if (buckets == g.end() || !buckets->is_array()) continue;
+    for (const Json& b : *buckets) {
+      QuotaBucketInfo info;
+      info.group = StringAt(g, "groupId");
+      info.bucket = StringAt(b, "bucketId");
+      if (info.bucket.empty() || out.size() >= kMaxBuckets) continue;
+      info.window = StringAt(b, "window");
+      if (auto f = b.find("remainingFraction"); f != b.end() && f->is_number()) {
+        info.remaining_fraction = std::clamp(f->get<double>(), 0.0, 1.0);
+      }
+      absl::Time t;
+      std::string err;
+      if (std::string reset = StringAt(b, "resetTime"); !reset.empty() && absl::ParseTime(absl::RFC3339_full, reset, &t, &err)) {
+        info.reset_time = t;
+      }
+      out.push_back(std::move(info));
+    }
+  }
+  return out;
+}
+
 absl::StatusOr<HttpResponse> CloudCodeClient::Call(const std::string& method, const std::string& access_token,
                                                    const std::string& body) const {
   absl::Status last = absl::UnavailableError("no Cloud Code base URL configured");
@@ -102,7 +159,7 @@ absl::StatusOr<HttpResponse> CloudCodeClient::Call(const std::string& method, co
       continue;
     }
     if (resp->status == 429 || resp->status >= 500) {
-      last = StatusForHttp(resp->status, method);
+      last = StatusForResponse(*resp, method);
       continue;  // the next base URL may have room
     }
     return resp;
@@ -113,7 +170,7 @@ absl::StatusOr<HttpResponse> CloudCodeClient::Call(const std::string& method, co
 absl::StatusOr<CodeAssistInfo> CloudCodeClient::LoadCodeAssist(const std::string& access_token) const {
   absl::StatusOr<HttpResponse> resp = Call("loadCodeAssist", access_token, R"({"metadata":{"ideType":"ANTIGRAVITY"}})");
   if (!resp.ok()) return resp.status();
-  if (resp->status != 200) return StatusForHttp(resp->status, "loadCodeAssist");
+  if (resp->status != 200) return StatusForResponse(*resp, "loadCodeAssist");
   return ParseLoadCodeAssist(resp->body);
 }
 
@@ -125,8 +182,17 @@ absl::StatusOr<std::vector<ModelQuotaInfo>> CloudCodeClient::FetchAvailableModel
     resp = Call("fetchAvailableModels", access_token, "{}");
   }
   if (!resp.ok()) return resp.status();
-  if (resp->status != 200) return StatusForHttp(resp->status, "fetchAvailableModels");
+  if (resp->status != 200) return StatusForResponse(*resp, "fetchAvailableModels");
   return ParseAvailableModels(resp->body);
+}
+
+absl::StatusOr<std::vector<QuotaBucketInfo>> CloudCodeClient::RetrieveUserQuotaSummary(
+    const std::string& access_token, const std::string& project_id) const {
+  std::string body = project_id.empty() ? "{}" : Json{{"project", project_id}}.dump();
+  absl::StatusOr<HttpResponse> resp = Call("retrieveUserQuotaSummary", access_token, body);
+  if (!resp.ok()) return resp.status();
+  if (resp->status != 200) return StatusForResponse(*resp, "retrieveUserQuotaSummary");
+  return ParseQuotaSummary(resp->body);
 }
 
 }  // namespace tokenbroker

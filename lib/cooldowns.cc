@@ -12,31 +12,63 @@ absl::Duration Cooldowns::Backoff(int streak) const {
   return policy_.backoff[std::min(i, policy_.backoff.size() - 1)];
 }
 
+bool Cooldowns::SuccessCloses(const Entry& e, absl::Time now, absl::string_view lease_id) {
+  if (e.until > now) return false;  // live: a success elsewhere says nothing about this quota
+  const bool probe_out = e.probe_until && now < *e.probe_until;
+  return !probe_out || (!lease_id.empty() && e.probe_lease == lease_id);
+}
+
+Cooldowns::Entry& Cooldowns::ModelEntry(PerAccount& acc, const std::string& model) {
+  if (auto it = acc.models.find(model); it != acc.models.end()) return it->second;
+  if (acc.models.size() >= kMaxModelsPerAccount) {
+    // Model names come from callers: the table stays bounded. What ends soonest is lost first
+    // (run-out entries end before any live one).
+    auto victim = std::min_element(acc.models.begin(), acc.models.end(),
+                                   [](const auto& a, const auto& b) { return a.second.until < b.second.until; });
+    acc.models.erase(victim);
+  }
+  return acc.models[model];
+}
+
 CooldownDecision Cooldowns::Apply(const std::string& account, const std::string& model,
-                                  const UpstreamError& error, absl::Time now) {
+                                  const UpstreamError& error, absl::Time now, absl::string_view lease_id) {
   CooldownDecision d;
   PerAccount& acc = accounts_[account];
   const std::string summary = error.Summary();
   absl::Duration wait = absl::ZeroDuration();
   std::string why;
   switch (error.kind) {
-    case FailureKind::kSuccess:
+    case FailureKind::kSuccess: {
       acc.streak = 0;
-      acc.models.erase(model);
-      // A success shows the account works: a whole-account cooldown that has run out is closed.
-      if (acc.whole && acc.whole->until <= now) {
+      // A success ends only what has run out (DESIGN §5): a live cooldown came from an answer
+      // about quota this request did not touch (a lease issued before it, another replica's view).
+      if (auto it = acc.models.find(model); it != acc.models.end() && SuccessCloses(it->second, now, lease_id)) {
+        acc.models.erase(it);
+      }
+      if (acc.whole && SuccessCloses(*acc.whole, now, lease_id)) {
         acc.whole.reset();
         acc.validation_url.clear();
       }
-      if (!acc.whole && acc.models.empty() && acc.validation_url.empty()) accounts_.erase(account);
       d.reason = "success: failure streak reset";
+      if (std::optional<CooldownBlock> left = Check(account, model, now)) {
+        d.scope = left->scope;
+        d.until = left->until;
+        absl::StrAppend(&d.reason, "; a success never ends a live cooldown, this one stays: ", left->reason);
+      }
+      if (!acc.whole && acc.models.empty() && acc.validation_url.empty()) accounts_.erase(account);
       return d;
+    }
     case FailureKind::kInvalidGrant:
+      // A caller's word is not Google's: the account cools down and its token is dropped, so the
+      // broker's own refresh runs before the next use — and disables the account only if Google
+      // answers it invalid_grant.
+      ++acc.streak;
       d.scope = CooldownScope::kAccount;
-      d.until = absl::InfiniteFuture();
-      d.disable = true;
-      d.reason = "invalid_grant: the refresh token is revoked; account disabled";
-      return d;
+      d.invalidate_token = true;
+      wait = error.delay ? *error.delay : Backoff(acc.streak);
+      why = absl::StrCat(summary, " reported: cooling down, backoff step ", acc.streak,
+                         "; the broker's own token refresh decides whether the account is disabled");
+      break;
     case FailureKind::kClientError:
       d.reason = absl::StrCat(summary, ": the request's fault, no cooldown");
       return d;
@@ -94,12 +126,12 @@ CooldownDecision Cooldowns::Apply(const std::string& account, const std::string&
     return d;
   }
   if (existing == nullptr) {
-    Entry fresh{proposed, why, std::nullopt,
+    Entry fresh{proposed, why, std::nullopt, "",
                 error.kind == FailureKind::kQuotaExhausted || error.kind == FailureKind::kRateLimited};
     if (slot_whole != nullptr) {
       *slot_whole = fresh;
     } else {
-      acc.models.emplace(model, fresh);
+      ModelEntry(acc, model) = fresh;
     }
     d.until = proposed;
     d.reason = why;
@@ -107,6 +139,7 @@ CooldownDecision Cooldowns::Apply(const std::string& account, const std::string&
   }
   // A failure ends any probe; a new cooldown never shortens a live one.
   existing->probe_until.reset();
+  existing->probe_lease.clear();
   if (proposed > existing->until) {
     existing->until = proposed;
     existing->reason = why;
@@ -139,14 +172,47 @@ std::optional<CooldownBlock> Cooldowns::Check(const std::string& account, const 
   return block;
 }
 
-void Cooldowns::OnIssued(const std::string& account, const std::string& model, absl::Time now) {
+void Cooldowns::OnIssued(const std::string& account, const std::string& model, absl::Time now,
+                         absl::string_view lease_id) {
   auto it = accounts_.find(account);
   if (it == accounts_.end()) return;
   auto mark = [&](Entry& e) {
-    if (e.until <= now) e.probe_until = now + policy_.probe_timeout;
+    if (e.until <= now) {
+      e.probe_until = now + policy_.probe_timeout;
+      e.probe_lease = std::string(lease_id);
+    }
   };
   if (it->second.whole) mark(*it->second.whole);
   if (auto m = it->second.models.find(model); m != it->second.models.end()) mark(m->second);
+}
+
+void Cooldowns::OnLeaseEnded(const std::string& account, const std::string& model, absl::string_view lease_id) {
+  if (lease_id.empty()) return;
+  auto it = accounts_.find(account);
+  if (it == accounts_.end()) return;
+  auto release = [&](Entry& e) {
+    if (e.probe_until && e.probe_lease == lease_id) {
+      e.probe_until.reset();
+      e.probe_lease.clear();
+    }
+  };
+  if (it->second.whole) release(*it->second.whole);
+  if (auto m = it->second.models.find(model); m != it->second.models.end()) release(m->second);
+}
+
+bool Cooldowns::Lift(const std::string& account, const std::string& model) {
+  auto it = accounts_.find(account);
+  if (it == accounts_.end()) return false;
+  if (model.empty()) {
+    accounts_.erase(it);
+    return true;
+  }
+  const bool had = it->second.models.erase(model) > 0;
+  if (!it->second.whole && it->second.models.empty() && it->second.validation_url.empty()) {
+    // Nothing left but the streak: the account starts afresh.
+    accounts_.erase(it);
+  }
+  return had;
 }
 
 bool Cooldowns::EndQuotaCooldown(const std::string& account, const std::string& model) {
@@ -214,7 +280,9 @@ void Cooldowns::Merge(const std::string& account, const CooldownState& state) {
       e.quota = item.quota;
       *slot = e;
     }
-    if (!item.model.empty()) acc.models[item.model] = *model_entry;
+    if (!item.model.empty()) {
+      ModelEntry(acc, item.model) = *model_entry;
+    }
   }
 }
 

@@ -1,10 +1,12 @@
 #pragma once
 
+#include <cstddef>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "lib/upstream_error.h"
 
@@ -29,9 +31,10 @@ struct CooldownPolicy {
 struct CooldownDecision {
   CooldownScope scope = CooldownScope::kNone;
   absl::Time until = absl::InfinitePast();  // end of the resulting (possibly longer, pre-existing) cooldown
-  std::string reason;
-  bool disable = false;           // invalid_grant: the account must be disabled
-  bool invalidate_token = false;  // 401: refresh the token before the account is used again
+  std::string reason;  // safe to log and to return (no raw upstream text)
+  // 401, or a reported invalid_grant: refresh the token before the account is used again. A
+  // report never disables an account: only the broker's own token refresh can (DESIGN §5).
+  bool invalidate_token = false;
 };
 
 // Why (account, model) cannot be used now.
@@ -65,22 +68,39 @@ struct CooldownState {
 
 // Cooldowns and failure streaks per account, with the rules of DESIGN §5: quota and capacity
 // errors cool (account, model); 401/403 cool the account; a new cooldown never shortens a live
-// one; a success ends the streak; once a cooldown has ended, exactly one request at a time probes
-// the account (half-open) until a report closes or reopens it. Pure logic on a given time.
-// Not thread-safe: the owner locks.
+// one; a success ends the streak but never a live cooldown (only one that has run out, and while
+// a half-open probe is out, only the probe's own report closes it); once a cooldown has ended,
+// exactly one request at a time probes the account (half-open) until a report closes or reopens
+// it. Reports are untrusted: nothing here disables an account. At most kMaxModelsPerAccount
+// models are tracked per account (callers choose model names): past that, the cooldown ending
+// soonest makes room. Pure logic on a given time. Not thread-safe: the owner locks.
 class Cooldowns {
  public:
+  static constexpr size_t kMaxModelsPerAccount = 64;
+
   explicit Cooldowns(CooldownPolicy policy) : policy_(std::move(policy)) {}
 
+  // Applies one upstream answer on (account, model). `lease_id` is the lease the report names
+  // (empty when it names none, or when the answer comes from another replica): a success closes
+  // a half-open cooldown only when it is the probe's lease.
   CooldownDecision Apply(const std::string& account, const std::string& model, const UpstreamError& error,
-                         absl::Time now);
+                         absl::Time now, absl::string_view lease_id = {});
 
   // The block on (account, model) at `now`, if any: a live cooldown, or a probe in flight.
   std::optional<CooldownBlock> Check(const std::string& account, const std::string& model, absl::Time now) const;
 
-  // Records that (account, model) was handed out at `now`: if a cooldown on it has ended, this
-  // use is the probe, and others are held off until it reports or probe_timeout passes.
-  void OnIssued(const std::string& account, const std::string& model, absl::Time now);
+  // Records that (account, model) was handed out at `now` under `lease_id`: if a cooldown on it
+  // has ended, this use is the probe, and others are held off until it reports or probe_timeout
+  // passes.
+  void OnIssued(const std::string& account, const std::string& model, absl::Time now,
+                absl::string_view lease_id = {});
+  // A lease ended without a report (released because its token could not be had or nobody was
+  // there to take it, or timed out): if it was the probe, another request may probe at once.
+  void OnLeaseEnded(const std::string& account, const std::string& model, absl::string_view lease_id);
+  // An operator lifts what reports caused: the cooldown on (account, model), or with `model`
+  // empty every cooldown of the account, its streak and validation URL. Returns whether there
+  // was anything to lift.
+  bool Lift(const std::string& account, const std::string& model);
 
   int Streak(const std::string& account) const;
   // Whether the account has any cooldown, streak or validation URL on record.
@@ -103,6 +123,7 @@ class Cooldowns {
     absl::Time until;
     std::string reason;
     std::optional<absl::Time> probe_until;
+    std::string probe_lease;  // the lease of the probe in flight, when known
     bool quota = false;  // caused by a quota or rate limit (ends when quota comes back)
   };
   struct PerAccount {
@@ -113,6 +134,10 @@ class Cooldowns {
   };
 
   absl::Duration Backoff(int streak) const;
+  // A success closes `e` at `now` (it has run out, and it is not half-open with another probe).
+  static bool SuccessCloses(const Entry& e, absl::Time now, absl::string_view lease_id);
+  // The entry for `model`, made (room made first when the account tracks too many) if missing.
+  static Entry& ModelEntry(PerAccount& acc, const std::string& model);
   static std::optional<CooldownBlock> BlockOf(const Entry& e, CooldownScope scope, absl::Time now);
 
   const CooldownPolicy policy_;

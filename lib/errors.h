@@ -26,7 +26,7 @@ absl::Status NoAccountAvailableError(absl::string_view message, absl::string_vie
 std::optional<absl::Duration> RetryDelay(const absl::Status& status);
 std::optional<std::string> ExhaustedModel(const absl::Status& status);
 
-// Validates GetToken/ExplainSelection inputs against the limits of DESIGN §3. Each returns
+// Validates GetToken/ExplainSelection inputs against the limits of docs/ARCHITECTURE.md §3. Each returns
 // InvalidFieldError naming `field` on violation; nothing is ever truncated.
 absl::Status ValidateModel(absl::string_view field, absl::string_view model, bool required);
 absl::Status ValidateSessionId(absl::string_view field, absl::string_view session_id);

@@ -8,7 +8,8 @@
 
 #include "absl/container/btree_set.h"
 #include "absl/container/flat_hash_map.h"
-#include "absl/random/random.h"
+#include "absl/numeric/int128.h"
+#include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 
 namespace tokenbroker {
@@ -18,6 +19,7 @@ struct Lease {
   std::string id;
   std::string account;
   std::string model;
+  std::string caller;  // who the token was issued to ("-" when callers are not identified)
   absl::Time expires;
 };
 
@@ -27,16 +29,28 @@ struct IssuedLease {
   absl::Time expires;
 };
 
+// A short, stable tag of a caller's name (the same in every replica and process): lease ids carry
+// it, so any replica can tell whether a reporter may report a lease before it touches the lease.
+std::string CallerTag(absl::string_view caller);
+// The caller tag inside a lease id of any table; unset for a malformed id.
+std::optional<std::string> CallerTagOfLease(absl::string_view lease_id);
+
 // Leases in flight: each ends when its outcome is reported or when it times out. Counts leases
-// per account for the in-flight cap and for balance. Ids are "l-" + a random per-table prefix + a
-// counter (hex), so they differ across restarts and replicas and are stored by counter alone.
-// Not thread-safe: the owner locks.
+// per account for the in-flight cap and for balance.
+//
+// Lease ids are unguessable: "l-", 16 hex digits naming the table (random per table; the shared
+// state files a lease under it), 8 hex digits of the caller's CallerTag, then 24 hex digits
+// (96 bits) from the system's cryptographic random source. Knowing one id tells nothing about
+// any other beyond the table and caller it shares. Not thread-safe: the owner locks.
 class LeaseTable {
  public:
-  explicit LeaseTable(absl::Duration timeout) : timeout_(timeout) {}
+  explicit LeaseTable(absl::Duration timeout);
 
-  // Issues a lease with a fresh id.
-  IssuedLease Issue(const std::string& account, const std::string& model, absl::Time now);
+  // Issues a lease with a fresh id to `caller`.
+  IssuedLease Issue(const std::string& account, const std::string& model, absl::Time now,
+                    const std::string& caller = "-");
+  // The lease, if it is in flight (without ending it).
+  std::optional<Lease> Find(const std::string& id) const;
   // Ends a lease; unset if it is unknown or already ended.
   std::optional<Lease> End(const std::string& id);
   // Ends every lease past its expiry at `now` and returns them.
@@ -45,29 +59,35 @@ class LeaseTable {
   std::optional<absl::Time> EarliestExpiry(const std::string& account) const;
   int InFlight(const std::string& account) const;
   bool Contains(const std::string& id) const;
-  size_t size() const { return by_counter_.size(); }
+  size_t size() const { return by_key_.size(); }
   // Forgets every lease of an account (it left the pool).
   void Forget(const std::string& account);
+
+  static constexpr size_t kIdLength = 2 + 16 + 8 + 24;
 
  private:
   struct Slot {
     std::string account;
     std::string model;
+    std::string caller;
     absl::Time expires;
   };
-  using Map = absl::flat_hash_map<uint64_t, Slot>;
+  using Map = absl::flat_hash_map<absl::uint128, Slot>;
 
-  // The counter of one of this table's ids; unset for anything else.
-  std::optional<uint64_t> CounterOf(const std::string& id) const;
-  std::string IdOf(uint64_t counter) const;
+  // The key of one of this table's ids (its random part, when its table and caller tag match
+  // what was issued); unset for anything else.
+  std::optional<absl::uint128> KeyOf(absl::string_view id) const;
+  std::string IdOf(absl::uint128 key, const std::string& caller) const;
   Lease Take(Map::iterator it);
+  uint64_t RandomBits();
 
   const absl::Duration timeout_;
-  absl::BitGen rng_;
   uint64_t prefix_ = 0;
-  uint64_t counter_ = 0;
-  Map by_counter_;
-  absl::btree_set<std::pair<absl::Time, uint64_t>> by_expiry_;
+  // Bytes from the system's random source, used up 8 at a time.
+  unsigned char random_[512];
+  size_t random_used_ = sizeof(random_);
+  Map by_key_;
+  absl::btree_set<std::pair<absl::Time, absl::uint128>> by_expiry_;
   absl::flat_hash_map<std::string, int> in_flight_;
 };
 

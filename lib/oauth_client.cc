@@ -1,6 +1,8 @@
 #include "lib/oauth_client.h"
 
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
 
 #include "absl/random/random.h"
 #include "absl/strings/match.h"
@@ -12,6 +14,7 @@ namespace tokenbroker {
 namespace {
 
 constexpr char kInvalidGrantPrefix[] = "invalid_grant";
+constexpr int64_t kMaxExpiresInSeconds = 24 * 3600;
 
 std::string Shorten(std::string text) {
   constexpr size_t kMax = 200;
@@ -38,9 +41,18 @@ absl::StatusOr<TokenGrant> ParseTokenResponse(long http_status, absl::string_vie
     if (exp == doc.end() || !exp->is_number()) {
       return absl::InternalError("token endpoint answered 200 without a numeric expires_in");
     }
+    // Google says 3599. Zero, negative, fractional nonsense, huge or non-finite values are an
+    // answer the broker cannot use (and converting 1e300 to an integer is undefined): a failed
+    // refresh, not a token.
+    const double expires_in = exp->get<double>();
+    if (!std::isfinite(expires_in) || expires_in < 1 || expires_in > kMaxExpiresInSeconds) {
+      return absl::InternalError(absl::StrCat("token endpoint answered 200 with an unusable expires_in (",
+                                              Shorten(exp->dump()), "); want 1 to ", kMaxExpiresInSeconds,
+                                              " seconds"));
+    }
     TokenGrant grant;
     grant.access_token = at->get<std::string>();
-    grant.expires_in = absl::Seconds(std::max<int64_t>(0, exp->get<int64_t>()));
+    grant.expires_in = absl::Seconds(static_cast<int64_t>(expires_in));
     if (auto rt = doc.find("refresh_token"); rt != doc.end() && rt->is_string() &&
                                               !rt->get<std::string>().empty()) {
       grant.refresh_token = rt->get<std::string>();

@@ -28,7 +28,8 @@ struct TokenGrant {
 };
 
 // Interprets one answer of the token endpoint. Pure.
-//  - 200 with access_token and expires_in: the grant.
+//  - 200 with access_token and expires_in (1 s to 24 h): the grant. Anything else in a 200 (not
+//    JSON, no access_token, an expires_in that is missing, zero, negative or absurd): INTERNAL.
 //  - "invalid_grant": PERMISSION_DENIED "invalid_grant: <description>" — the refresh token is
 //    revoked or expired and the account must be disabled.
 //  - "invalid_client"/"unauthorized_client": UNAUTHENTICATED (our client id/secret are wrong).

@@ -2,6 +2,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "lib/errors.h"
+#include "lib/quota_estimate.h"
 
 namespace tokenbroker {
 
@@ -23,12 +24,20 @@ absl::Status ValidateQuotaSettings(const QuotaSettings& s) {
   if (!(s.low_threshold >= 0 && s.low_threshold <= 1)) {
     return InvalidFieldError("low_threshold", "must be between 0 and 1");
   }
+  if (!(s.call_cost_prior > 0 && s.call_cost_prior <= 1)) {
+    return InvalidFieldError("call_cost_prior", "must be above 0 and at most 1");
+  }
+  if (s.max_lag < absl::ZeroDuration()) return InvalidFieldError("max_lag", "must not be negative");
   if (s.exhausted_threshold > s.low_threshold) {
     return InvalidFieldError("exhausted_threshold",
                              absl::StrCat("(", s.exhausted_threshold, ") must not exceed low_threshold (",
                                           s.low_threshold, ")"));
   }
   return absl::OkStatus();
+}
+
+bool SourceLiesAbout(QuotaSource source, absl::string_view model) {
+  return source == QuotaSource::kAvailableModels && ModelFamily(model) == "3p";
 }
 
 QuotaDecision DecideQuota(const QuotaSettings& settings, double fraction, absl::Time observed,

@@ -15,7 +15,7 @@ namespace tokenbroker {
 
 // The monitor's latest quota state, fanned out to any number of subscribers. Each subscriber
 // holds a set of changed keys, not a queue: one that reads slowly gets the latest state per
-// (account, model), coalesced, and costs at most one entry per key however long it stalls.
+// (account, model or bucket), coalesced, and costs at most one entry per key however long it stalls.
 // Thread-safe.
 class QuotaHub {
  public:
@@ -50,7 +50,7 @@ class QuotaHub {
     bool snapshot_taken = false;
     absl::flat_hash_set<std::string> pending;  // keys
   };
-  static std::string Key(const QuotaObservation& o) { return o.account_id + '\n' + o.model; }
+  static std::string Key(const QuotaObservation& o) { return o.account_id + '\n' + o.model + '\n' + o.bucket; }
 
   mutable absl::Mutex mu_;
   absl::flat_hash_map<std::string, QuotaObservation> latest_ ABSL_GUARDED_BY(mu_);

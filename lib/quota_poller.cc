@@ -14,8 +14,7 @@ QuotaPoller::QuotaPoller(QuotaPollerOptions options, AccountPool& pool, TokenMan
       tokens_(tokens),
       cloud_code_(cloud_code),
       sink_(std::move(sink)),
-      clock_(clock),
-      backoff_(options.rate_limit_backoff) {}
+      clock_(clock) {}
 
 QuotaPoller::~QuotaPoller() { Stop(); }
 
@@ -67,13 +66,25 @@ void QuotaPoller::SchedulerLoop() {
     for (auto it = next_due_.begin(); it != next_due_.end();) {
       it = usable.contains(it->first) ? std::next(it) : next_due_.erase(it);
     }
-    if (now >= paused_until_) {
-      for (auto& [id, due] : next_due_) {
-        if (due <= now && !busy_.contains(id)) {
-          busy_.insert(id);
-          queue_.push_back(id);
-          due = now + NextInterval();
-        }
+    for (auto it = backoff_.begin(); it != backoff_.end();) {
+      if (usable.contains(it->first)) {
+        ++it;
+      } else {
+        backoff_.erase(it++);
+      }
+    }
+    for (auto it = no_summary_.begin(); it != no_summary_.end();) {
+      if (usable.contains(*it)) {
+        ++it;
+      } else {
+        no_summary_.erase(it++);
+      }
+    }
+    for (auto& [id, due] : next_due_) {
+      if (due <= now && !busy_.contains(id)) {
+        busy_.insert(id);
+        queue_.push_back(id);
+        due = now + NextInterval();
       }
     }
     mu_.AwaitWithTimeout(absl::Condition(&stopping_), tick);
@@ -91,12 +102,6 @@ void QuotaPoller::WorkerLoop() {
       if (stopping_) return;
       id = std::move(queue_.front());
       queue_.pop_front();
-      if (clock_.Now() < paused_until_) {
-        // Queued before the quota API asked us to back off: wait for the pause like the rest.
-        next_due_[id] = paused_until_;
-        busy_.erase(id);
-        continue;
-      }
     }
     Poll(id);
     absl::MutexLock lock(&mu_);
@@ -123,10 +128,13 @@ void QuotaPoller::Poll(const std::string& account_id) {
   auto on_error = [&](const absl::Status& s, const char* what) {
     if (absl::IsResourceExhausted(s)) {
       absl::MutexLock lock(&mu_);
-      paused_until_ = clock_.Now() + backoff_;
-      spdlog::warn("quota API rate-limited us ({}); pausing quota polls for {}", what, absl::FormatDuration(backoff_));
-      backoff_ = std::min(backoff_ * 2, options_.max_rate_limit_backoff);
-      next_due_[account_id] = paused_until_;
+      auto step = backoff_.try_emplace(account_id, options_.rate_limit_backoff).first;
+      const std::optional<absl::Duration> asked = RetryDelayOf(s);
+      const absl::Duration wait = asked ? *asked : step->second;
+      if (!asked) step->second = std::min(step->second * 2, options_.max_rate_limit_backoff);
+      next_due_[account_id] = clock_.Now() + wait;
+      spdlog::warn("quota API rate-limited the polls of account {} ({}); its next poll in {}{}", account_id, what,
+                   absl::FormatDuration(wait), asked ? " (as the answer asked)" : "");
       return;
     }
     if (absl::IsPermissionDenied(s)) {
@@ -169,14 +177,49 @@ void QuotaPoller::Poll(const std::string& account_id) {
   out.push_back(account_level);
   for (const ModelQuotaInfo& m : *models) {
     QuotaObservation o = account_level;
+    o.source = QuotaSource::kAvailableModels;
     o.model = m.model;
     o.remaining_fraction = m.remaining_fraction;
     o.reset_time = m.reset_time;
     out.push_back(std::move(o));
   }
+  // The buckets per model family and window: the weekly ones are nowhere else, and Claude/GPT
+  // fractions from fetchAvailableModels cannot be trusted.
+  bool summary = false;
+  {
+    absl::MutexLock lock(&mu_);
+    summary = !no_summary_.contains(account_id);
+  }
+  absl::Status summary_error;
+  if (summary) {
+    absl::StatusOr<std::vector<QuotaBucketInfo>> buckets =
+        cloud_code_.RetrieveUserQuotaSummary(token->token, info->project_id);
+    if (buckets.ok()) {
+      const absl::Time bucket_observed = clock_.Now();
+      for (const QuotaBucketInfo& b : *buckets) {
+        QuotaObservation o = account_level;
+        o.observed = bucket_observed;
+        o.source = QuotaSource::kQuotaSummary;
+        o.bucket = b.bucket;
+        o.family = b.group;
+        o.remaining_fraction = b.remaining_fraction;
+        o.reset_time = b.reset_time;
+        out.push_back(std::move(o));
+      }
+    } else if (absl::IsNotFound(buckets.status())) {
+      absl::MutexLock lock(&mu_);
+      if (no_summary_.insert(account_id).second) {
+        spdlog::info("account {}: the quota API offers no retrieveUserQuotaSummary; its quota is read from "
+                     "fetchAvailableModels alone", account_id);
+      }
+    } else {
+      summary_error = buckets.status();
+    }
+  }
   sink_(out);
+  if (!summary_error.ok()) return on_error(summary_error, "retrieveUserQuotaSummary");
   absl::MutexLock lock(&mu_);
-  backoff_ = options_.rate_limit_backoff;
+  backoff_.erase(account_id);
 }
 
 }  // namespace tokenbroker

@@ -26,7 +26,9 @@ struct QuotaPollerOptions {
   absl::Duration interval = absl::Minutes(5);  // each account is polled once per interval
   double jitter = 0.1;                          // ± this fraction of the interval
   int max_in_flight = 4;                        // quota requests at once, never more
-  // After the quota API itself answers 429, polling pauses this long, doubling up to the max.
+  // After the quota API itself answers 429 for an account, that account's polls wait the delay the
+  // answer asked for (RetryInfo, Retry-After), or else this long, doubling per 429 in a row up to
+  // the max. Other accounts are polled on schedule.
   absl::Duration rate_limit_backoff = absl::Seconds(30);
   absl::Duration max_rate_limit_backoff = absl::Minutes(10);
 };
@@ -35,9 +37,11 @@ struct QuotaPollerOptions {
 using QuotaSink = std::function<void(const std::vector<QuotaObservation>&)>;
 
 // Polls every usable account's quota from Cloud Code: loadCodeAssist once per account (project
-// and tier, cached), then fetchAvailableModels every interval, with at most max_in_flight
-// requests at a time. A 429 from the quota API pauses all polling with backoff; a 403 reports the
-// account as forbidden. Thread-safe. All references must outlive the poller.
+// and tier, cached), then fetchAvailableModels and retrieveUserQuotaSummary (buckets per model
+// family and window; not asked again of an account once it answered 404) every interval, with at most max_in_flight
+// requests at a time. A 429 from the quota API defers that account's next poll (its RetryInfo, or
+// backoff); a 403 reports the account as forbidden. Observations are stamped with the time the
+// answer came and their source (kAvailableModels). Thread-safe. All references must outlive the poller.
 class QuotaPoller {
  public:
   QuotaPoller(QuotaPollerOptions options, AccountPool& pool, TokenManager& tokens, const CloudCodeClient& cloud_code,
@@ -69,10 +73,12 @@ class QuotaPoller {
   std::map<std::string, absl::Time> next_due_ ABSL_GUARDED_BY(mu_);
   std::deque<std::string> queue_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_set<std::string> busy_ ABSL_GUARDED_BY(mu_);  // queued or being polled
-  absl::Time paused_until_ ABSL_GUARDED_BY(mu_) = absl::InfinitePast();
-  absl::Duration backoff_ ABSL_GUARDED_BY(mu_);
+  // Per account, after the quota API answered it 429: the next back-off step.
+  absl::flat_hash_map<std::string, absl::Duration> backoff_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<std::string, CodeAssistInfo> code_assist_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_set<std::string> reported_no_project_ ABSL_GUARDED_BY(mu_);
+  // Accounts whose quota API answered 404 to retrieveUserQuotaSummary: not asked again.
+  absl::flat_hash_set<std::string> no_summary_ ABSL_GUARDED_BY(mu_);
   int64_t polls_ ABSL_GUARDED_BY(mu_) = 0;
   absl::BitGen rng_ ABSL_GUARDED_BY(mu_);
   std::vector<std::thread> threads_;

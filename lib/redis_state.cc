@@ -309,6 +309,18 @@ void RedisState::AccountDisabled(const std::string& account, const std::string& 
 
 void RedisState::TokenDropped(const std::string& account) { Enqueue({"DEL", Key("t", account)}); }
 
+void RedisState::AccountReset(const std::string& account, const std::string& model, bool enabled,
+                              const std::optional<CooldownState>& cooldowns) {
+  if (cooldowns) {
+    Enqueue({"SET", Key("c", account), CooldownsToJson(*cooldowns).dump(), "PX", Ms(CooldownTtl(*cooldowns))});
+  } else {
+    Enqueue({"DEL", Key("c", account)});
+  }
+  if (enabled) Enqueue({"DEL", Key("d", account)});
+  Enqueue({"PUBLISH", channel_,
+           json{{"r", replica_}, {"k", "x"}, {"a", account}, {"m", model}, {"e", enabled}}.dump()});
+}
+
 std::optional<SharedToken> RedisState::FetchToken(const std::string& account, absl::Time min_expiry) {
   absl::StatusOr<RedisReply> r = RoundTrip({"HGETALL", Key("t", account)});
   if (!r.ok()) return std::nullopt;
@@ -398,6 +410,13 @@ void RedisState::Dispatch(const std::string& message) {
       }
     } else if (kind == "l") {
       listener_->OnRemoteLeaseEnd(j.at("id").get<std::string>());
+    } else if (kind == "x") {
+      listener_->OnRemoteReset(j.at("a").get<std::string>(), j.value("m", ""), j.value("e", false));
+    } else if (kind == "u") {
+      const absl::Time at = absl::FromUnixMillis(j.at("at").get<int64_t>());
+      for (const json& u : j.at("u")) {
+        listener_->OnRemoteLeasesIssued(u.at(0).get<std::string>(), u.at(1).get<std::string>(), u.at(2).get<int>(), at);
+      }
     }
   } catch (const json::exception& e) {
     // Another version's event, or a stray publisher: never fatal.
@@ -620,6 +639,19 @@ void RedisState::WriterLoop() {
         }
         return *last;
       };
+      // The other replicas count these leases against the accounts' quota estimates: one event per
+      // batch, (account, model, count) each.
+      if (!lease_adds_.empty()) {
+        std::map<absl::string_view, int> issued;
+        for (const auto& [id, value] : lease_adds_) ++issued[value];
+        json usage = json::array();
+        for (const auto& [value, count] : issued) {
+          std::vector<std::string> parts = absl::StrSplit(value, absl::MaxSplits('\t', 1));
+          if (parts.size() == 2) usage.push_back({parts[0], parts[1], count});
+        }
+        batch.push_back({"PUBLISH", channel_,
+                         json{{"r", replica_}, {"k", "u"}, {"u", usage}, {"at", Millis(absl::Now())}}.dump()});
+      }
       Argv* last = nullptr;
       std::string last_prefix;
       for (auto& [id, value] : lease_adds_) {

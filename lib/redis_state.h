@@ -47,7 +47,7 @@ struct SharedStateStats {
   int64_t writes_dropped = 0;  // not written because Redis was down (resync makes up for them)
 };
 
-// SharedState over one Redis server (DESIGN §7). Writes go through a background writer that
+// SharedState over one Redis server (docs/ARCHITECTURE.md §7). Writes go through a background writer that
 // pipelines them; changes of other replicas arrive on a pub/sub channel and are applied to the
 // listener (the local view); round trips on the request path are few (new or moved sessions,
 // foreign leases, token refresh) and bounded by command_timeout. While Redis is unreachable it
@@ -78,6 +78,8 @@ class RedisState : public SharedState {
   void OutcomeApplied(const SharedOutcome& outcome, const std::optional<CooldownState>& cooldowns) override;
   void AccountDisabled(const std::string& account, const std::string& reason) override;
   void TokenDropped(const std::string& account) override;
+  void AccountReset(const std::string& account, const std::string& model, bool enabled,
+                    const std::optional<CooldownState>& cooldowns) override;
   std::optional<SharedToken> FetchToken(const std::string& account, absl::Time min_expiry) override;
   absl::StatusOr<int64_t> LockRefresh(const std::string& account, absl::Time min_expiry) override;
   bool StoreToken(const std::string& account, const SharedToken& token, int64_t fence) override;

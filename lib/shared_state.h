@@ -1,6 +1,6 @@
 #pragma once
 
-// The state replicas share (DESIGN §7): what one broker replica tells the others, and asks of
+// The state replicas share (docs/ARCHITECTURE.md §7): what one broker replica tells the others, and asks of
 // them, so that a cooldown seen by one is honoured by all, a session sticks to one account
 // whichever replica serves it, and a token is refreshed once across the fleet. The memory backend
 // is "no SharedState at all"; RedisState is the implementation over Redis.
@@ -59,6 +59,13 @@ class SharedStateListener {
   virtual void OnRemoteToken(const std::string& account, const SharedToken& token) = 0;
   // A lease this replica issued was reported to another one.
   virtual void OnRemoteLeaseEnd(const std::string& lease_id) = 0;
+  // Another replica issued `count` leases on (account, model) at about `at`: they spend the
+  // account's quota (fleet-wide predictive admission).
+  virtual void OnRemoteLeasesIssued(const std::string& account, const std::string& model, int count,
+                                    absl::Time at) = 0;
+  // An operator lifted the account's cooldown on `model` (every cooldown and its streak when
+  // `model` is empty) and, with `enabled`, its runtime disable.
+  virtual void OnRemoteReset(const std::string& account, const std::string& model, bool enabled) = 0;
   // Called before uploading on (re)connect.
   virtual LocalState SnapshotForResync() = 0;
   // Account ids this replica holds (tokens to fetch on (re)connect).
@@ -93,6 +100,11 @@ class SharedState {
   virtual void OutcomeApplied(const SharedOutcome& outcome, const std::optional<CooldownState>& cooldowns) = 0;
   // async: an account was disabled at run time (invalid_grant).
   virtual void AccountDisabled(const std::string& account, const std::string& reason) = 0;
+  // async: an operator lifted cooldowns (on `model`, or all with it empty) and, with `enabled`,
+  // a runtime disable of the account; `cooldowns` is its state after that. Unlike outcomes
+  // (merged, never shortened), this replaces the stored state, and every replica lifts the same.
+  virtual void AccountReset(const std::string& account, const std::string& model, bool enabled,
+                            const std::optional<CooldownState>& cooldowns) = 0;
   // async: the account's token is bad (a 401): the stored copy is deleted (the other replicas
   // drop theirs when they apply the outcome).
   virtual void TokenDropped(const std::string& account) = 0;

@@ -1,6 +1,9 @@
 #include "lib/token_manager.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
+#include "lib/safe_text.h"
 #include "spdlog/spdlog.h"
 
 namespace tokenbroker {
@@ -17,10 +20,11 @@ void TokenManager::Start() {
   started_ = true;
   for (int i = 0; i < std::max(1, options_.workers); ++i) threads_.emplace_back([this] { WorkerLoop(); });
   if (options_.background_refresh) threads_.emplace_back([this] { BackgroundLoop(); });
+  threads_.emplace_back([this] { GiveUpLoop(); });
 }
 
 void TokenManager::Stop() {
-  absl::flat_hash_map<std::string, std::vector<Callback>> abandoned;
+  absl::flat_hash_map<std::string, std::vector<Waiter>> abandoned;
   {
     absl::MutexLock lock(&mu_);
     if (stopping_) return;
@@ -32,13 +36,14 @@ void TokenManager::Stop() {
   {
     absl::MutexLock lock(&mu_);
     abandoned.swap(inflight_);
+    give_ups_.clear();
   }
   for (auto& [id, waiters] : abandoned) {
-    for (Callback& cb : waiters) std::move(cb)(absl::UnavailableError("token manager is shutting down"));
+    for (Waiter& w : waiters) std::move(w.done)(absl::UnavailableError("token manager is shutting down"));
   }
 }
 
-void TokenManager::Acquire(const std::string& account_id, Callback done) {
+void TokenManager::Acquire(const std::string& account_id, absl::Time give_up, Callback done) {
   absl::StatusOr<Credentials> creds = pool_.GetCredentials(account_id);
   if (!creds.ok()) {
     std::move(done)(creds.status());
@@ -48,24 +53,152 @@ void TokenManager::Acquire(const std::string& account_id, Callback done) {
     std::move(done)(absl::FailedPreconditionError(absl::StrCat("account ", account_id, " is disabled")));
     return;
   }
-  if (!creds->access_token.empty() && creds->access_expiry - clock_.Now() >= options_.min_token_ttl) {
+  const absl::Time now = clock_.Now();
+  const bool has_token = !creds->access_token.empty() && creds->access_expiry > now;
+  if (has_token && creds->access_expiry - now >= options_.min_token_ttl) {
     std::move(done)(AccessToken{creds->access_token, creds->access_expiry});
     return;
   }
+  absl::Status refused;
   {
     absl::MutexLock lock(&mu_);
-    if (started_ && !stopping_) {
-      ScheduleLocked(account_id, &done);
+    if (auto s = short_.find(account_id); has_token && s != short_.end() && now - s->second < options_.short_token_retry) {
+      // Refreshing just gave this short-lived token: another refresh now would give the same.
+      refused = absl::OkStatus();
+    } else if (std::optional<absl::Time> until = BackoffUntilLocked(account_id, now)) {
+      const Failures& f = failures_.at(account_id);
+      refused = absl::UnavailableError(absl::StrCat(
+          "token refresh of account ", account_id, " failed ", f.in_a_row, f.in_a_row == 1 ? " time" : " times in a row",
+          " (", f.last_error, "); next try in ", absl::FormatDuration(absl::Ceil(*until - now, absl::Seconds(1)))));
+    } else if (started_ && !stopping_) {
+      ScheduleLocked(account_id, &done, give_up);
       return;
+    } else {
+      refused = absl::UnavailableError("token manager is not running");
     }
   }
-  std::move(done)(absl::UnavailableError("token manager is not running"));
+  if (refused.ok()) {
+    std::move(done)(AccessToken{creds->access_token, creds->access_expiry, /*below_min_ttl=*/true});
+  } else {
+    std::move(done)(refused);
+  }
 }
 
-void TokenManager::ScheduleLocked(const std::string& account_id, Callback* done) {
+void TokenManager::ScheduleLocked(const std::string& account_id, Callback* done, absl::Time give_up) {
   auto [it, inserted] = inflight_.try_emplace(account_id);
-  if (done != nullptr) it->second.push_back(std::move(*done));
+  if (done != nullptr) {
+    const uint64_t id = ++next_waiter_;
+    it->second.push_back(Waiter{id, std::move(*done)});
+    if (give_up != absl::InfiniteFuture()) {
+      give_ups_.emplace(give_up, std::make_pair(account_id, id));
+      give_ups_changed_ = true;
+    }
+  }
   if (inserted) queue_.push_back(account_id);
+}
+
+std::optional<absl::Time> TokenManager::BackoffUntilLocked(const std::string& account_id, absl::Time now) const {
+  auto it = failures_.find(account_id);
+  if (it == failures_.end() || it->second.until <= now) return std::nullopt;
+  return it->second.until;
+}
+
+void TokenManager::RecordOutcomeLocked(const std::string& account_id, const absl::StatusOr<AccessToken>& result,
+                                       absl::Time now) {
+  slow_.erase(account_id);
+  if (result.ok()) {
+    failures_.erase(account_id);
+    if (result->expiry - now < options_.min_token_ttl) {
+      short_[account_id] = now;
+    } else {
+      short_.erase(account_id);
+    }
+    return;
+  }
+  if (!absl::IsUnavailable(result.status())) return;  // disabled, unknown, shutting down: not a refresh failure
+  Failures& f = failures_[account_id];
+  ++f.in_a_row;
+  absl::Duration wait = options_.failure_backoff;
+  for (int i = 1; i < f.in_a_row && wait < options_.max_failure_backoff; ++i) wait *= 2;
+  f.until = now + std::min(wait, options_.max_failure_backoff);
+  f.last_error = SafeText(result.status().message(), 200);
+}
+
+absl::flat_hash_map<std::string, TokenTroubleInfo> TokenManager::Troubled() const {
+  absl::flat_hash_map<std::string, TokenTroubleInfo> out;
+  const absl::Time now = clock_.Now();
+  {
+    absl::MutexLock lock(&mu_);
+    if (failures_.empty() && slow_.empty() && short_.empty()) return out;
+    for (const auto& [id, f] : failures_) {
+      if (f.until > now) {
+        out[id] = {TokenTrouble::kFailing, f.until,
+                   absl::StrCat("its token refresh is failing (", f.last_error, ")")};
+      }
+    }
+    for (const std::string& id : slow_) out[id] = {TokenTrouble::kSlow, absl::InfiniteFuture(), "its token refresh is slow"};
+    for (const auto& [id, at] : short_) {
+      if (!out.contains(id)) {
+        out[id] = {TokenTrouble::kShortLived, at + options_.short_token_retry,
+                   "its token is valid for less than min_token_ttl"};
+      }
+    }
+  }
+  // Only accounts without a token good for min_token_ttl are trouble: a failing background
+  // refresh of a token that is still good changes nothing for callers.
+  for (auto it = out.begin(); it != out.end();) {
+    absl::StatusOr<Credentials> creds = pool_.GetCredentials(it->first);
+    const bool good = creds.ok() && !creds->access_token.empty() &&
+                      creds->access_expiry - now >= options_.min_token_ttl;
+    if (good) {
+      out.erase(it++);
+    } else {
+      ++it;
+    }
+  }
+  return out;
+}
+
+void TokenManager::GiveUpLoop() {
+  while (true) {
+    std::vector<Callback> expired;
+    {
+      absl::MutexLock lock(&mu_);
+      auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        return stopping_ || give_ups_changed_ || (!give_ups_.empty() && give_ups_.begin()->first <= absl::Now());
+      };
+      if (!ready()) {
+        const absl::Duration wait = give_ups_.empty() ? absl::Seconds(1) : give_ups_.begin()->first - absl::Now();
+        mu_.AwaitWithTimeout(absl::Condition(
+                                 +[](TokenManager* self) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+                                   return self->stopping_ || self->give_ups_changed_;
+                                 },
+                                 this),
+                             std::max(wait, absl::Milliseconds(1)));
+      }
+      if (stopping_) return;
+      give_ups_changed_ = false;
+      const absl::Time now = absl::Now();
+      while (!give_ups_.empty() && give_ups_.begin()->first <= now) {
+        auto [account, id] = give_ups_.begin()->second;
+        give_ups_.erase(give_ups_.begin());
+        auto waiters = inflight_.find(account);
+        if (waiters == inflight_.end()) continue;  // the refresh ended; it was answered
+        auto& list = waiters->second;
+        auto w = std::find_if(list.begin(), list.end(), [id = id](const Waiter& x) { return x.id == id; });
+        if (w == list.end()) continue;
+        expired.push_back(std::move(w->done));
+        list.erase(w);
+        // The refresh goes on (for the next caller and the background); callers avoid the account
+        // until it ends.
+        slow_.insert(account);
+      }
+    }
+    for (Callback& cb : expired) {
+      std::move(cb)(absl::DeadlineExceededError("token refresh is taking longer than this call can wait; "
+                                                "it goes on in the background"));
+    }
+  }
 }
 
 void TokenManager::WorkerLoop() {
@@ -91,7 +224,12 @@ void TokenManager::BackgroundLoop() {
     std::vector<std::string> due = pool_.ExpiringBefore(clock_.Now() + options_.refresh_ahead);
     absl::MutexLock lock(&mu_);
     if (stopping_) return;
-    for (const std::string& id : due) ScheduleLocked(id, nullptr);
+    const absl::Time now = clock_.Now();
+    for (const std::string& id : due) {
+      auto s = short_.find(id);
+      const bool just_short = s != short_.end() && now - s->second < options_.short_token_retry;
+      if (!BackoffUntilLocked(id, now) && !just_short) ScheduleLocked(id, nullptr, absl::InfiniteFuture());
+    }
     ++scans_;
     mu_.AwaitWithTimeout(absl::Condition(&stopping_), options_.scan_interval);
     if (stopping_) return;
@@ -100,15 +238,19 @@ void TokenManager::BackgroundLoop() {
 
 void TokenManager::RunRefresh(const std::string& account_id) {
   absl::StatusOr<AccessToken> result = DoRefresh(account_id);
-  std::vector<Callback> waiters;
+  const absl::Time now = clock_.Now();
+  if (result.ok()) result->below_min_ttl = result->expiry - now < options_.min_token_ttl;
+  std::vector<Waiter> waiters;
   {
     absl::MutexLock lock(&mu_);
+    RecordOutcomeLocked(account_id, result, now);
     if (auto it = inflight_.find(account_id); it != inflight_.end()) {
       waiters.swap(it->second);
       inflight_.erase(it);
     }
+    // Their give-up entries are skipped when they come due (the account has no waiters then).
   }
-  for (Callback& cb : waiters) std::move(cb)(result);
+  for (Waiter& w : waiters) std::move(w.done)(result);
 }
 
 absl::StatusOr<AccessToken> TokenManager::DoRefresh(const std::string& account_id) {
@@ -183,7 +325,8 @@ absl::StatusOr<AccessToken> TokenManager::RefreshWithOAuth(const std::string& ac
   }
   if (fence > 0) shared_->UnlockRefresh(account_id, fence);
   if (IsInvalidGrant(grant.status())) {
-    std::string reason(grant.status().message());
+    // The description is the token endpoint's text: kept for operators only escaped and bounded.
+    std::string reason = SafeText(grant.status().message(), 300);
     {
       absl::MutexLock lock(&mu_);
       ++counts_["invalid_grant"];
@@ -206,6 +349,17 @@ void TokenManager::Disable(const std::string& account_id, const std::string& rea
   spdlog::warn("account {} disabled: {}", account_id, reason);
   AccountUpdate update;
   update.disabled_reason = reason;
+  WriteBack(account_id, update);
+}
+
+void TokenManager::Enable(const std::string& account_id) {
+  {
+    absl::MutexLock lock(&mu_);
+    failures_.erase(account_id);
+    short_.erase(account_id);
+  }
+  AccountUpdate update;
+  update.enable = true;
   WriteBack(account_id, update);
 }
 

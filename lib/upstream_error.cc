@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "lib/safe_text.h"
 #include "nlohmann/json.hpp"
 
 namespace tokenbroker {
@@ -128,7 +129,8 @@ std::optional<absl::Duration> DelayInText(absl::string_view text) {
   return std::nullopt;
 }
 
-std::optional<absl::Duration> RetryAfterHeader(absl::string_view value, absl::Time now, bool* negative) {
+// `past` is set when the header is an HTTP date that has already gone by: it names no delay.
+std::optional<absl::Duration> RetryAfterHeader(absl::string_view value, absl::Time now, bool* negative, bool* past) {
   value = absl::StripAsciiWhitespace(value);
   if (value.empty()) return std::nullopt;
   double secs = 0;
@@ -145,7 +147,11 @@ std::optional<absl::Duration> RetryAfterHeader(absl::string_view value, absl::Ti
   std::string text(value);
   if (absl::ParseTime("%a, %d %b %Y %H:%M:%S GMT", text, absl::UTCTimeZone(), &t, &err) ||
       absl::ParseTime("%d %b %Y %H:%M:%S GMT", text, absl::UTCTimeZone(), &t, &err)) {
-    return std::max(absl::ZeroDuration(), t - now);
+    if (t <= now) {
+      *past = true;
+      return std::nullopt;
+    }
+    return t - now;
   }
   return std::nullopt;
 }
@@ -222,7 +228,9 @@ UpstreamError ParseUpstreamError(int http_status, absl::string_view retry_after,
     negative = false;
   };
 
-  add(RetryAfterHeader(retry_after, now, &negative), "Retry-After");
+  bool retry_after_past = false;
+  add(RetryAfterHeader(retry_after, now, &negative, &retry_after_past), "Retry-After");
+  if (retry_after_past) out.note = "the Retry-After date is in the past, so it names no delay";
 
   // Google errors are {"error": {...}}; some endpoints wrap them in an array.
   Json doc = Json::parse(body.begin(), body.end(), nullptr, /*allow_exceptions=*/false);
@@ -232,8 +240,9 @@ UpstreamError ParseUpstreamError(int http_status, absl::string_view retry_after,
   if (!doc.is_discarded() && doc.is_object()) {
     auto err = doc.find("error");
     if (err != doc.end() && err->is_string()) {
-      // OAuth-style {"error": "invalid_grant", "error_description": "..."}.
-      invalid_grant = err->get<std::string>() == "invalid_grant";
+      // OAuth-style {"error": "invalid_grant", "error_description": "..."}: only the token
+      // endpoint's own answer shape, with its status (400, or 401 from some proxies), counts.
+      invalid_grant = err->get<std::string>() == "invalid_grant" && (http_status == 400 || http_status == 401);
       message = StringAt(doc, "error_description");
     } else if (err != doc.end() && err->is_object()) {
       message = StringAt(*err, "message");
@@ -253,7 +262,8 @@ UpstreamError ParseUpstreamError(int http_status, absl::string_view retry_after,
               absl::Time t;
               std::string perr;
               if (!stamp.empty() && absl::ParseTime(absl::RFC3339_full, stamp, &t, &perr)) {
-                add(std::max(absl::ZeroDuration(), t - now), "quotaResetTimeStamp");
+                // A reset time that has gone by names no delay (a zero one would mean "no cooldown").
+                if (t > now) add(t - now, "quotaResetTimeStamp");
               }
               if (out.model.empty()) out.model = StringAt(*md, "model");
               if (out.validation_url.empty()) out.validation_url = StringAt(*md, "validation_url");
@@ -278,7 +288,6 @@ UpstreamError ParseUpstreamError(int http_status, absl::string_view retry_after,
   } else {
     message = std::string(body.substr(0, 8192));
   }
-  if (!invalid_grant) invalid_grant = absl::StrContains(body.substr(0, 65536), "invalid_grant");
   add(DelayInText(message), "message");
 
   const std::string lower_message = absl::AsciiStrToLower(message);
@@ -286,7 +295,7 @@ UpstreamError ParseUpstreamError(int http_status, absl::string_view retry_after,
                                      absl::StrContains(lower_message, "verify your account"))) {
     size_t p = message.find("https://");
     if (p != std::string::npos) {
-      size_t end = message.find_first_of(" \"'<>)", p);
+      size_t end = message.find_first_of(" \"'<>)\n\r\t", p);
       out.validation_url = message.substr(p, end == std::string::npos ? std::string::npos : end - p);
       while (!out.validation_url.empty() && (out.validation_url.back() == '.' || out.validation_url.back() == ',')) {
         out.validation_url.pop_back();
@@ -335,6 +344,12 @@ UpstreamError ParseUpstreamError(int http_status, absl::string_view retry_after,
     out.delay = kMaxUpstreamDelay;
     out.delay_clamped = true;
   }
+  // Everything kept from the body is the upstream's (or a caller's) text: it goes to logs, to
+  // callers and to operators only escaped, redacted and bounded.
+  out.reason = SafeText(out.reason, kMaxUpstreamField);
+  out.quota_id = SafeText(out.quota_id, kMaxUpstreamField);
+  out.model = SafeText(out.model, kMaxUpstreamField);
+  out.validation_url = SafeText(out.validation_url, 2 * kMaxUpstreamField);
   return out;
 }
 
@@ -346,6 +361,7 @@ std::string UpstreamError::Summary() const {
     absl::StrAppend(&s, ", upstream delay ", absl::FormatDuration(*delay), " from ", delay_source);
     if (delay_clamped) absl::StrAppend(&s, " (clamped: the upstream's value was out of range)");
   }
+  if (!note.empty()) absl::StrAppend(&s, "; ", note);
   return s;
 }
 

@@ -1,5 +1,6 @@
 #pragma once
 
+#include <cstddef>
 #include <optional>
 #include <string>
 
@@ -17,7 +18,8 @@ enum class FailureKind {
   kUnauthorized,        // 401: the access token is no good
   kValidationRequired,  // 403 VALIDATION_REQUIRED: the account must be verified by a person
   kForbidden,           // any other 403
-  kInvalidGrant,        // the refresh token is revoked ("invalid_grant")
+  kInvalidGrant,        // an OAuth-shaped {"error":"invalid_grant"} with status 400/401: the proxy
+                        // says the refresh token is revoked (only the broker's own refresh can tell)
   kServerError,         // 5xx other than capacity
   kClientError,         // other 4xx: the request's fault, not the account's
 };
@@ -32,18 +34,24 @@ struct UpstreamError {
   std::optional<absl::Duration> delay;
   std::string delay_source;    // "quotaResetDelay", "RetryInfo", "Retry-After", "message", ...
   bool delay_clamped = false;  // the upstream's value was negative or absurd and was clamped
+  // The strings below come from the upstream's body: they are kept only as SafeText (control
+  // characters escaped, tokens redacted, at most kMaxUpstreamField bytes; twice that for the URL).
   std::string reason;          // ErrorInfo.reason, e.g. "QUOTA_EXHAUSTED"
   std::string quota_id;        // QuotaFailure.violations[].quotaId
   std::string validation_url;  // for kValidationRequired, when the answer carried one
   std::string model;           // ErrorInfo.metadata.model, when present
-  // One line for operators: what was understood. Never contains the body itself.
+  // Something operators should know about how the answer was read, e.g. that the Retry-After
+  // date was in the past (so it named no delay). Empty usually.
+  std::string note;
+  // One line for operators: what was understood. Never contains the body itself; safe to log.
   std::string Summary() const;
 };
 
 inline constexpr absl::Duration kMaxUpstreamDelay = absl::Hours(24 * 7);
+inline constexpr size_t kMaxUpstreamField = 160;
 
 // Parses an upstream answer: HTTP status, the raw Retry-After header value (seconds or an HTTP
-// date, relative to `now`) and the raw body (Google's JSON error with google.rpc details, or
+// date, relative to `now`; a date that has gone by names no delay) and the raw body (Google's JSON error with google.rpc details, or
 // text). Understands RetryInfo.retryDelay, ErrorInfo.reason and metadata.quotaResetDelay,
 // QuotaFailure.violations[].quotaId, {seconds, nanos} objects, durations like "1h16m0.667s" and
 // "510.79ms", and the text forms "reset after 2h1m1s", "retry after 30 seconds",

@@ -1,7 +1,9 @@
 """`make demo`: a guided tour of tokenbroker on embedded defaults.
 
 Starts the fake Google upstream and the real broker on free loopback ports with generated sample
-accounts in a temp folder, then drives it with tbctl. Everything is removed at the end.
+accounts in a temp folder, then drives it with tbctl, printing every command line it runs.
+Everything is removed at the end, unless --keep: then the processes stay up with their folder, and
+the demo prints how to go on by hand and how to stop them.
 """
 import argparse
 import json
@@ -23,13 +25,28 @@ ACCOUNTS = [
 ]
 
 
+def shown(argv):
+    """A command line as a person would type it: paths relative to here when shorter."""
+    def short(a):
+        rel = os.path.relpath(a) if os.path.isabs(a) else a
+        return rel if os.path.isabs(a) and not rel.startswith("../..") and len(rel) < len(a) else a
+    return " ".join(shlex.quote(short(a)) for a in argv)
+
+
+def show_started(name, process):
+    env = "TOKENBROKER_OAUTH_CLIENT_ID=demo-client TOKENBROKER_OAUTH_CLIENT_SECRET=demo-secret " \
+        if name != "fake Google upstream" else ""
+    print(f"started {name} (pid {process.proc.pid}), log {shown([process.log_path])}:\n"
+          f"  $ {env}{shown(process.proc.args)} &")
+
+
 def step(n, title):
     bold, plain = ("\033[1m", "\033[0m") if sys.stdout.isatty() else ("", "")
     print(f"\n{bold}== {n}. {title}{plain}")
 
 
 def run(cluster, *args, target=None):
-    print("$ tbctl " + (f"--target={target} " if target else "") + " ".join(shlex.quote(a) for a in args))
+    print("$ " + shown([cluster.bin("client", "tbctl"), f"--target={target or cluster.target}"] + list(args)))
     r = cluster.tbctl(*args, check=False, target=target)
     out = (r.stdout + r.stderr).rstrip()
     print("  " + out.replace("\n", "\n  "))
@@ -64,14 +81,17 @@ def set_proxy_disabled(cluster, account_ids, value):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--build", default="build")
+    parser.add_argument("--keep", action="store_true",
+                        help="leave the fake upstream, the brokers, the monitor and their folder running at the end")
     args = parser.parse_args()
 
     cluster = harness.Cluster(args.build)
+    keep = False
     try:
         for account_id, email, tier in ACCOUNTS:
             cluster.write_account(account_id, harness.account_json(email, "1//demo-" + account_id, tier))
-        cluster.start_upstream()
-        cluster.start_broker()
+        show_started("fake Google upstream", cluster.start_upstream())
+        show_started("tokenbroker", cluster.start_broker())
         print(f"fake Google upstream on 127.0.0.1:{cluster.upstream.port}, tokenbroker on {cluster.target}")
         print(f"accounts folder: {cluster.accounts_dir} (Antigravity-Manager format)")
 
@@ -133,6 +153,7 @@ def main():
                 "tier": "g1-%s-tier" % tier.lower(),
                 "models": {QUOTA_MODEL: {"quotaInfo": {"remainingFraction": fraction}}}})
         monitor = cluster.start_monitor("--poll_interval=2s")
+        show_started("tokenbroker-monitor", monitor)
         target = f"127.0.0.1:{monitor.port}"
         run(cluster, "set-quota-manager", "--enabled", "--monitor", target)
         harness.wait_for(lambda: cluster.tbctl_json("get-token", "--model", QUOTA_MODEL).get("quotaDecision")
@@ -148,8 +169,10 @@ def main():
         redis = harness.RedisServer(cluster.dir)
         cluster.extra.append(redis)
         replicas = []
+        print("started redis-server:\n  $ " + shown(redis.proc.args) + " &")
+        first_broker = cluster.broker
         for _ in range(2):
-            cluster.start_broker("--state_backend", redis.url)
+            show_started("tokenbroker replica", cluster.start_broker("--state_backend", redis.url))
             replicas.append(cluster.target)
         print(f"redis-server on 127.0.0.1:{redis.port}; replicas on {replicas[0]} and {replicas[1]}")
         for t in replicas:
@@ -171,9 +194,26 @@ def main():
         print(f"-> reported to the first replica, honoured by the second: the session left {served[0]}")
 
         print("\nDemo complete. Tokens are redacted in tbctl's output; --show_token prints them.")
+        if args.keep:
+            keep = True
+            cluster.broker = first_broker
+            tbctl = shown([cluster.bin("client", "tbctl"), f"--target={cluster.target}"])
+            pids = " ".join(str(p.proc.pid) for p in cluster.extra + [cluster.upstream])
+            print(f"""
+Still running (--keep), with their folder {cluster.dir}:
+  the fake upstream on 127.0.0.1:{cluster.upstream.port}, the first broker on {cluster.target}, the monitor on
+  {target}, and two replicas on {replicas[0]} and {replicas[1]} sharing redis on 127.0.0.1:{redis.port}.
+Go on by hand, e.g.:
+  $ {tbctl} list-accounts
+  $ {tbctl} get-token --model={MODEL} --session=my-conversation
+  $ {tbctl} explain --model={QUOTA_MODEL}
+  edit or add a file in {cluster.accounts_dir}: the brokers pick it up within a second
+Stop everything:
+  $ kill {pids}; rm -rf {cluster.dir}""")
         return 0
     finally:
-        cluster.close()
+        if not keep:
+            cluster.close()
 
 
 if __name__ == "__main__":

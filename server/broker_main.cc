@@ -4,11 +4,10 @@
 #include <grpcpp/health_check_service_interface.h>
 
 #include <cstdlib>
+#include <map>
 #include <memory>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
-#include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "lib/account_pool.h"
@@ -22,6 +21,7 @@
 #include "server/audit_log.h"
 #include "server/auth.h"
 #include "server/broker_service.h"
+#include "server/command_line.h"
 #include "server/daemon.h"
 #include "server/metrics.h"
 #include "server/quota_subscriber.h"
@@ -42,7 +42,15 @@ ABSL_FLAG(std::string, quota_monitor, "",
           "gRPC target of a tokenbroker-monitor (host:port or unix:path): turns quota validation on at start.");
 ABSL_FLAG(bool, embedded_monitor, false,
           "Poll quota in this process (one-machine use) and turn quota validation on.");
-ABSL_FLAG(absl::Duration, quota_cache_ttl, absl::Seconds(300), "Quota data older than this reads as unknown.");
+ABSL_FLAG(absl::Duration, quota_cache_ttl, absl::Minutes(15),
+          "Quota data older than this reads as unknown. Keep it well above the monitor's --poll_interval "
+          "(default 5m, +10 % jitter) so data never lapses between polls; with --embedded_monitor a "
+          "--poll_interval that could reach it is refused.");
+ABSL_FLAG(double, quota_call_cost_prior, 0.05,
+          "Predictive admission: fraction of a quota bucket one call is taken to cost until an account (or "
+          "another of its tier) has learned its own from successive observations. Cautious: high rather than low.");
+ABSL_FLAG(absl::Duration, quota_max_lag, absl::Seconds(60),
+          "Longest the quota API is believed to lag behind; the lag learned from its answers never exceeds it.");
 ABSL_FLAG(double, quota_low_threshold, 0.10, "Remaining fraction below which an account is LOW for a model.");
 ABSL_FLAG(double, quota_exhausted_threshold, 0.05,
           "Remaining fraction below which an account is EXHAUSTED for a model and skipped.");
@@ -78,6 +86,35 @@ constexpr char kProgram[] = "tokenbroker";
 constexpr char kServiceName[] = "tokenbroker.v1.TokenBrokerService";
 // Health detail: SERVING while the Redis state backend is connected and in sync.
 constexpr char kStateServiceName[] = "tokenbroker.v1.StateBackend";
+// Health detail: NOT_SERVING while no account holds a valid token and token refreshes keep failing
+// (a wrong OAuth client, the token endpoint unreachable); the overall health follows it.
+constexpr char kTokenRefreshServiceName[] = "tokenbroker.v1.TokenRefresh";
+
+// Whether tokens can be had: an account holds a valid access token, or token refreshes are not
+// all failing (no failure since the last success). Not thread-safe (the main loop's).
+class RefreshHealth {
+ public:
+  RefreshHealth(const AccountPool& pool, const TokenManager& tokens) : pool_(pool), tokens_(tokens) {}
+  bool Update() {
+    std::map<std::string, int64_t> counts = tokens_.RefreshCounts();
+    const int64_t ok = counts["ok"];
+    const int64_t failed = counts["error"];
+    if (ok != last_ok_) failed_at_last_ok_ = failed;
+    last_ok_ = ok;
+    if (failed == failed_at_last_ok_) return true;
+    const absl::Time now = absl::Now();
+    for (const AccountView& a : pool_.List()) {
+      if (!a.disabled && !a.proxy_disabled && a.token_expiry && *a.token_expiry > now) return true;
+    }
+    return false;
+  }
+
+ private:
+  const AccountPool& pool_;
+  const TokenManager& tokens_;
+  int64_t last_ok_ = 0;
+  int64_t failed_at_last_ok_ = 0;
+};
 
 int Run() {
   if (absl::Status s = CheckCommonFlags(); !s.ok()) return FailStartup(kProgram, std::string(s.message()));
@@ -105,8 +142,17 @@ int Run() {
   quota.cache_ttl = absl::GetFlag(FLAGS_quota_cache_ttl);
   quota.low_threshold = absl::GetFlag(FLAGS_quota_low_threshold);
   quota.exhausted_threshold = absl::GetFlag(FLAGS_quota_exhausted_threshold);
+  quota.call_cost_prior = absl::GetFlag(FLAGS_quota_call_cost_prior);
+  quota.max_lag = absl::GetFlag(FLAGS_quota_max_lag);
   if (absl::Status s = ValidateQuotaSettings(quota); !s.ok()) {
     return FailStartup(kProgram, absl::StrCat("--quota_", s.message()));
+  }
+  // Data must outlive the wait for the next poll (jitter included), or exhausted accounts read
+  // as unknown, and are handed out, just before each poll.
+  if (embedded && absl::GetFlag(FLAGS_poll_interval) * 1.1 + absl::Seconds(5) > quota.cache_ttl) {
+    return FailStartup(kProgram, absl::StrCat("--poll_interval (", absl::FormatDuration(absl::GetFlag(FLAGS_poll_interval)),
+                                              ") plus 10 % jitter and 5s must stay below --quota_cache_ttl (",
+                                              absl::FormatDuration(quota.cache_ttl), ")"));
   }
   std::optional<RedisStateOptions> redis_options;
   if (const std::string backend = absl::GetFlag(FLAGS_state_backend); backend != "memory") {
@@ -145,6 +191,10 @@ int Run() {
   }
   absl::StatusOr<std::unique_ptr<AccountStore>> store = AccountStore::Open(absl::GetFlag(FLAGS_accounts_dir));
   if (!store.ok()) return FailStartup(kProgram, absl::StrCat("--accounts_dir: ", store.status().message()));
+  // Before anything starts or logs: a taken port is one line.
+  if (absl::Status s = CheckListenFlags(absl::GetFlag(FLAGS_metrics_listen)); !s.ok()) {
+    return FailStartup(kProgram, std::string(s.message()));
+  }
 
   BlockStopSignals();  // before any thread starts
   // Debian's Abseil checks every Mutex acquisition for lock-order cycles (a debug aid that costs
@@ -205,7 +255,9 @@ int Run() {
   std::unique_ptr<Metrics> metrics;
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
   if (std::string metrics_listen = absl::GetFlag(FLAGS_metrics_listen); !metrics_listen.empty()) {
-    absl::StatusOr<std::unique_ptr<Metrics>> started = Metrics::Start(metrics_listen, pool, tokens, subscriber, service, redis.get());
+    const absl::Status free = CheckListenAddress("--metrics_listen", metrics_listen);
+    absl::StatusOr<std::unique_ptr<Metrics>> started =
+        free.ok() ? Metrics::Start(metrics_listen, pool, tokens, subscriber, service, redis.get()) : absl::StatusOr<std::unique_ptr<Metrics>>(free);
     if (!started.ok()) {
       if (poller) poller->Stop();
       tokens.Stop();
@@ -222,21 +274,32 @@ int Run() {
     return FailStartup(kProgram, std::string(servers.status().message()));
   }
   const int port = servers->port();
+  RefreshHealth refresh_health(pool, tokens);
   auto update_health = [&] {
-    const bool serving = pool.UsableCount() > 0;
+    const bool tokens_obtainable = refresh_health.Update();
+    const bool serving = pool.UsableCount() > 0 && tokens_obtainable;
     servers->SetServing(kServiceName, serving);
+    servers->SetDetail(kTokenRefreshServiceName, tokens_obtainable);
     if (redis) servers->SetDetail(kStateServiceName, redis->Up());
     return serving;
   };
+  auto not_serving_reason = [&]() -> std::string {
+    if (pool.UsableCount() == 0) return "no usable account is loaded (SERVING once one is)";
+    return "no account holds a valid access token and every token refresh since the last success failed (see the "
+           "'token refresh ... failed' lines; invalid_client means the OAuth client id/secret are not the ones "
+           "the accounts were authorised with)";
+  };
   bool serving = update_health();
   const std::string listen = absl::GetFlag(FLAGS_listen);
-  spdlog::info("serving on {}{}{} with policy {}; {}", listen,
-               listen.rfind("unix:", 0) == 0 ? "" : absl::StrCat(" (port ", port, ")"),
+  spdlog::info("serving on {}{} with policy {}; {}", BoundAddress(listen, port),
                absl::GetFlag(FLAGS_tls_cert_file).empty()         ? ""
                : absl::GetFlag(FLAGS_tls_client_ca_file).empty() ? " over TLS"
                                                                  : " over mutual TLS",
                std::string(PolicyName(*policy)),
-               serving ? "health SERVING" : "health NOT_SERVING until a usable account is loaded");
+               serving ? "health SERVING" : absl::StrCat("health NOT_SERVING: ", not_serving_reason()));
+  if (const std::string health_listen = absl::GetFlag(FLAGS_health_listen); !health_listen.empty()) {
+    spdlog::info("health (grpc.health.v1 only, plaintext) on {}", BoundAddress(health_listen, servers->health_port()));
+  }
   WritePortFile(port);
 
   const absl::Duration reload = absl::GetFlag(FLAGS_reload_interval);
@@ -251,7 +314,7 @@ int Run() {
       next_reload = absl::Now() + reload;
     }
     if (bool now_serving = update_health(); now_serving != serving) {
-      spdlog::info("health is now {}", now_serving ? "SERVING" : "NOT_SERVING");
+      spdlog::info("health is now {}", now_serving ? "SERVING" : absl::StrCat("NOT_SERVING: ", not_serving_reason()));
       serving = now_serving;
     }
   }
@@ -274,9 +337,16 @@ int Run() {
 }  // namespace tokenbroker
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(
-      "tokenbroker: hands out fresh Google OAuth access tokens of the best account, request by request.\n"
-      "Usage: tokenbroker --accounts_dir=DIR [--listen=127.0.0.1:50051] [flags]");
-  absl::ParseCommandLine(argc, argv);
+  tokenbroker::ParseFlagsOrExit(
+      argc, argv,
+      {.program = "tokenbroker",
+       .usage = "tokenbroker: hands out fresh Google OAuth access tokens of the best account, request by request.\n"
+                "\n"
+                "Usage: tokenbroker --accounts_dir=DIR [--listen=127.0.0.1:50051] [flags]\n"
+                "\n"
+                "Environment: TOKENBROKER_OAUTH_CLIENT_ID and TOKENBROKER_OAUTH_CLIENT_SECRET (the OAuth client the\n"
+                "accounts were authorised with), TOKENBROKER_REDIS_PASSWORD (with a Redis --state_backend).\n"
+                "Exit status: 0 after SIGTERM/SIGINT and a drain; 2 for a bad flag or configuration (one line on\n"
+                "stderr names it)."});
   return tokenbroker::Run();
 }

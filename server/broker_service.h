@@ -1,6 +1,10 @@
 #pragma once
 
+#include <cstdint>
+#include <map>
 #include <memory>
+#include <string>
+#include <utility>
 
 #include "lib/account_pool.h"
 #include "lib/token_manager.h"
@@ -37,6 +41,10 @@ class BrokerService final : public v1::TokenBrokerService::CallbackService {
 
   // GetToken calls parked until an account frees.
   size_t WaitingCalls() const { return waits_.size(); }
+  // ReportOutcome calls so far by (caller, result): "model_cooldown", "account_cooldown",
+  // "no_cooldown", or why it was refused ("permission_denied", "not_found", "invalid_argument",
+  // "unauthenticated" with caller "unknown"). Callers are the configured names: bounded.
+  std::map<std::pair<std::string, std::string>, int64_t> ReportCounts() const;
 
   grpc::ServerUnaryReactor* GetToken(grpc::CallbackServerContext* context,
                                      const v1::GetTokenRequest* request,
@@ -53,8 +61,12 @@ class BrokerService final : public v1::TokenBrokerService::CallbackService {
   grpc::ServerUnaryReactor* ExplainSelection(grpc::CallbackServerContext* context,
                                              const v1::ExplainSelectionRequest* request,
                                              v1::ExplainSelectionResponse* response) override;
+  grpc::ServerUnaryReactor* ResetAccount(grpc::CallbackServerContext* context,
+                                         const v1::ResetAccountRequest* request,
+                                         v1::ResetAccountResponse* response) override;
 
  private:
+  class TokenCall;
   struct Pending;
   // The caller's name; UNAUTHENTICATED or PERMISSION_DENIED when it may not make this call.
   absl::StatusOr<std::string> Caller(const grpc::CallbackServerContext& context, bool admin) const;
@@ -68,7 +80,16 @@ class BrokerService final : public v1::TokenBrokerService::CallbackService {
   QuotaSubscriber* subscriber_;
   const Authenticator* auth_ = nullptr;
   AuditLog* audit_ = nullptr;
+  const SessionTagger tagger_;  // without an audit log: a random key, for debug logs
+  void CountReport(const std::string& caller, absl::string_view result);
+  // Session ids are caller data: logs and the audit log carry a keyed tag, never the id itself.
+  std::string SessionTag(const std::string& session_id) const {
+    return audit_ != nullptr ? audit_->SessionTag(session_id) : tagger_.Tag(session_id);
+  }
+
   absl::Mutex quota_mu_;  // serialises SetQuotaManager calls
+  mutable absl::Mutex reports_mu_;
+  std::map<std::pair<std::string, std::string>, int64_t> report_counts_ ABSL_GUARDED_BY(reports_mu_);
   WaitQueue waits_;
 };
 

@@ -3,9 +3,17 @@
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/health_check_service_interface.h>
 
+#include <netdb.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <iostream>
 
@@ -86,6 +94,16 @@ absl::Status CheckCommonFlags() {
   return absl::OkStatus();
 }
 
+absl::Status CheckListenFlags(const std::string& metrics_listen) {
+  for (const auto& [flag, listen] : {std::pair{"--listen", absl::GetFlag(FLAGS_listen)},
+                                     std::pair{"--health_listen", absl::GetFlag(FLAGS_health_listen)},
+                                     std::pair{"--metrics_listen", metrics_listen}}) {
+    if (listen.empty()) continue;
+    if (absl::Status s = CheckListenAddress(flag, listen); !s.ok()) return s;
+  }
+  return absl::OkStatus();
+}
+
 OAuthOptions OAuthOptionsFromFlags() {
   OAuthOptions o;
   o.token_url = absl::GetFlag(FLAGS_oauth_token_url);
@@ -127,10 +145,14 @@ void AccountLoader::Load() {
     if (!reported_.contains(key)) spdlog::warn("skipping account file {}: {}", p.path, p.reason);
   }
   reported_ = std::move(now);
-  if (loaded.accounts.size() != pool_.size()) {
-    spdlog::info("loaded {} accounts from {} ({} files skipped)", loaded.accounts.size(), store_.dir(),
-                 loaded.problems.size());
+  // Always once at start, even for an empty folder ("0 accounts"); then on every change of count.
+  if (!loaded_once_ || loaded.accounts.size() != pool_.size()) {
+    spdlog::info("loaded {} accounts from {} ({} files skipped){}", loaded.accounts.size(), store_.dir(),
+                 loaded.problems.size(),
+                 loaded.accounts.empty() ? "; add <id>.json account files there: they are picked up without a restart"
+                                         : "");
   }
+  loaded_once_ = true;
   pool_.Load(std::move(loaded.accounts));
 }
 
@@ -152,6 +174,7 @@ absl::StatusOr<Servers> Servers::Start(
                   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors,
                   std::shared_ptr<grpc::ServerCredentials> creds,
                   int* port) -> absl::StatusOr<std::unique_ptr<grpc::Server>> {
+    if (absl::Status free = CheckListenAddress(absl::StrCat("--", flag), listen); !free.ok()) return free;
     grpc::ServerBuilder builder;
     // gRPC sets SO_REUSEPORT by default: a second server on a taken port would start silently.
     builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
@@ -174,10 +197,11 @@ absl::StatusOr<Servers> Servers::Start(
     int health_port = 0;
     absl::StatusOr<std::unique_ptr<grpc::Server>> health = build("health_listen", health_listen, {}, {}, nullptr, &health_port);
     if (!health.ok()) {
-      out.api_->Shutdown();
+      out.api_->Shutdown(std::chrono::system_clock::now());
       return health.status();
     }
     out.health_ = *std::move(health);
+    out.health_port_ = health_port;
   }
   return out;
 }
@@ -204,7 +228,88 @@ void Servers::Drain(absl::Duration deadline, const std::function<void()>& before
   }
   if (before_shutdown) before_shutdown();
   api_->Shutdown(absl::ToChronoTime(absl::Now() + deadline));
-  if (health_) health_->Shutdown();
+  // Probes saw NOT_SERVING during the drain; now the health server goes at once. Without a
+  // deadline its Shutdown would wait for every Health/Watch stream (a watcher never ends one).
+  if (health_) health_->Shutdown(std::chrono::system_clock::now());
+}
+
+std::string BoundAddress(const std::string& listen, int port) {
+  if (listen.rfind("unix:", 0) == 0 || listen.rfind("unix-abstract:", 0) == 0) return listen;
+  const size_t colon = listen.rfind(':');
+  if (colon == std::string::npos) return absl::StrCat(listen, ":", port);
+  return absl::StrCat(listen.substr(0, colon + 1), port);
+}
+
+absl::Status CheckListenAddress(const std::string& flag, const std::string& listen) {
+  if (listen.rfind("unix-abstract:", 0) == 0) return absl::OkStatus();
+  if (listen.rfind("unix:", 0) == 0) {
+    std::string path = listen.substr(5);
+    if (path.rfind("//", 0) == 0) path = path.substr(2);  // unix:///abs/path
+    struct stat st;
+    if (::stat(path.c_str(), &st) != 0 || !S_ISSOCK(st.st_mode)) return absl::OkStatus();
+    sockaddr_un addr{};
+    if (path.size() >= sizeof(addr.sun_path)) {
+      return absl::InvalidArgumentError(absl::StrCat(flag, ": ", listen, ": the socket path is too long"));
+    }
+    addr.sun_family = AF_UNIX;
+    std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+    int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
+    if (fd < 0) return absl::OkStatus();
+    const bool live = ::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0;
+    ::close(fd);
+    if (live) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          flag, ": ", listen, " is already in use by a running process (another tokenbroker?); stop it or choose another path"));
+    }
+    return absl::OkStatus();  // a stale socket file: gRPC replaces it
+  }
+  const size_t colon = listen.rfind(':');
+  if (colon == std::string::npos) {
+    return absl::InvalidArgumentError(absl::StrCat(flag, ": '", listen, "' is not host:port or unix:/path"));
+  }
+  std::string host = listen.substr(0, colon);
+  const std::string port = listen.substr(colon + 1);
+  if (host.rfind("dns:", 0) == 0 || host.rfind("ipv4:", 0) == 0 || host.rfind("ipv6:", 0) == 0) {
+    return absl::OkStatus();  // a gRPC URI form: left to gRPC
+  }
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
+  if (port.empty() || port.find_first_not_of("0123456789") != std::string::npos || port.size() > 5 ||
+      std::stoi(port) > 65535) {
+    return absl::InvalidArgumentError(absl::StrCat(flag, ": '", listen, "' has no valid port (0 to 65535)"));
+  }
+  if (port == "0" || std::stoi(port) == 0) return absl::OkStatus();
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+  addrinfo* found = nullptr;
+  if (int rc = ::getaddrinfo(host.empty() ? nullptr : host.c_str(), port.c_str(), &hints, &found); rc != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(flag, ": cannot listen on ", listen, ": host '", host, "' does not resolve (", gai_strerror(rc), ")"));
+  }
+  absl::Status result = absl::OkStatus();
+  for (addrinfo* a = found; a != nullptr && result.ok(); a = a->ai_next) {
+    int fd = ::socket(a->ai_family, a->ai_socktype, a->ai_protocol);
+    if (fd < 0) continue;
+    int one = 1;
+    ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (::bind(fd, a->ai_addr, a->ai_addrlen) != 0) {
+      const int err = errno;
+      if (err == EADDRINUSE) {
+        result = absl::FailedPreconditionError(absl::StrCat(
+            flag, ": ", listen, " is already in use (another tokenbroker?); stop it or choose another port"));
+      } else if (err == EACCES) {
+        result = absl::FailedPreconditionError(
+            absl::StrCat(flag, ": cannot listen on ", listen, ": permission denied (ports below 1024 need privileges)"));
+      } else if (err == EADDRNOTAVAIL) {
+        result = absl::FailedPreconditionError(
+            absl::StrCat(flag, ": cannot listen on ", listen, ": no such address on this machine"));
+      }
+    }
+    ::close(fd);
+  }
+  ::freeaddrinfo(found);
+  return result;
 }
 
 void WritePort(const std::string& path, int port) {

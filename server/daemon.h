@@ -44,6 +44,11 @@ int FailStartup(const std::string& program, const std::string& message);
 // Checks the shared flags and sets up logging. The message names the flag.
 absl::Status CheckCommonFlags();
 
+// Checks that the addresses of --listen, --health_listen and `metrics_listen` (each may be empty:
+// off) can be served on (CheckListenAddress), so that a taken port is one line before anything
+// starts or logs. Servers::Start checks again (the port may be taken meanwhile).
+absl::Status CheckListenFlags(const std::string& metrics_listen);
+
 // OAuth and token-manager options from the shared flags (client id/secret fall back to
 // $TOKENBROKER_OAUTH_CLIENT_ID / $TOKENBROKER_OAUTH_CLIENT_SECRET).
 OAuthOptions OAuthOptionsFromFlags();
@@ -64,6 +69,7 @@ class AccountLoader {
   const AccountStore& store_;
   AccountPool& pool_;
   uint64_t fingerprint_ = 0;
+  bool loaded_once_ = false;
   std::set<std::string> reported_;
 };
 
@@ -81,11 +87,15 @@ class Servers {
 
   // The bound TCP port of the API server; 0 for a unix socket.
   int port() const { return port_; }
+  // The bound port of the --health_listen server; 0 when there is none.
+  int health_port() const { return health_port_; }
   // Sets `service_name` and "" SERVING or NOT_SERVING on both servers.
   void SetServing(const std::string& service_name, bool serving);
   // Sets only `service_name` (a health detail, e.g. a dependency), leaving "" as it is.
   void SetDetail(const std::string& service_name, bool serving);
-  // Drains: health NOT_SERVING for good at once, then in-flight calls get until `deadline`.
+  // Drains: health NOT_SERVING for good at once, then in-flight calls get until `deadline`; the
+  // --health_listen server keeps answering probes (NOT_SERVING) meanwhile and is then closed at
+  // once, cancelling any Health/Watch stream on it. Returns within `deadline` (plus scheduling).
   // `before_shutdown` runs in between (e.g. to answer waiting calls).
   void Drain(absl::Duration deadline, const std::function<void()>& before_shutdown = nullptr);
 
@@ -93,7 +103,18 @@ class Servers {
   std::unique_ptr<grpc::Server> api_;
   std::unique_ptr<grpc::Server> health_;
   int port_ = 0;
+  int health_port_ = 0;
 };
+
+// `listen` ("host:port", "unix:/path") with its port replaced by `port` (the one bound when it
+// asked for port 0), for log lines: "127.0.0.1:0" and 41234 give "127.0.0.1:41234".
+std::string BoundAddress(const std::string& listen, int port);
+
+// Whether `listen` ("host:port" or "unix:/path") can be served on: OK when its port is free (or 0);
+// else FAILED_PRECONDITION or INVALID_ARGUMENT, one line naming `flag` and the address ("--listen:
+// 127.0.0.1:50051 is already in use ..."). A unix socket in use by a live process counts as taken
+// (gRPC would silently replace it).
+absl::Status CheckListenAddress(const std::string& flag, const std::string& listen);
 
 // Writes --port_file (atomically), if set. Call once health says what it should.
 void WritePortFile(int port);

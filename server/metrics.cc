@@ -12,6 +12,8 @@
 #include <map>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
+#include "google/protobuf/descriptor.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "lib/quota_hub.h"
@@ -106,7 +108,14 @@ class StateCollector final : public prometheus::Collectable {
     auto waiting = Family("tokenbroker_waiting_calls", "GetToken calls waiting (max_wait) for an account to free.",
                           MetricType::Gauge);
     waiting.metric.push_back(Value(static_cast<double>(service_.WaitingCalls()), {}, false));
-    for (auto* f : {&states, &cooldowns, &fractions, &inflight, &refreshes, &rebinds, &stream, &validation, &waiting}) {
+    auto reports = Family("tokenbroker_reports_total",
+                          "ReportOutcome calls by caller and result (the cooldown it caused, or why it was refused).",
+                          MetricType::Counter);
+    for (const auto& [key, n] : service_.ReportCounts()) {
+      reports.metric.push_back(Value(static_cast<double>(n), {{"caller", key.first}, {"result", key.second}}, true));
+    }
+    for (auto* f : {&states, &cooldowns, &fractions, &inflight, &refreshes, &rebinds, &stream, &validation, &waiting,
+                    &reports}) {
       out.push_back(std::move(*f));
     }
     if (redis_ != nullptr) {
@@ -229,10 +238,30 @@ class RpcMetrics {
 
 namespace {
 
+// Method paths come from the wire, so anyone can send any number of distinct ones: only the
+// methods of the services these binaries serve get a label of their own; every other path shares
+// "unknown" (a label per path would grow /metrics without bound).
+const absl::flat_hash_set<std::string>& ServedMethods() {
+  static const auto* const methods = [] {
+    auto* out = new absl::flat_hash_set<std::string>();
+    for (const char* service : {"tokenbroker.v1.TokenBrokerService", "tokenbroker.v1.QuotaMonitorService",
+                                "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
+                                "grpc.reflection.v1.ServerReflection"}) {
+      const google::protobuf::ServiceDescriptor* d =
+          google::protobuf::DescriptorPool::generated_pool()->FindServiceByName(service);
+      if (d == nullptr) continue;
+      for (int i = 0; i < d->method_count(); ++i) out->insert(absl::StrCat("/", service, "/", d->method(i)->name()));
+    }
+    return out;
+  }();
+  return *methods;
+}
+
+
 class RpcInterceptor final : public grpc::experimental::Interceptor {
  public:
   RpcInterceptor(grpc::experimental::ServerRpcInfo* info, std::shared_ptr<RpcMetrics> metrics)
-      : method_(info->method() != nullptr ? info->method() : "unknown"),
+      : method_(RpcMethodLabel(info->method())),
         start_(std::chrono::steady_clock::now()),
         metrics_(std::move(metrics)) {}
 
@@ -262,6 +291,11 @@ class RpcInterceptorFactory final : public grpc::experimental::ServerInterceptor
 };
 
 }  // namespace
+
+std::string RpcMethodLabel(const char* method) {
+  if (method == nullptr || !ServedMethods().contains(absl::string_view(method))) return "unknown";
+  return method;
+}
 
 absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Start(const std::string& listen, AccountPool& pool,
                                                         TokenManager& tokens, QuotaSubscriber& subscriber,
@@ -297,7 +331,7 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Serve(const std::string& liste
 Metrics::~Metrics() = default;
 
 void Metrics::Announce(const std::string& listen, const std::string& port_file) const {
-  spdlog::info("metrics on http://{}/metrics (port {})", listen, port_);
+  spdlog::info("metrics on http://{}/metrics", BoundAddress(listen, port_));
   if (!port_file.empty()) WritePort(port_file, port_);
 }
 

@@ -22,6 +22,10 @@ namespace tokenbroker {
 
 class RpcMetrics;
 class RedisState;
+
+// The `method` label of an RPC: the method's path when these binaries serve it, "unknown" for any
+// other path (paths come from the wire: a label per path would grow /metrics without bound).
+std::string RpcMethodLabel(const char* method);
 class QuotaHub;
 class QuotaPoller;
 

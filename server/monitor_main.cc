@@ -4,8 +4,6 @@
 #include <grpcpp/health_check_service_interface.h>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
-#include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "lib/account_pool.h"
@@ -16,12 +14,15 @@
 #include "lib/quota_hub.h"
 #include "lib/quota_poller.h"
 #include "lib/token_manager.h"
+#include "server/command_line.h"
 #include "server/daemon.h"
 #include "server/metrics.h"
 #include "server/monitor_service.h"
 #include "spdlog/spdlog.h"
 
-ABSL_FLAG(absl::Duration, poll_interval, absl::Minutes(5), "Each account's quota is read this often (±10 % jitter).");
+ABSL_FLAG(absl::Duration, poll_interval, absl::Minutes(5),
+          "Each account's quota is read this often (±10 % jitter). Keep it well below the brokers' "
+          "--quota_cache_ttl (default 15m), or their data lapses to unknown before each poll.");
 ABSL_FLAG(int, poll_concurrency, 4, "Quota requests in flight at most.");
 ABSL_FLAG(std::string, metrics_listen, "",
           "Serve Prometheus /metrics on this host:port (port 0: any free one); empty: no metrics.");
@@ -39,6 +40,10 @@ int Run() {
   if (absl::GetFlag(FLAGS_poll_concurrency) < 1) return FailStartup(kProgram, "--poll_concurrency must be at least 1");
   absl::StatusOr<std::unique_ptr<AccountStore>> store = AccountStore::Open(absl::GetFlag(FLAGS_accounts_dir));
   if (!store.ok()) return FailStartup(kProgram, absl::StrCat("--accounts_dir: ", store.status().message()));
+  // Before anything starts or logs: a taken port is one line.
+  if (absl::Status s = CheckListenFlags(absl::GetFlag(FLAGS_metrics_listen)); !s.ok()) {
+    return FailStartup(kProgram, std::string(s.message()));
+  }
 
   BlockStopSignals();  // before any thread starts
   // Debian's Abseil checks every Mutex acquisition for lock-order cycles (a debug aid that costs
@@ -65,7 +70,9 @@ int Run() {
   std::unique_ptr<Metrics> metrics;
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
   if (std::string metrics_listen = absl::GetFlag(FLAGS_metrics_listen); !metrics_listen.empty()) {
-    absl::StatusOr<std::unique_ptr<Metrics>> started = Metrics::StartForMonitor(metrics_listen, pool, tokens, hub, poller);
+    const absl::Status free = CheckListenAddress("--metrics_listen", metrics_listen);
+    absl::StatusOr<std::unique_ptr<Metrics>> started =
+        free.ok() ? Metrics::StartForMonitor(metrics_listen, pool, tokens, hub, poller) : absl::StatusOr<std::unique_ptr<Metrics>>(free);
     if (!started.ok()) {
       poller.Stop();
       tokens.Stop();
@@ -85,9 +92,12 @@ int Run() {
   auto update_health = [&] { servers->SetServing(kServiceName, pool.UsableCount() > 0); };
   update_health();
   const std::string listen = absl::GetFlag(FLAGS_listen);
-  spdlog::info("monitor serving on {}{}; polling {} accounts every {} with at most {} requests in flight", listen,
-               listen.rfind("unix:", 0) == 0 ? "" : absl::StrCat(" (port ", port, ")"), pool.size(),
+  spdlog::info("monitor serving on {}; polling {} accounts every {} with at most {} requests in flight",
+               BoundAddress(listen, port), pool.size(),
                absl::FormatDuration(po.interval), po.max_in_flight);
+  if (const std::string health_listen = absl::GetFlag(FLAGS_health_listen); !health_listen.empty()) {
+    spdlog::info("health (grpc.health.v1 only, plaintext) on {}", BoundAddress(health_listen, servers->health_port()));
+  }
   WritePortFile(port);
 
   std::string signal;
@@ -109,9 +119,16 @@ int Run() {
 }  // namespace tokenbroker
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(
-      "tokenbroker-monitor: polls every account's quota and streams it to brokers (WatchQuota).\n"
-      "Usage: tokenbroker-monitor --accounts_dir=DIR [--listen=127.0.0.1:50052] [flags]");
-  absl::ParseCommandLine(argc, argv);
+  tokenbroker::ParseFlagsOrExit(
+      argc, argv,
+      {.program = "tokenbroker-monitor",
+       .usage = "tokenbroker-monitor: polls every account's quota and streams it to brokers (WatchQuota).\n"
+                "\n"
+                "Usage: tokenbroker-monitor --accounts_dir=DIR --listen=127.0.0.1:50052 [flags]\n"
+                "\n"
+                "Environment: TOKENBROKER_OAUTH_CLIENT_ID and TOKENBROKER_OAUTH_CLIENT_SECRET (the OAuth client the\n"
+                "accounts were authorised with).\n"
+                "Exit status: 0 after SIGTERM/SIGINT and a drain; 2 for a bad flag or configuration (one line on\n"
+                "stderr names it)."});
   return tokenbroker::Run();
 }

@@ -95,15 +95,7 @@ class WatchReactor final : public grpc::ServerWriteReactor<v1::WatchQuotaRespons
       message_.Clear();
       message_.set_snapshot(batch.snapshot);
       for (const QuotaObservation& o : batch.observations) {
-        v1::QuotaObservation* p = message_.add_observations();
-        p->set_account_id(o.account_id);
-        p->set_model(o.model);
-        p->set_remaining_fraction(o.remaining_fraction);
-        if (o.reset_time) ToProto(*o.reset_time, p->mutable_reset_time());
-        ToProto(o.observed, p->mutable_observed_time());
-        p->set_tier(ToProto(o.tier));
-        p->set_project_id(o.project_id);
-        p->set_forbidden(o.forbidden);
+        ToProto(o, message_.add_observations());
       }
       writing_ = true;
     }

@@ -53,6 +53,61 @@ absl::Duration FromProto(const google::protobuf::Duration& d) {
   return absl::Seconds(d.seconds()) + absl::Nanoseconds(d.nanos());
 }
 
+namespace {
+
+absl::Time FromProto(const google::protobuf::Timestamp& t) {
+  return absl::FromUnixSeconds(t.seconds()) + absl::Nanoseconds(t.nanos());
+}
+
+Tier FromProto(v1::Tier tier) {
+  switch (tier) {
+    case v1::TIER_ULTRA: return Tier::kUltra;
+    case v1::TIER_PRO: return Tier::kPro;
+    case v1::TIER_FREE: return Tier::kFree;
+    default: return Tier::kUnknown;
+  }
+}
+
+}  // namespace
+
+void ToProto(const QuotaObservation& o, v1::QuotaObservation* p) {
+  p->set_account_id(o.account_id);
+  p->set_model(o.model);
+  p->set_remaining_fraction(o.remaining_fraction);
+  if (o.reset_time) ToProto(*o.reset_time, p->mutable_reset_time());
+  ToProto(o.observed, p->mutable_observed_time());
+  p->set_tier(ToProto(o.tier));
+  p->set_project_id(o.project_id);
+  p->set_forbidden(o.forbidden);
+  p->set_bucket_id(o.bucket);
+  p->set_family(o.family);
+  switch (o.source) {
+    case QuotaSource::kAvailableModels: p->set_source(v1::QUOTA_SOURCE_AVAILABLE_MODELS); break;
+    case QuotaSource::kQuotaSummary: p->set_source(v1::QUOTA_SOURCE_QUOTA_SUMMARY); break;
+    case QuotaSource::kUnspecified: p->set_source(v1::QUOTA_SOURCE_UNSPECIFIED); break;
+  }
+}
+
+QuotaObservation FromProto(const v1::QuotaObservation& p) {
+  QuotaObservation o;
+  o.account_id = p.account_id();
+  o.model = p.model();
+  o.remaining_fraction = p.remaining_fraction();
+  if (p.has_reset_time()) o.reset_time = FromProto(p.reset_time());
+  o.observed = FromProto(p.observed_time());
+  o.tier = FromProto(p.tier());
+  o.project_id = p.project_id();
+  o.forbidden = p.forbidden();
+  o.bucket = p.bucket_id();
+  o.family = p.family();
+  switch (p.source()) {
+    case v1::QUOTA_SOURCE_AVAILABLE_MODELS: o.source = QuotaSource::kAvailableModels; break;
+    case v1::QUOTA_SOURCE_QUOTA_SUMMARY: o.source = QuotaSource::kQuotaSummary; break;
+    default: o.source = QuotaSource::kUnspecified; break;
+  }
+  return o;
+}
+
 void ToProto(const AccountView& view, v1::Account* out) {
   out->set_account_id(view.account_id);
   out->set_email(view.email);
@@ -116,6 +171,8 @@ void ToProto(const Explanation& explanation, v1::ExplainSelectionResponse* out) 
     pv->set_detail(v.detail);
     pv->set_rank(v.rank);
     if (v.available_at) ToProto(*v.available_at, pv->mutable_available_time());
+    if (v.observed_fraction) pv->set_observed_fraction(*v.observed_fraction);
+    if (v.estimated_fraction) pv->set_estimated_fraction(*v.estimated_fraction);
   }
 }
 

@@ -5,6 +5,7 @@
 #include "google/protobuf/timestamp.pb.h"
 #include "lib/account_pool.h"
 #include "tokenbroker/v1/broker.pb.h"
+#include "tokenbroker/v1/monitor.pb.h"
 
 namespace tokenbroker {
 
@@ -18,5 +19,9 @@ void ToProto(absl::Time t, google::protobuf::Timestamp* out);
 void ToProto(const AccountView& view, v1::Account* out);
 void ToProto(const Explanation& explanation, v1::ExplainSelectionResponse* out);
 absl::Duration FromProto(const google::protobuf::Duration& d);
+
+// The monitor stream's observation, both ways (the monitor writes it, the broker reads it).
+void ToProto(const QuotaObservation& o, v1::QuotaObservation* out);
+QuotaObservation FromProto(const v1::QuotaObservation& p);
 
 }  // namespace tokenbroker

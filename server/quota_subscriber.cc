@@ -8,22 +8,6 @@
 #include "tokenbroker/v1/monitor.grpc.pb.h"
 
 namespace tokenbroker {
-namespace {
-
-Tier FromProto(v1::Tier tier) {
-  switch (tier) {
-    case v1::TIER_ULTRA: return Tier::kUltra;
-    case v1::TIER_PRO: return Tier::kPro;
-    case v1::TIER_FREE: return Tier::kFree;
-    default: return Tier::kUnknown;
-  }
-}
-
-absl::Time FromProto(const google::protobuf::Timestamp& t) {
-  return absl::FromUnixSeconds(t.seconds()) + absl::Nanoseconds(t.nanos());
-}
-
-}  // namespace
 
 QuotaSubscriber::~QuotaSubscriber() { Disconnect(); }
 
@@ -85,18 +69,7 @@ void QuotaSubscriber::Loop(std::string target) {
     while (reader->Read(&message)) {
       std::vector<QuotaObservation> batch;
       batch.reserve(message.observations_size());
-      for (const v1::QuotaObservation& p : message.observations()) {
-        QuotaObservation o;
-        o.account_id = p.account_id();
-        o.model = p.model();
-        o.remaining_fraction = p.remaining_fraction();
-        if (p.has_reset_time()) o.reset_time = FromProto(p.reset_time());
-        o.observed = FromProto(p.observed_time());
-        o.tier = FromProto(p.tier());
-        o.project_id = p.project_id();
-        o.forbidden = p.forbidden();
-        batch.push_back(std::move(o));
-      }
+      for (const v1::QuotaObservation& p : message.observations()) batch.push_back(FromProto(p));
       pool_.UpdateQuota(batch);
       if (message.snapshot()) {
         absl::MutexLock lock(&mu_);

@@ -10,16 +10,45 @@ WaitQueue::WaitQueue() : thread_([this] { Loop(); }) {}
 
 WaitQueue::~WaitQueue() { Shutdown(); }
 
-void WaitQueue::Park(absl::Time when, Retry retry) {
+WaitQueue::ParkResult WaitQueue::Park(Key key, absl::Time when, Retry retry) {
   {
     absl::MutexLock lock(&mu_);
+    Call& call = calls_[key];
+    if (call.cancelled) return ParkResult::kCancelled;  // `retry` is dropped on return, unlocked
     if (!stopping_) {
-      parked_.emplace(when, std::move(retry));
+      call.parked = parked_.emplace(when, std::make_pair(key, std::move(retry)));
       changed_ = true;
-      return;
+      return ParkResult::kParked;
     }
   }
   std::move(retry)(/*final_attempt=*/true);
+  return ParkResult::kRanNow;
+}
+
+bool WaitQueue::Cancel(Key key) {
+  Retry dropped;  // destroyed after the lock is released
+  {
+    absl::MutexLock lock(&mu_);
+    Call& call = calls_[key];
+    call.cancelled = true;
+    if (!call.parked) return false;
+    dropped = std::move((*call.parked)->second.second);
+    parked_.erase(*call.parked);
+    call.parked.reset();
+  }
+  return true;
+}
+
+void WaitQueue::Forget(Key key) {
+  Retry dropped;
+  absl::MutexLock lock(&mu_);
+  auto it = calls_.find(key);
+  if (it == calls_.end()) return;
+  if (it->second.parked) {  // not expected (a parked call is not done), but never leave a dangling entry
+    dropped = std::move((*it->second.parked)->second.second);
+    parked_.erase(*it->second.parked);
+  }
+  calls_.erase(it);
 }
 
 void WaitQueue::Notify() {
@@ -33,7 +62,7 @@ size_t WaitQueue::size() const {
 }
 
 void WaitQueue::Shutdown() {
-  std::multimap<absl::Time, Retry> left;
+  Parked left;
   {
     absl::MutexLock lock(&mu_);
     if (stopping_) return;
@@ -43,8 +72,9 @@ void WaitQueue::Shutdown() {
   {
     absl::MutexLock lock(&mu_);
     left.swap(parked_);
+    for (auto& [key, call] : calls_) call.parked.reset();
   }
-  for (auto& [when, retry] : left) std::move(retry)(/*final_attempt=*/true);
+  for (auto& [when, entry] : left) std::move(entry.second)(/*final_attempt=*/true);
 }
 
 void WaitQueue::Loop() {
@@ -69,7 +99,8 @@ void WaitQueue::Loop() {
       const absl::Time now = absl::Now();
       auto end = notified_ ? parked_.end() : parked_.upper_bound(now);
       for (auto it = parked_.begin(); it != end;) {
-        due.push_back(std::move(it->second));
+        if (auto call = calls_.find(it->second.first); call != calls_.end()) call->second.parked.reset();
+        due.push_back(std::move(it->second.second));
         it = parked_.erase(it);
       }
       notified_ = false;

@@ -1,6 +1,9 @@
-"""The polyglot example clients against live brokers: client/python and client/node, each over TCP
-and over the unix socket, with the fake upstream on loopback."""
+"""The client libraries in the proxies' own languages (issue 17), Python and Node.js, each with its own
+tests against live brokers (TCP, unix socket, TLS with a bearer token) and the fake upstream; and the
+README's "Calling it from a proxy" section showing exactly the example programs those tests run. The
+Go library has its own ctest entry (go_client_test)."""
 import os
+import re
 import subprocess
 import sys
 import unittest
@@ -9,17 +12,40 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-BUILD = os.environ.get("TB_BUILD_DIR", os.path.join(REPO, "build"))
+BUILD = os.path.abspath(os.environ.get("TB_BUILD_DIR", os.path.join(REPO, "build")))
+QUOTA_429 = ('{"error":{"code":429,"status":"RESOURCE_EXHAUSTED","message":"You have exhausted your capacity on this '
+             'model.","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"QUOTA_EXHAUSTED",'
+             '"metadata":{"quotaResetDelay":"1h"}}]}}')
+CALLER_TOKEN = "node-caller-token-0123456789abcdef"
+
+
+def openssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def make_pki(folder):
+    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate, all signed by the CA."""
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=tokenbroker-client-test-ca",
+            "-keyout", "ca.key", "-out", "ca.pem", cwd=folder)
+    for name, ext in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth"),
+                      ("client", "extendedKeyUsage=clientAuth")):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
+                "-out", f"{name}.csr", cwd=folder)
+        with open(os.path.join(folder, f"{name}.ext"), "w") as f:
+            f.write(ext + "\n")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem", cwd=folder)
 
 
 class ClientsTest(unittest.TestCase):
     def test_python_client(self):
         env = dict(os.environ, TB_BUILD_DIR=BUILD)
-        r = subprocess.run(["/usr/bin/python3", os.path.join(REPO, "client", "python", "test_proxy_example.py"), "-v"],
+        r = subprocess.run(["/usr/bin/python3", os.path.join(REPO, "client", "python", "test_tokenbroker.py"), "-v"],
                            capture_output=True, text=True, timeout=300, env=env)
         sys.stderr.write(r.stderr)
         self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
-        self.assertIn("Ran 3 tests", r.stderr)
+        self.assertRegex(r.stderr, r"Ran 1[0-9] tests")
+        self.assertNotIn("skipped", r.stderr)
 
     def test_node_client(self):
         c = harness.Cluster(BUILD)
@@ -29,17 +55,36 @@ class ClientsTest(unittest.TestCase):
             c.start_upstream()
             sock = os.path.join(c.dir, "broker.sock")
             c.start_broker(listen="unix:" + sock)
+            make_pki(c.dir)
+            callers = os.path.join(c.dir, "callers.txt")
+            with open(callers, "w") as f:
+                f.write(f"proxy-node {CALLER_TOKEN}\n")
+            c.start_broker(f"--caller_tokens_file={callers}", f"--tls_cert_file={c.dir}/server.pem",
+                           f"--tls_key_file={c.dir}/server.key", f"--tls_client_ca_file={c.dir}/ca.pem")
+            tls_target = f"localhost:{c.broker.port}"  # a name: TLS sends no IP address as SNI
             c.start_broker()
             env = dict(os.environ, TB_UPSTREAM=f"http://127.0.0.1:{c.upstream.port}", TB_TCP_TARGET=c.target,
-                       TB_UNIX_TARGET="unix:" + sock)
+                       TB_UNIX_TARGET="unix:" + sock, TB_TLS_TARGET=tls_target, TB_PKI_DIR=c.dir,
+                       TB_CALLER_TOKEN=CALLER_TOKEN)
             r = subprocess.run(["node", "--test", "test/"], cwd=os.path.join(REPO, "client", "node"),
                                capture_output=True, text=True, timeout=300, env=env)
             sys.stderr.write(r.stdout)
             self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
-            self.assertIn("# pass 3", r.stdout)
+            self.assertIn("# pass 12", r.stdout)
             self.assertIn("# fail 0", r.stdout)
         finally:
             c.close()
+
+    def test_readme_shows_the_tested_examples(self):
+        with open(os.path.join(REPO, "README.md")) as f:
+            readme = f.read()
+        m = re.search(r"^## Calling it from a proxy: Go, Python, Node\.js\n(.*?)(?=^## )", readme, re.M | re.S)
+        self.assertIsNotNone(m, "README has no 'Calling it from a proxy' section")
+        blocks = dict(re.findall(r"```(go|python|js)\n(.*?)```", m.group(1), re.S))
+        for lang, path in (("go", "client/go/serve_example/main.go"), ("python", "client/python/serve_example.py"),
+                           ("js", "client/node/serve_example.js")):
+            with open(os.path.join(REPO, path)) as f:
+                self.assertEqual(blocks.get(lang), f.read(), f"the README's {lang} example is not {path} as tested")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""End to end, issue by issue of DESIGN §5: outcomes reported to the real broker cool accounts down,
+"""End to end, issue by issue of docs/ARCHITECTURE.md §5: outcomes reported to the real broker cool accounts down,
 GetToken skips them, RESOURCE_EXHAUSTED carries the exact RetryInfo, and max_wait waits for the
 earliest account. The broker runs as a real binary against the fake upstream on loopback."""
 import base64

@@ -1,7 +1,9 @@
-"""End to end for proactive quota (DESIGN §6): the real tokenbroker-monitor polls the fake Cloud Code
+"""End to end for proactive quota (docs/ARCHITECTURE.md §6): the real tokenbroker-monitor polls the fake Cloud Code
 and streams quota to real brokers, which skip exhausted accounts before any 429."""
 import json
 import os
+import tempfile
+import subprocess
 import sys
 import time
 import unittest
@@ -74,7 +76,9 @@ class QuotaEndToEnd(unittest.TestCase):
         for _ in range(10):
             got = self.get(self.b1_target)
             self.assertEqual(got["accountId"], "acct-b")
-            self.assertEqual(got["remainingFraction"], 0.8)
+            # Predictive admission: the observed 0.8 less the leases issued since the last poll.
+            self.assertLessEqual(got["remainingFraction"], 0.8)
+            self.assertGreater(got["remainingFraction"], 0.05)
         out = c.tbctl_json("explain", "--model", MODEL, target=self.b1_target)
         skipped = {a["accountId"]: a for a in out["accounts"]}["acct-a"]
         self.assertEqual(skipped["verdict"], "VERDICT_EXHAUSTED")
@@ -167,6 +171,31 @@ class QuotaEndToEnd(unittest.TestCase):
         self.assertIn("snapshot", r.stdout)
         self.assertIn(MODEL, r.stdout)
         self.assertIn("acct-b", r.stdout)
+
+
+class QuotaDefaultsEndToEnd(unittest.TestCase):
+    """The defaults keep the promise: data outlives the wait for the next poll."""
+
+    def run_broker(self, *flags):
+        argv = [os.path.join(BUILD, "server", "tokenbroker"), "--accounts_dir", tempfile.gettempdir(),
+                "--listen", "127.0.0.1:0"] + list(flags)
+        return subprocess.run(argv, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+
+    def test_a_poll_interval_that_could_outlast_the_cache_is_refused_naming_both_flags(self):
+        r = self.run_broker("--embedded_monitor", "--poll_interval=14m")
+        self.assertEqual(r.returncode, 2, r.stderr)
+        self.assertIn("--poll_interval", r.stderr)
+        self.assertIn("--quota_cache_ttl", r.stderr)
+        r = self.run_broker("--embedded_monitor", "--poll_interval=1m", "--quota_cache_ttl=1m")
+        self.assertEqual(r.returncode, 2, r.stderr)
+
+    def test_bad_predictive_settings_name_the_flag(self):
+        r = self.run_broker("--quota_call_cost_prior=0")
+        self.assertEqual(r.returncode, 2, r.stderr)
+        self.assertIn("--quota_call_cost_prior", r.stderr)
+        r = self.run_broker("--quota_max_lag=-1s")
+        self.assertEqual(r.returncode, 2, r.stderr)
+        self.assertIn("--quota_max_lag", r.stderr)
 
 
 class EmbeddedMonitorEndToEnd(unittest.TestCase):

@@ -1,4 +1,4 @@
-"""Scale-out end to end (DESIGN §7, issue 7): three real tokenbroker replicas share one real
+"""Scale-out end to end (docs/ARCHITECTURE.md §7, issue 7): three real tokenbroker replicas share one real
 redis-server on a free loopback port. Cooldowns reach every replica, sessions stick to one account
 whichever replica serves them, a token is refreshed once across the fleet, and a Redis crash neither
 fails nor slows requests; after the restart the replicas converge."""

@@ -1,4 +1,4 @@
-"""Security end to end (DESIGN §8): the real broker with mutual TLS on its API port, caller bearer
+"""Security end to end (docs/ARCHITECTURE.md §8): the real broker with mutual TLS on its API port, caller bearer
 tokens, an admin token and the audit log; the plaintext health port for probes. Certificates are
 made for the test by openssl in a temp folder."""
 import json
@@ -164,13 +164,13 @@ class Security(unittest.TestCase):
                     lines = [json.loads(x) for x in f if x.strip()]
             except FileNotFoundError:
                 return None
-            return next((x for x in lines if x["lease_id"] == lease), None)
+            return next((x for x in lines if x.get("lease_id") == lease and x["event"] == "token_issued"), None)
         entry = harness.wait_for(line_for_lease, timeout=10, what="the audit line")
         self.assertEqual(entry["caller"], "proxy-b")
         self.assertEqual(entry["account_id"], "acct-a")
         self.assertEqual(entry["model"], "model-audit")
         self.assertEqual(entry["event"], "token_issued")
-        self.assertRegex(entry["session"], r"^[0-9a-f]{8}$")
+        self.assertRegex(entry["session"], r"^[0-9a-f]{16}$")  # HMAC-SHA256, keyed, truncated (issue 11)
         self.assertEqual(os.stat(self.audit).st_mode & 0o777, 0o600)
         with open(self.audit) as f:
             audit = f.read()

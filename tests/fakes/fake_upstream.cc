@@ -16,6 +16,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
+#include "lib/account.h"
 #include "nlohmann/json.hpp"
 
 namespace tokenbroker::testing {
@@ -107,19 +108,23 @@ absl::StatusOr<std::unique_ptr<FakeUpstream>> FakeUpstream::Start(Options option
 }
 
 FakeUpstream::FakeUpstream(Options options, int listen_fd, int port)
-    : options_(std::move(options)), listen_fd_(listen_fd), port_(port), expires_in_(options_.expires_in) {}
+    : options_(std::move(options)),
+      listen_fd_(listen_fd),
+      port_(port),
+      quota_(*options_.clock),
+      expires_in_(options_.expires_in) {}
 
 FakeUpstream::~FakeUpstream() {
   stopping_ = true;
   ::shutdown(listen_fd_, SHUT_RDWR);
   ::close(listen_fd_);
   if (accept_thread_.joinable()) accept_thread_.join();
-  std::vector<std::thread> workers;
+  std::map<int64_t, std::thread> workers;
   {
     absl::MutexLock lock(&mu_);
     workers.swap(workers_);
   }
-  for (std::thread& t : workers) t.join();
+  for (auto& [id, t] : workers) t.join();
 }
 
 std::string FakeUpstream::base_url() const { return absl::StrCat("http://", options_.host, ":", port_); }
@@ -133,8 +138,25 @@ void FakeUpstream::AcceptLoop() {
     }
     timeval tv{5, 0};
     ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    absl::MutexLock lock(&mu_);
-    workers_.emplace_back([this, fd] { Serve(fd); });
+    // Joining finished threads keeps a long run (a simulation makes tens of thousands of
+    // connections) from holding a stack per connection ever made.
+    std::vector<std::thread> done;
+    {
+      absl::MutexLock lock(&mu_);
+      for (int64_t id : finished_workers_) {
+        auto it = workers_.find(id);
+        done.push_back(std::move(it->second));
+        workers_.erase(it);
+      }
+      finished_workers_.clear();
+      const int64_t id = next_worker_++;
+      workers_.emplace(id, std::thread([this, fd, id] {
+                         Serve(fd);
+                         absl::MutexLock lock(&mu_);
+                         finished_workers_.push_back(id);
+                       }));
+    }
+    for (std::thread& t : done) t.join();
   }
 }
 
@@ -229,7 +251,7 @@ FakeUpstream::Response FakeUpstream::Handle(const std::string& method, const std
   } else if (path == "/token") {
     resp = HandleToken(body);
   } else {
-    resp = HandleCloudCode(path, headers);
+    resp = HandleCloudCode(path, headers, body);
   }
   absl::MutexLock lock(&mu_);
   --in_flight_[path];
@@ -252,16 +274,22 @@ FakeUpstream::Response FakeUpstream::HandleToken(const std::string& body) {
 }
 
 FakeUpstream::Response FakeUpstream::HandleCloudCode(const std::string& path,
-                                                     const std::map<std::string, std::string>& headers) {
+                                                     const std::map<std::string, std::string>& headers,
+                                                     const std::string& body) {
   auto auth = headers.find("authorization");
-  absl::MutexLock lock(&mu_);
   std::string bearer = auth == headers.end() ? "" : std::string(absl::StripPrefix(auth->second, "Bearer "));
-  auto owner = access_to_refresh_.find(bearer);
-  if (owner == access_to_refresh_.end()) {
-    return Response{401, R"({"error":{"code":401,"message":"Request had invalid authentication credentials.","status":"UNAUTHENTICATED"}})"};
-  }
+  std::string account;
   AccountProfile profile;
-  if (auto p = profiles_.find(owner->second); p != profiles_.end()) profile = p->second;
+  {
+    absl::MutexLock lock(&mu_);
+    auto owner = access_to_refresh_.find(bearer);
+    if (owner == access_to_refresh_.end()) {
+      return Response{401, R"({"error":{"code":401,"message":"Request had invalid authentication credentials.","status":"UNAUTHENTICATED"}})"};
+    }
+    account = owner->second;
+    if (auto p = profiles_.find(account); p != profiles_.end()) profile = p->second;
+  }
+  const AccountQuotaProfile quota_profile{std::string(TierName(ParseTier(profile.tier_id))), profile.budgets};
   if (path == "/v1internal:loadCodeAssist") {
     Json out = {{"currentTier", {{"id", profile.tier_id}, {"name", profile.tier_id}}},
                 {"allowedTiers", Json::array({{{"id", "free-tier"}, {"isDefault", true}}})}};
@@ -270,18 +298,42 @@ FakeUpstream::Response FakeUpstream::HandleCloudCode(const std::string& path,
     return Response{200, out.dump()};
   }
   if (path == "/v1internal:generateContent") {
+    if (quota_.enabled()) {
+      Json req = Json::parse(body, nullptr, false);
+      if (req.is_discarded() || !req.is_object() || !req.contains("model") || !req["model"].is_string() ||
+          req["model"].get<std::string>().empty()) {
+        return Response{400, R"({"error":{"code":400,"message":"Invalid JSON payload: 'model' is required.","status":"INVALID_ARGUMENT"}})"};
+      }
+      if (auto reply = quota_.Generate(account, quota_profile, req["model"].get<std::string>())) {
+        return Response{reply->status, std::move(reply->body)};
+      }
+    }
     return Response{200, R"({"response":{"candidates":[{"content":{"role":"model","parts":[{"text":"Hello from the fake upstream."}]}}]}})"};
   }
   if (path == "/v1internal:fetchAvailableModels") {
+    if (auto models = quota_.AvailableModelsJson(account, quota_profile, profile.models_json)) {
+      return Response{200, absl::StrCat(R"({"models":)", *models, "}")};
+    }
     Json models = Json::parse(profile.models_json, nullptr, false);
     if (models.is_discarded()) models = Json::object();
     return Response{200, Json{{"models", models}}.dump()};
+  }
+  if (path == "/v1internal:retrieveUserQuotaSummary") {
+    if (auto summary = quota_.QuotaSummaryJson(account, quota_profile)) return Response{200, *std::move(summary)};
+    return Response{200, R"({"groups":[]})"};
   }
   return Response{404, R"({"error":{"code":404,"message":"not found","status":"NOT_FOUND"}})"};
 }
 
 FakeUpstream::Response FakeUpstream::HandleAdmin(const std::string& path, const std::string& body) {
   if (path == "/__fake/stats") return Response{200, StatsJson()};
+  if (path == "/__fake/quota_stats") return Response{200, QuotaStatsJson()};
+  if (path == "/__fake/quota") {
+    absl::StatusOr<FakeQuotaConfig> config = ParseFakeQuotaConfig(body);
+    if (!config.ok()) return Response{400, Json{{"error", std::string(config.status().message())}}.dump()};
+    ConfigureQuota(*std::move(config));
+    return Response{200, "{}"};
+  }
   Json req = Json::parse(body, nullptr, false);
   if (req.is_discarded() || !req.is_object()) return Response{400, R"({"error":"body must be a JSON object"})"};
   if (path == "/__fake/script") {
@@ -303,6 +355,11 @@ FakeUpstream::Response FakeUpstream::HandleAdmin(const std::string& path, const 
     p.project = req.value("project", "");
     p.tier_id = req.value("tier", "free-tier");
     if (auto m = req.find("models"); m != req.end()) p.models_json = m->dump();
+    if (auto b = req.find("budgets"); b != req.end()) {
+      absl::StatusOr<FamilyBudgets> budgets = ParseFamilyBudgets(b->dump());
+      if (!budgets.ok()) return Response{400, Json{{"error", std::string(budgets.status().message())}}.dump()};
+      p.budgets = *std::move(budgets);
+    }
     SetProfile(req.value("refresh_token", ""), std::move(p));
     return Response{200, "{}"};
   }
@@ -313,6 +370,10 @@ void FakeUpstream::Script(const std::string& path, ScriptedReply reply) {
   absl::MutexLock lock(&mu_);
   scripts_[path].push_back(std::move(reply));
 }
+
+void FakeUpstream::ConfigureQuota(FakeQuotaConfig config) { quota_.Configure(std::move(config)); }
+
+std::string FakeUpstream::QuotaStatsJson() const { return quota_.StatsJson(); }
 
 void FakeUpstream::SetExpiresIn(int seconds) {
   absl::MutexLock lock(&mu_);

@@ -12,6 +12,8 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "lib/clock.h"
+#include "tests/fakes/fake_quota.h"
 
 namespace tokenbroker::testing {
 
@@ -29,13 +31,16 @@ struct AccountProfile {
   std::string project;  // empty: loadCodeAssist answers without cloudaicompanionProject
   std::string tier_id = "free-tier";
   std::string models_json = "{}";  // the "models" object of fetchAvailableModels
+  FamilyBudgets budgets;  // with quota accounting on: overrides the tier's budgets per family
 };
 
 // A real HTTP/1.1 server on loopback that answers like Google's OAuth token endpoint
 // (POST /token) and Cloud Code (POST /v1internal:loadCodeAssist, /v1internal:fetchAvailableModels,
-// and /v1internal:generateContent for example proxies).
+// /v1internal:retrieveUserQuotaSummary, and /v1internal:generateContent for example proxies).
 // Every refresh token is accepted unless a reply is scripted. Tests script failures and read call
 // counts through the methods here, or over HTTP through /__fake/* (see fake_upstream_main.cc).
+// Quota accounting (FakeQuota) is off until ConfigureQuota: every generateContent answers 200 and
+// fetchAvailableModels answers the profile's models as they are.
 // Thread-safe.
 class FakeUpstream {
  public:
@@ -43,6 +48,7 @@ class FakeUpstream {
     std::string host = "127.0.0.1";
     int port = 0;  // 0: any free port
     int expires_in = 3599;
+    const Clock* clock = &Clock::Real();  // quota time; must outlive the server
   };
   static absl::StatusOr<std::unique_ptr<FakeUpstream>> Start(Options options);
   ~FakeUpstream();
@@ -54,6 +60,10 @@ class FakeUpstream {
   void Script(const std::string& path, ScriptedReply reply);
   void SetExpiresIn(int seconds);
   void SetProfile(const std::string& refresh_token, AccountProfile profile);
+  // Turns quota accounting on (or off with enabled = false) and starts it afresh: no spends, no counts.
+  void ConfigureQuota(FakeQuotaConfig config);
+  // Quota ground truth as JSON (what GET /__fake/quota_stats returns; see FakeQuota::StatsJson).
+  std::string QuotaStatsJson() const;
 
   int64_t Calls(const std::string& path) const;
   int64_t TokenCallsFor(const std::string& refresh_token) const;
@@ -76,7 +86,8 @@ class FakeUpstream {
   Response Handle(const std::string& method, const std::string& path,
                   const std::map<std::string, std::string>& headers, const std::string& body);
   Response HandleToken(const std::string& body);
-  Response HandleCloudCode(const std::string& path, const std::map<std::string, std::string>& headers);
+  Response HandleCloudCode(const std::string& path, const std::map<std::string, std::string>& headers,
+                           const std::string& body);
   Response HandleAdmin(const std::string& path, const std::string& body);
 
   const Options options_;
@@ -84,9 +95,13 @@ class FakeUpstream {
   const int port_;
   std::atomic<bool> stopping_{false};
   std::thread accept_thread_;
+  FakeQuota quota_;
 
   mutable absl::Mutex mu_;
-  std::vector<std::thread> workers_ ABSL_GUARDED_BY(mu_);
+  // One thread per connection; finished ones are joined as new connections come.
+  std::map<int64_t, std::thread> workers_ ABSL_GUARDED_BY(mu_);
+  std::vector<int64_t> finished_workers_ ABSL_GUARDED_BY(mu_);
+  int64_t next_worker_ ABSL_GUARDED_BY(mu_) = 0;
   std::map<std::string, std::vector<ScriptedReply>> scripts_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, int64_t> calls_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, int64_t> in_flight_ ABSL_GUARDED_BY(mu_);

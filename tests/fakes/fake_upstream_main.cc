@@ -3,8 +3,27 @@
 //   POST /__fake/script      {"path":"/token","match":"<refresh token>","status":400,
 //                             "body":"{...}","delay_ms":0,"times":1}   (times 0 = forever)
 //   POST /__fake/expires_in  {"seconds":3599}
-//   POST /__fake/profile     {"refresh_token":"...","project":"p","tier":"g1-ultra-tier","models":{...}}
+//   POST /__fake/profile     {"refresh_token":"...","project":"p","tier":"g1-ultra-tier","models":{...},
+//                             "budgets":{"gemini":{"short":20,"long":50}}}   (budgets: optional, per family)
 //   GET  /__fake/stats       call counts per path and per refresh token, issued access tokens
+//   POST /__fake/quota       quota accounting on (or {"enabled":false}: off, the default), afresh:
+//                            {"short_window_s":3, "long_window_s":9, "lag_ms":0,
+//                             "models":["gemini-3-pro-high","claude-sonnet-4-6-thinking",...],
+//                             "family_rules":[{"contains":"claude","family":"3p"},{"contains":"gpt","family":"3p"}],
+//                             "default_family":"gemini",
+//                             "budgets":{"ULTRA":{"gemini":{"short":20,"long":50},"3p":{"short":10,"long":25}},
+//                                        "PRO":{...},"FREE":{...}},
+//                             "min_over_windows":true, "lie_3p":false}
+//                            Every field is optional (defaults: FakeQuotaConfig); "enabled" defaults to
+//                            true. Per account, family and window a budget of calls: a window starts at
+//                            its first spend and is full again at start + length. generateContent
+//                            ({"model":...}) answers Google's 429 QUOTA_EXHAUSTED while a window of the
+//                            model's family is spent; fetchAvailableModels (least over the family's
+//                            windows, or the short one's with min_over_windows false; 1.0 for 3p with
+//                            lie_3p) and retrieveUserQuotaSummary answer the state as of now − lag.
+//   GET  /__fake/quota_stats per account, family and window: budget, spent, completed windows and how
+//                            full each was at its reset, spent intervals; 200s ("served") and 429s
+//                            ("refused") per account and family
 #include <csignal>
 #include <cstdio>
 #include <fstream>

@@ -443,7 +443,7 @@ TEST(AccountPoolOutcomes, ReportByAccountAndModelAndErrors) {
   EXPECT_EQ(pool.ReportOutcome(no_model).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
-TEST(AccountPoolOutcomes, UnauthorizedDropsTheTokenAndInvalidGrantDisables) {
+TEST(AccountPoolOutcomes, UnauthorizedDropsTheTokenAndReportedInvalidGrantNeverDisables) {
   FakeClock clock;
   AccountPool pool(PoolOptions(), clock);
   AccountRecord a = Account("a", Tier::kPro);
@@ -459,9 +459,91 @@ TEST(AccountPoolOutcomes, UnauthorizedDropsTheTokenAndInvalidGrantDisables) {
   ASSERT_EQ(s->account_id, "a");
   r = pool.ReportOutcome(Report(s->lease_id, 400, "", R"({"error":"invalid_grant","error_description":"Token has been expired or revoked."})"));
   ASSERT_TRUE(r.ok());
-  EXPECT_TRUE(r->disabled);
-  EXPECT_TRUE(pool.GetCredentials("a")->disabled);
+  // A caller's word: the account cools down and its token is dropped (the broker's own refresh
+  // decides), but it is not disabled.
+  EXPECT_EQ(r->scope, CooldownScope::kAccount);
+  EXPECT_FALSE(pool.GetCredentials("a")->disabled);
+  EXPECT_TRUE(pool.GetCredentials("a")->access_token.empty());
   EXPECT_EQ(Pick(pool, Req("m")), "b");
+  for (const AccountView& v : pool.List()) EXPECT_FALSE(v.disabled) << v.account_id;
+}
+
+// Issue 11 item 1: a 400 whose body merely mentions invalid_grant is the request's fault.
+TEST(AccountPoolOutcomes, AReportNeverDisablesAnAccount) {
+  FakeClock clock;
+  AccountPool pool(PoolOptions(), clock);
+  pool.Load({Account("a", Tier::kPro)});
+  for (const std::string& body :
+       {std::string(R"({"error":{"code":400,"message":"Invalid JSON payload received. Unknown name \"invalid_grant\"","status":"INVALID_ARGUMENT"}})"),
+        std::string(R"({"error":"invalid_grant"})"), std::string("invalid_grant")}) {
+    for (int status : {400, 401, 403, 429, 500}) {
+      absl::StatusOr<Selection> s = pool.Select(Req("m"));
+      if (!s.ok()) {
+        clock.Advance(absl::Hours(3));
+        s = pool.Select(Req("m"));
+      }
+      ASSERT_TRUE(s.ok()) << s.status();
+      ASSERT_TRUE(pool.ReportOutcome(Report(s->lease_id, status, "", body)).ok());
+      EXPECT_FALSE(pool.GetCredentials("a")->disabled) << status << " " << body;
+      clock.Advance(absl::Hours(3));
+    }
+  }
+}
+
+// Issue 11 item 5: an operator undoes what reports and a refresh's invalid_grant did.
+TEST(AccountPoolOutcomes, ResetLiftsCooldownsAndDisables) {
+  FakeClock clock;
+  AccountPool pool(PoolOptions(), clock);
+  pool.Load({Account("a", Tier::kPro)});
+  absl::StatusOr<Selection> s = pool.Select(Req("m"));
+  ASSERT_TRUE(pool.ReportOutcome(Report(s->lease_id, 429, "3600")).ok());
+  ASSERT_FALSE(pool.Select(Req("m")).ok());
+  absl::StatusOr<ResetResult> r = pool.Reset({"a", "m", false});
+  ASSERT_TRUE(r.ok());
+  EXPECT_TRUE(r->cooldown_lifted);
+  EXPECT_FALSE(r->enabled);
+  EXPECT_EQ(Pick(pool, Req("m")), "a");
+  pool.Disable("a", "invalid_grant: revoked");
+  ASSERT_FALSE(pool.Select(Req("m")).ok());
+  r = pool.Reset({"a", "", /*enable=*/true});
+  ASSERT_TRUE(r.ok());
+  EXPECT_TRUE(r->enabled);
+  EXPECT_EQ(Pick(pool, Req("m")), "a");
+  EXPECT_EQ(pool.Reset({"nobody", "", false}).status().code(), absl::StatusCode::kNotFound);
+}
+
+// Issue 11 item 3: a lease is reported only by the caller it was issued to; naming an account
+// needs may_name_account; a refused report changes nothing.
+TEST(AccountPoolOutcomes, ReportsAreBoundToTheLeasesCaller) {
+  FakeClock clock;
+  AccountPool pool(PoolOptions(), clock);
+  pool.Load({Account("a", Tier::kPro)});
+  SelectRequest req = Req("m");
+  req.caller = "proxy-b";
+  absl::StatusOr<Selection> s = pool.Select(req);
+  ASSERT_TRUE(s.ok());
+  Outcome hostile = Report(s->lease_id, 429, "3600");
+  hostile.caller = "proxy-a";
+  hostile.may_report_any_lease = false;
+  hostile.may_name_account = false;
+  EXPECT_EQ(pool.ReportOutcome(hostile).status().code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(Pick(pool, Req("m")), "a");  // no cooldown came of it
+  EXPECT_EQ(pool.List()[0].in_flight, 2);  // and the lease is still out (plus Pick's)
+  Outcome by_name = hostile;
+  by_name.lease_id.clear();
+  by_name.account_id = "a";
+  by_name.model = "m";
+  EXPECT_EQ(pool.ReportOutcome(by_name).status().code(), absl::StatusCode::kPermissionDenied);
+  // An unknown lease does not fall back to the account named beside it.
+  by_name.lease_id = "l-0000000000000001" + CallerTag("proxy-a") + std::string(24, '0');
+  EXPECT_EQ(pool.ReportOutcome(by_name).status().code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(Pick(pool, Req("m")), "a");
+  Outcome owner = hostile;
+  owner.caller = "proxy-b";
+  absl::StatusOr<OutcomeResult> r = pool.ReportOutcome(owner);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->scope, CooldownScope::kModel);
+  EXPECT_FALSE(pool.Select(Req("m")).ok());
 }
 
 TEST(AccountPoolOutcomes, ListShowsCooldownsStreakAndValidationUrl) {

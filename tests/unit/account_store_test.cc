@@ -163,6 +163,44 @@ TEST(AccountStore, UpdateKeepsUnknownFieldsAndWritesMode0600Atomically) {
   EXPECT_TRUE(r.accounts[0].disabled);
 }
 
+// Issue 11 item 15: temp files of interrupted writes hold tokens; Open removes them (and nothing else).
+TEST(AccountStore, OpenRemovesTempFilesOfInterruptedWrites) {
+  TempDir dir;
+  WriteText(dir.Join("a.json"), AccountJson("a@example.com", "rt-a", "PRO"));
+  WriteText(dir.Join("a.json.tmp.4242"), R"({"token":{"refresh_token":"1//left-behind"}})");
+  WriteText(dir.Join("b.json.tmp.17"), "{");
+  WriteText(dir.Join("notes.tmp.1"), "kept");
+  WriteText(dir.Join("a.json.tmp.not-a-pid"), "kept");
+  auto store = AccountStore::Open(dir.path());
+  ASSERT_TRUE(store.ok());
+  EXPECT_EQ((*store)->removed_temp_files(), 2);
+  EXPECT_FALSE(std::filesystem::exists(dir.Join("a.json.tmp.4242")));
+  EXPECT_FALSE(std::filesystem::exists(dir.Join("b.json.tmp.17")));
+  EXPECT_TRUE(std::filesystem::exists(dir.Join("notes.tmp.1")));
+  EXPECT_TRUE(std::filesystem::exists(dir.Join("a.json.tmp.not-a-pid")));
+  EXPECT_TRUE(std::filesystem::exists(dir.Join("a.json")));
+}
+
+TEST(AccountStore, EnableClearsADisableAndKeepsTheRest) {
+  TempDir dir;
+  WriteText(dir.Join("a.json"), AccountJson("a@example.com", "rt-a", "PRO"));
+  auto store = AccountStore::Open(dir.path());
+  ASSERT_TRUE(store.ok());
+  AccountUpdate disable;
+  disable.disabled_reason = "invalid_grant: revoked";
+  ASSERT_TRUE((*store)->Update("a", disable).ok());
+  EXPECT_TRUE((*store)->LoadAll().accounts[0].disabled);
+  AccountUpdate enable;
+  enable.enable = true;
+  ASSERT_TRUE((*store)->Update("a", enable).ok());
+  nlohmann::json doc = nlohmann::json::parse(ReadText(dir.Join("a.json")));
+  EXPECT_EQ(doc["disabled"], false);
+  EXPECT_TRUE(doc["disabled_reason"].is_null());
+  EXPECT_FALSE(doc.contains("disabled_at"));
+  EXPECT_EQ(doc["email"], "a@example.com");
+  EXPECT_FALSE((*store)->LoadAll().accounts[0].disabled);
+}
+
 TEST(AccountStore, UpdateOfMissingFileIsNotFound) {
   TempDir dir;
   auto store = AccountStore::Open(dir.path());

@@ -4,8 +4,10 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <set>
 #include <thread>
 
+#include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "google/rpc/error_details.pb.h"
 #include "google/rpc/status.pb.h"
@@ -255,7 +257,7 @@ TEST_F(BrokerServiceTest, MaxWaitShorterThanTheCooldownGivesTheErrorAtTheDeadlin
   EXPECT_LT(absl::Now() - start, absl::Milliseconds(900));
 }
 
-TEST_F(BrokerServiceTest, ASuccessReportWakesAWaitingCall) {
+TEST_F(BrokerServiceTest, AnOperatorsResetWakesAWaitingCall) {
   CoolAll("m", {"600", "600", "600"});
   absl::Time start = absl::Now();
   std::string got;
@@ -268,21 +270,117 @@ TEST_F(BrokerServiceTest, ASuccessReportWakesAWaitingCall) {
     EXPECT_TRUE(s.ok()) << s.error_message();
     got = resp.account_id();
   });
-  // Poll (with a deadline) until the call is parked, then report a success for p1 on m.
+  // Poll (with a deadline) until the call is parked, then lift p1's cooldown on m. (A success
+  // report would not: it never ends a live cooldown.)
   const absl::Time deadline = absl::Now() + absl::Seconds(10);
   while (service_->WaitingCalls() == 0 && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(2));
   ASSERT_EQ(service_->WaitingCalls(), 1u);
   grpc::ClientContext ctx;
-  v1::ReportOutcomeRequest ok;
-  ok.set_account_id("p1");
-  ok.set_model("m");
-  ok.set_http_status(200);
-  v1::ReportOutcomeResponse resp;
-  ASSERT_TRUE(stub_->ReportOutcome(&ctx, ok, &resp).ok());
+  v1::ResetAccountRequest reset;
+  reset.set_account_id("p1");
+  reset.set_model("m");
+  v1::ResetAccountResponse resp;
+  ASSERT_TRUE(stub_->ResetAccount(&ctx, reset, &resp).ok());
+  EXPECT_TRUE(resp.cooldown_lifted());
   waiter.join();
   EXPECT_EQ(got, "p1");
   EXPECT_LT(absl::Now() - start, absl::Seconds(10));
   EXPECT_EQ(service_->WaitingCalls(), 0u);
+}
+
+// Issue 11 item 12: a waiting call its client abandons leaves the queue at once and takes no lease.
+TEST_F(BrokerServiceTest, AnAbandonedWaiterLeavesTheQueueAtOnceAndTakesNoLease) {
+  CoolAll("m", {"600", "600", "600"});
+  for (int i = 0; i < 20; ++i) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(200));
+    v1::GetTokenRequest req;
+    req.set_model("m");
+    req.mutable_max_wait()->set_seconds(600);
+    v1::GetTokenResponse resp;
+    EXPECT_EQ(stub_->GetToken(&ctx, req, &resp).error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  }
+  const absl::Time deadline = absl::Now() + absl::Seconds(2);
+  while (service_->WaitingCalls() > 0 && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(2));
+  EXPECT_EQ(service_->WaitingCalls(), 0u);
+  // The account frees: nobody takes a lease for the callers that went away.
+  grpc::ClientContext ctx;
+  v1::ResetAccountRequest reset;
+  reset.set_account_id("p1");
+  v1::ResetAccountResponse resp;
+  ASSERT_TRUE(stub_->ResetAccount(&ctx, reset, &resp).ok());
+  int in_flight = 0;
+  for (const AccountView& v : pool_.List()) in_flight += v.in_flight;
+  EXPECT_EQ(in_flight, 0);
+}
+
+// Issue 11 item 13: the account whose token fails is skipped and the others are cooling: that is
+// RESOURCE_EXHAUSTED with the time until one frees, not UNAVAILABLE.
+TEST_F(BrokerServiceTest, ATokenFailureWhileOthersCoolGivesResourceExhaustedWithRetryInfo) {
+  upstream_->Script("/token", ScriptedReply{.status = 503, .body = "{}", .times = 0, .match = "rt-u1"});
+  for (const char* account : {"p1", "f1"}) {
+    grpc::ClientContext ctx;
+    v1::ReportOutcomeRequest r;
+    r.set_account_id(account);
+    r.set_model("m");
+    r.set_http_status(429);
+    r.set_retry_after("90");
+    v1::ReportOutcomeResponse resp;
+    ASSERT_TRUE(stub_->ReportOutcome(&ctx, r, &resp).ok());
+  }
+  v1::GetTokenRequest req;
+  req.set_model("m");
+  v1::GetTokenResponse resp;
+  grpc::Status s = GetToken(req, &resp);
+  ASSERT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << s.error_message();
+  EXPECT_THAT(s.error_message(), HasSubstr("tokens could not be had"));
+  google::rpc::Status rich;
+  ASSERT_TRUE(rich.ParseFromString(s.error_details()));
+  google::rpc::RetryInfo retry;
+  for (const auto& any : rich.details()) {
+    if (any.Is<google::rpc::RetryInfo>()) any.UnpackTo(&retry);
+  }
+  EXPECT_GE(retry.retry_delay().seconds(), 88);
+}
+
+// Issue 11 item 6: however much state callers give the accounts, a ListAccounts page stays within
+// the message limit, and the pages together hold every account once.
+TEST_F(BrokerServiceTest, ListAccountsPages) {
+  std::vector<AccountRecord> many;
+  for (int i = 0; i < 300; ++i) many.push_back(Account(absl::StrCat("acct-", 1000 + i), Tier::kPro));
+  pool_.Load(many);
+  for (int i = 0; i < 300; ++i) {
+    for (int m = 0; m < 64; ++m) {
+      Outcome o;
+      o.account_id = absl::StrCat("acct-", 1000 + i);
+      o.model = absl::StrCat("model-", m);
+      o.http_status = 429;
+      o.retry_after = "3600";
+      o.error_body = std::string(2000, 'x');
+      ASSERT_TRUE(pool_.ReportOutcome(o).ok());
+    }
+  }
+  std::set<std::string> seen;
+  v1::ListAccountsRequest req;
+  int pages = 0;
+  do {
+    grpc::ClientContext ctx;
+    v1::ListAccountsResponse page;
+    ASSERT_TRUE(stub_->ListAccounts(&ctx, req, &page).ok());
+    EXPECT_LT(page.ByteSizeLong(), 2u << 20);
+    for (const auto& a : page.accounts()) EXPECT_TRUE(seen.insert(a.account_id()).second);
+    req.set_page_token(page.next_page_token());
+    ++pages;
+  } while (!req.page_token().empty());
+  EXPECT_EQ(seen.size(), 300u);
+  EXPECT_GT(pages, 1);
+  req.set_page_token("");
+  req.set_page_size(7);
+  grpc::ClientContext ctx;
+  v1::ListAccountsResponse page;
+  ASSERT_TRUE(stub_->ListAccounts(&ctx, req, &page).ok());
+  EXPECT_EQ(page.accounts_size(), 7);
+  EXPECT_EQ(page.next_page_token(), "acct-1006");
 }
 
 TEST_F(BrokerServiceTest, ReportOutcomeValidatesItsFields) {

@@ -1,5 +1,6 @@
 #include "lib/cooldowns.h"
 
+#include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -58,8 +59,13 @@ TEST(Cooldowns, ScopesByKind) {
   CooldownDecision client = c.Apply("f", "m", Parse(400, R"({"error":{"code":400}})"), kT0);
   EXPECT_EQ(client.scope, CooldownScope::kNone);
   EXPECT_FALSE(c.Check("f", "m", kT0).has_value());
+  // A reported invalid_grant is a caller's word: it cools the account and drops its token, so the
+  // broker's own refresh decides.
   CooldownDecision grant = c.Apply("g", "m", Parse(400, R"({"error":"invalid_grant"})"), kT0);
-  EXPECT_TRUE(grant.disable);
+  EXPECT_EQ(grant.scope, CooldownScope::kAccount);
+  EXPECT_EQ(grant.until, kT0 + absl::Seconds(60));
+  EXPECT_TRUE(grant.invalidate_token);
+  EXPECT_THAT(grant.reason, HasSubstr("refresh decides"));
 }
 
 TEST(Cooldowns, FirstUnauthorizedOnlyRefreshesRepeatedOnesBackOff) {
@@ -120,10 +126,10 @@ TEST(Cooldowns, HalfOpenAdmitsExactlyOneProbeAtATime) {
   EXPECT_THAT(block->reason, HasSubstr("probe"));
   // The probe never reported: after probe_timeout another single probe may go.
   EXPECT_FALSE(c.Check("a", "m", ended + absl::Seconds(30)).has_value());
-  c.OnIssued("a", "m", ended + absl::Seconds(30));
+  c.OnIssued("a", "m", ended + absl::Seconds(30), "l-probe");
   EXPECT_TRUE(c.Check("a", "m", ended + absl::Seconds(31)).has_value());
   // Its success closes the cooldown: everyone may use the account again.
-  c.Apply("a", "m", Parse(200, ""), ended + absl::Seconds(32));
+  c.Apply("a", "m", Parse(200, ""), ended + absl::Seconds(32), "l-probe");
   EXPECT_FALSE(c.Check("a", "m", ended + absl::Seconds(33)).has_value());
   c.OnIssued("a", "m", ended + absl::Seconds(33));
   EXPECT_FALSE(c.Check("a", "m", ended + absl::Seconds(34)).has_value());
@@ -156,6 +162,105 @@ TEST(Cooldowns, ValidationRequiredBlocksTheAccountAndKeepsTheUrl) {
   std::vector<CooldownView> views = c.List("a", kT0);
   ASSERT_EQ(views.size(), 1u);
   EXPECT_EQ(views[0].model, "");
+}
+
+// Issue 11 item 1: whatever a report says, nothing in it can disable an account.
+TEST(Cooldowns, NoReportDisablesRepeatedInvalidGrantOnlyBacksOff) {
+  Cooldowns c({});
+  const std::string body = R"({"error":"invalid_grant","error_description":"Token has been expired or revoked."})";
+  absl::Time t = kT0;
+  absl::Duration last = absl::ZeroDuration();
+  for (int i = 0; i < 6; ++i) {
+    CooldownDecision d = c.Apply("a", "m", Parse(400, body), t);
+    EXPECT_EQ(d.scope, CooldownScope::kAccount);
+    EXPECT_NE(d.until, absl::InfiniteFuture());
+    EXPECT_GE(d.until - t, last);
+    last = d.until - t;
+    t = d.until;
+  }
+  EXPECT_FALSE(c.Check("a", "m", t).has_value());  // it ends, like any cooldown
+}
+
+// Issue 11 item 2: two leases on one (account, model); a 429 on the first, a 200 on the second.
+TEST(Cooldowns, ASuccessNeverEndsALiveCooldown) {
+  Cooldowns c({});
+  c.Apply("a", "m", Parse(429, "", "3600"), kT0, "l-first");
+  CooldownDecision d = c.Apply("a", "m", Parse(200, ""), kT0 + absl::Seconds(1), "l-second");
+  EXPECT_EQ(c.Streak("a"), 0);  // the streak ends...
+  ASSERT_TRUE(c.Check("a", "m", kT0 + absl::Seconds(2)).has_value());  // ...the cooldown does not
+  EXPECT_EQ(c.Check("a", "m", kT0 + absl::Seconds(2))->until, kT0 + absl::Hours(1));
+  EXPECT_EQ(d.scope, CooldownScope::kModel);
+  EXPECT_EQ(d.until, kT0 + absl::Hours(1));
+  EXPECT_THAT(d.reason, HasSubstr("never ends a live cooldown"));
+  // Without a lease (another replica's copy of the report) it stays too.
+  c.Apply("a", "m", Parse(200, ""), kT0 + absl::Seconds(3));
+  EXPECT_TRUE(c.Check("a", "m", kT0 + absl::Seconds(4)).has_value());
+  // The same for a whole-account cooldown.
+  c.Apply("b", "m", Parse(403, R"({"error":{"code":403}})"), kT0);
+  c.Apply("b", "m", Parse(200, ""), kT0 + absl::Seconds(1), "l-x");
+  EXPECT_TRUE(c.Check("b", "m", kT0 + absl::Seconds(2)).has_value());
+  // Once it has run out (and no probe is out), a success closes it.
+  c.Apply("a", "m", Parse(200, ""), kT0 + absl::Hours(1), "l-late");
+  EXPECT_TRUE(c.List("a", kT0 + absl::Hours(1)).empty());
+}
+
+TEST(Cooldowns, WhileAProbeIsOutOnlyItsOwnSuccessClosesTheCooldown) {
+  Cooldowns c({});
+  c.Apply("a", "m", Parse(429, "", "10"), kT0);
+  const absl::Time ended = kT0 + absl::Seconds(10);
+  c.OnIssued("a", "m", ended, "l-probe");
+  // A lease issued before the 429 reports success: the half-open state stays.
+  c.Apply("a", "m", Parse(200, ""), ended + absl::Seconds(1), "l-old");
+  ASSERT_TRUE(c.Check("a", "m", ended + absl::Seconds(2)).has_value());
+  EXPECT_TRUE(c.Check("a", "m", ended + absl::Seconds(2))->probe_in_flight);
+  c.Apply("a", "m", Parse(200, ""), ended + absl::Seconds(3), "l-probe");
+  EXPECT_FALSE(c.Check("a", "m", ended + absl::Seconds(4)).has_value());
+}
+
+TEST(Cooldowns, AProbeLeaseReleasedWithoutAReportFreesTheProbe) {
+  Cooldowns c({});
+  c.Apply("a", "m", Parse(429, "", "10"), kT0);
+  const absl::Time ended = kT0 + absl::Seconds(10);
+  c.OnIssued("a", "m", ended, "l-dead");
+  ASSERT_TRUE(c.Check("a", "m", ended).has_value());
+  c.OnLeaseEnded("a", "m", "l-other");  // not the probe: nothing changes
+  ASSERT_TRUE(c.Check("a", "m", ended).has_value());
+  c.OnLeaseEnded("a", "m", "l-dead");
+  EXPECT_FALSE(c.Check("a", "m", ended).has_value());
+  c.OnIssued("a", "m", ended, "l-live");  // the next request is the probe
+  EXPECT_TRUE(c.Check("a", "m", ended + absl::Seconds(1))->probe_in_flight);
+}
+
+// Issue 11 item 6: model names come from callers; the table per account stays bounded, and what
+// ends soonest goes first.
+TEST(Cooldowns, DistinctModelsPerAccountAreBounded) {
+  Cooldowns c({});
+  c.Apply("a", "real-model", Parse(429, "", "86400"), kT0);
+  for (int i = 0; i < 10'000; ++i) {
+    c.Apply("a", absl::StrCat("made-up-", i), Parse(429, "", "60"), kT0 + absl::Seconds(i));
+  }
+  EXPECT_EQ(c.List("a", kT0).size(), Cooldowns::kMaxModelsPerAccount);
+  EXPECT_TRUE(c.Check("a", "real-model", kT0 + absl::Hours(1)).has_value());  // the longest one stays
+  CooldownState merged;
+  for (int i = 0; i < 1000; ++i) merged.items.push_back({absl::StrCat("remote-", i), kT0 + absl::Hours(30), "x", true});
+  c.Merge("a", merged);
+  EXPECT_EQ(c.List("a", kT0).size(), Cooldowns::kMaxModelsPerAccount);
+}
+
+TEST(Cooldowns, LiftRemovesWhatReportsCaused) {
+  Cooldowns c({});
+  c.Apply("a", "m1", Parse(429, "", "3600"), kT0);
+  c.Apply("a", "m2", Parse(429, "", "3600"), kT0);
+  EXPECT_TRUE(c.Lift("a", "m1"));
+  EXPECT_FALSE(c.Check("a", "m1", kT0).has_value());
+  EXPECT_TRUE(c.Check("a", "m2", kT0).has_value());
+  EXPECT_FALSE(c.Lift("a", "m1"));
+  c.Apply("a", "m1", Parse(403, R"({"error":{"code":403}})"), kT0);
+  EXPECT_TRUE(c.Lift("a", ""));
+  EXPECT_FALSE(c.Check("a", "m2", kT0).has_value());
+  EXPECT_FALSE(c.Check("a", "m1", kT0).has_value());
+  EXPECT_EQ(c.Streak("a"), 0);
+  EXPECT_FALSE(c.Lift("nobody", ""));
 }
 
 }  // namespace

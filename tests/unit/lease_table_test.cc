@@ -70,5 +70,29 @@ TEST(LeaseTable, ForeignAndMalformedIdsAreUnknown) {
   EXPECT_FALSE(t.Contains(mine.id));
 }
 
+// Issue 11 item 3: ids are unguessable: two ids of one table and caller share their table and
+// caller parts and nothing else; the random part is 96 bits of the system's CSPRNG.
+TEST(LeaseTable, IdsAreUnguessableAndCarryTheCallersTag) {
+  LeaseTable t(absl::Minutes(10));
+  const IssuedLease a = t.Issue("acct", "m", kT0, "proxy-a");
+  const IssuedLease b = t.Issue("acct", "m", kT0, "proxy-a");
+  ASSERT_EQ(a.id.size(), LeaseTable::kIdLength);
+  EXPECT_EQ(a.id.substr(0, 26), b.id.substr(0, 26));
+  int same = 0;
+  for (size_t i = 26; i < a.id.size(); ++i) same += a.id[i] == b.id[i];
+  EXPECT_LT(same, 10);  // 24 hex digits: about 1.5 equal by chance
+  EXPECT_EQ(CallerTagOfLease(a.id), CallerTag("proxy-a"));
+  EXPECT_NE(CallerTag("proxy-a"), CallerTag("proxy-b"));
+  EXPECT_EQ(t.Find(a.id)->caller, "proxy-a");
+  // The id with another caller's tag is not the lease.
+  std::string forged = a.id;
+  forged.replace(18, 8, CallerTag("proxy-b"));
+  EXPECT_FALSE(t.Contains(forged));
+  // Consecutive ids are not neighbours: the next id cannot be computed from one.
+  std::set<std::string> random_parts;
+  for (int i = 0; i < 2000; ++i) random_parts.insert(t.Issue("acct", "m", kT0, "proxy-a").id.substr(26, 6));
+  EXPECT_GT(random_parts.size(), 1900u);
+}
+
 }  // namespace
 }  // namespace tokenbroker

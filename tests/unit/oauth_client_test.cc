@@ -1,5 +1,8 @@
 #include "lib/oauth_client.h"
 
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/fakes/fake_upstream.h"
@@ -43,6 +46,19 @@ TEST(ParseTokenResponse, ErrorsByKind) {
   EXPECT_EQ(ParseTokenResponse(200, "not json").status().code(), absl::StatusCode::kInternal);
   EXPECT_EQ(ParseTokenResponse(200, R"({"expires_in":1})").status().code(), absl::StatusCode::kInternal);
   EXPECT_EQ(ParseTokenResponse(200, R"({"access_token":"x"})").status().code(), absl::StatusCode::kInternal);
+}
+
+// Issue 11 item 11: an expires_in the broker cannot use is a failed refresh, never a token that
+// expires at once (0), in the past (negative), or at an undefined time (1e300).
+TEST(ParseTokenResponse, UnusableExpiresInIsAnError) {
+  for (const char* expires_in : {"0", "-1", "0.5", "1e300", "-1e300", "86401", "\"3599\"", "null"}) {
+    absl::StatusOr<TokenGrant> g =
+        ParseTokenResponse(200, absl::StrCat(R"({"access_token":"ya29.x","expires_in":)", expires_in, "}"));
+    EXPECT_EQ(g.status().code(), absl::StatusCode::kInternal) << expires_in;
+    EXPECT_FALSE(absl::StrContains(g.status().message(), "ya29")) << expires_in;
+  }
+  EXPECT_EQ(ParseTokenResponse(200, R"({"access_token":"ya29.x","expires_in":120})")->expires_in, absl::Seconds(120));
+  EXPECT_EQ(ParseTokenResponse(200, R"({"access_token":"ya29.x","expires_in":3599.9})")->expires_in, absl::Seconds(3599));
 }
 
 TEST(ParseTokenResponse, NeverEchoesTheBody) {

@@ -112,6 +112,39 @@ TEST_F(QuotaPollerTest, RateLimitedQuotaApiBacksOffAndForbiddenIsReported) {
   EXPECT_TRUE(b.observations[0].forbidden);
 }
 
+TEST_F(QuotaPollerTest, A429DefersOnlyThatAccountForTheDelayItAskedFor) {
+  pool_.Load({MakeAccount("a"), MakeAccount("b")});
+  upstream_->SetProfile("rt-a", AccountProfile{.project = "pa"});
+  upstream_->SetProfile("rt-b", AccountProfile{.project = "pb"});
+  upstream_->Script("/v1internal:fetchAvailableModels",
+                    ScriptedReply{.status = 429,
+                                  .body = R"({"error":{"code":429,"status":"RESOURCE_EXHAUSTED","details":[)"
+                                          R"({"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"200s"}]}})",
+                                  .times = 1,
+                                  .match = "rt-a"});
+  QuotaPollerOptions o;
+  o.interval = absl::Seconds(60);
+  o.jitter = 0;
+  o.max_in_flight = 1;
+  o.rate_limit_backoff = absl::Seconds(100);  // what a 429 without a delay would cost
+  auto poller = StartPoller(o);
+  const std::string path = "/v1internal:fetchAvailableModels";
+  auto calls = [&](const char* rt) { return upstream_->CallsFor(path, rt); };
+  ASSERT_TRUE(Eventually([&] { return poller->PollCount() == 2; }));
+  ASSERT_EQ(calls("rt-a"), 1);
+  ASSERT_EQ(calls("rt-b"), 1);
+  // b keeps its schedule while a waits: no pause for the whole pool.
+  clock_.Advance(absl::Seconds(61));
+  ASSERT_TRUE(Eventually([&] { return calls("rt-b") == 2; }));
+  EXPECT_EQ(calls("rt-a"), 1);
+  // a waits the 200 s its answer asked for, not the 100 s default step.
+  clock_.Advance(absl::Seconds(60));  // t = 121 s: b due again
+  ASSERT_TRUE(Eventually([&] { return calls("rt-b") == 3; }));
+  EXPECT_EQ(calls("rt-a"), 1);
+  clock_.Advance(absl::Seconds(80));  // t = 201 s
+  ASSERT_TRUE(Eventually([&] { return calls("rt-a") == 2; }));
+}
+
 TEST(MonitorService, AStalledReaderCostsOneEntryPerKeyAndOthersKeepStreaming) {
   QuotaHub hub;
   MonitorService service(hub);

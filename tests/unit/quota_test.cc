@@ -33,7 +33,7 @@ TEST(DecideQuota, ThresholdsTtlAndReset) {
   EXPECT_EQ(DecideQuota(s, 0.10, kT0, std::nullopt, kT0), QuotaDecision::kProceed);
   EXPECT_EQ(DecideQuota(s, 0.05, kT0, std::nullopt, kT0), QuotaDecision::kLow);
   // Older than cache_ttl: unknown.
-  EXPECT_EQ(DecideQuota(s, 0.5, kT0, std::nullopt, kT0 + absl::Seconds(301)), QuotaDecision::kUnknown);
+  EXPECT_EQ(DecideQuota(s, 0.5, kT0, std::nullopt, kT0 + absl::Seconds(901)), QuotaDecision::kUnknown);
   // Exhausted, but its reset time has passed: unknown (it is probably back).
   EXPECT_EQ(DecideQuota(s, 0.0, kT0, kT0 + absl::Seconds(10), kT0 + absl::Seconds(11)), QuotaDecision::kUnknown);
   EXPECT_EQ(DecideQuota(QuotaSettings(), 0.0, kT0, std::nullopt, kT0), QuotaDecision::kUnknown);
@@ -117,7 +117,7 @@ TEST(PoolQuota, ExhaustedIsSkippedUntilValidationIsOffOrDataGoesStale) {
   EXPECT_THAT(e.accounts.back().detail, HasSubstr("below exhausted_threshold"));
   EXPECT_EQ(e.accounts.back().available_at, kT0 + absl::Hours(3));
   // Stale data reads unknown.
-  clock.Advance(absl::Seconds(301));
+  clock.Advance(absl::Seconds(901));
   absl::StatusOr<Selection> s = pool.Select(Req("m"));
   EXPECT_EQ(s->account_id, "a");
   EXPECT_EQ(s->quota_decision, QuotaDecision::kUnknown);

@@ -229,6 +229,33 @@ TEST(RedisStateTest, OutcomesLeasesAndDisablesReachTheOtherReplica) {
   EXPECT_TRUE(Eventually([&] { return r1.pool.GetCredentials("c")->disabled; }));
 }
 
+TEST(RedisStateTest, LeasesIssuedOnOneReplicaCountAgainstTheQuotaEstimateOfTheOthers) {
+  RedisProcess redis;
+  Replica r1(redis.address(), {"a"}), r2(redis.address(), {"a"});
+  ASSERT_TRUE(r1.state.WaitUntilUp(absl::Seconds(5)));
+  ASSERT_TRUE(r2.state.WaitUntilUp(absl::Seconds(5)));
+  QuotaSettings quota;
+  quota.enabled = true;
+  quota.call_cost_prior = 0.1;
+  r1.pool.SetQuotaSettings(quota);
+  r2.pool.SetQuotaSettings(quota);
+  QuotaObservation o;
+  o.account_id = "a";
+  o.model = "gemini-3-pro-high";
+  o.remaining_fraction = 1.0;
+  o.observed = absl::Now();
+  o.reset_time = o.observed + absl::Hours(1);
+  r1.pool.UpdateQuota({o});
+  r2.pool.UpdateQuota({o});
+  SelectRequest req;
+  req.model = "gemini-3-flash";  // same family, same bucket
+  for (int i = 0; i < 5; ++i) ASSERT_TRUE(r1.pool.Select(req).ok());
+  // r2 issued nothing, yet sees the five leases: 1.0 − 5 × 0.1.
+  req.model = "gemini-3-pro-high";
+  auto estimate_on_r2 = [&] { return r2.pool.Explain(req).accounts[0].estimated_fraction.value_or(-1); };
+  EXPECT_TRUE(Eventually([&] { return std::abs(estimate_on_r2() - 0.5) < 1e-9; })) << estimate_on_r2();
+}
+
 TEST(RedisStateTest, DownMeansFailFastAndResyncMergesBothWays) {
   RedisProcess redis;
   auto r1 = std::make_unique<Replica>(redis.address());

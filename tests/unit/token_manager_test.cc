@@ -3,6 +3,7 @@
 #include <atomic>
 #include <thread>
 
+#include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -207,7 +208,104 @@ TEST_F(TokenManagerTest, FailedRefreshReportsUnavailableAndKeepsTheAccount) {
   auto tm = Start(o);
   EXPECT_EQ(Acquire(*tm, "a").status().code(), absl::StatusCode::kUnavailable);
   EXPECT_FALSE(pool_.GetCredentials("a")->disabled);
+  clock_.Advance(o.failure_backoff);  // its back-off ends
   EXPECT_TRUE(Acquire(*tm, "a").ok());
+}
+
+// Issue 11 item 10: after a failed refresh the account is remembered as failing: Acquire fails at
+// once (no call to the token endpoint) until the back-off ends, which doubles per failure.
+TEST_F(TokenManagerTest, AFailingAccountIsRememberedUntilItsBackoffEnds) {
+  AddAccount("a", "PRO");
+  upstream_->Script("/token", ScriptedReply{.status = 500, .body = "{}", .times = 2});
+  TokenManagerOptions o;
+  o.background_refresh = false;
+  auto tm = Start(o);
+  EXPECT_EQ(Acquire(*tm, "a").status().code(), absl::StatusCode::kUnavailable);
+  for (int i = 0; i < 15; ++i) {
+    const absl::Time start = absl::Now();
+    absl::StatusOr<AccessToken> t = Acquire(*tm, "a");
+    EXPECT_EQ(t.status().code(), absl::StatusCode::kUnavailable);
+    EXPECT_THAT(t.status().message(), HasSubstr("next try in"));
+    EXPECT_LT(absl::Now() - start, absl::Milliseconds(100));
+  }
+  EXPECT_EQ(upstream_->TokenCallsFor("rt-a"), 1);
+  auto trouble = tm->Troubled();
+  ASSERT_TRUE(trouble.contains("a"));
+  EXPECT_EQ(trouble["a"].trouble, TokenTrouble::kFailing);
+  EXPECT_EQ(trouble["a"].until, clock_.Now() + o.failure_backoff);
+  clock_.Advance(o.failure_backoff);
+  EXPECT_EQ(Acquire(*tm, "a").status().code(), absl::StatusCode::kUnavailable);  // the second failure
+  EXPECT_EQ(tm->Troubled()["a"].until, clock_.Now() + 2 * o.failure_backoff);
+  clock_.Advance(2 * o.failure_backoff);
+  ASSERT_TRUE(Acquire(*tm, "a").ok());
+  EXPECT_TRUE(tm->Troubled().empty());
+  EXPECT_EQ(upstream_->TokenCallsFor("rt-a"), 3);
+}
+
+// Issue 11 item 9: a caller waits for a slow refresh only until its give-up time; the refresh goes
+// on, and the account is reported slow until it ends.
+TEST_F(TokenManagerTest, ASlowRefreshGivesUpAtTheCallersBudgetAndGoesOn) {
+  AddAccount("a", "PRO");
+  upstream_->Script("/token", ScriptedReply{.status = 200,
+                                            .body = R"({"access_token":"ya29.late","expires_in":3599})",
+                                            .delay = absl::Milliseconds(1500),
+                                            .times = 1});
+  TokenManagerOptions o;
+  o.background_refresh = false;
+  auto tm = Start(o);
+  absl::Notification done;
+  absl::StatusOr<AccessToken> result;
+  const absl::Time start = absl::Now();
+  tm->Acquire("a", start + absl::Milliseconds(200), [&](absl::StatusOr<AccessToken> t) {
+    result = std::move(t);
+    done.Notify();
+  });
+  ASSERT_TRUE(done.WaitForNotificationWithTimeout(absl::Seconds(5)));
+  EXPECT_EQ(result.status().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_LT(absl::Now() - start, absl::Milliseconds(1000));
+  EXPECT_EQ(tm->Troubled()["a"].trouble, TokenTrouble::kSlow);
+  ASSERT_TRUE(Eventually([&] { return pool_.GetCredentials("a")->access_token == "ya29.late"; }));
+  EXPECT_TRUE(Eventually([&] { return tm->Troubled().empty(); }));
+}
+
+// Issue 11 item 11: a refresh that gives a token shorter-lived than min_token_ttl is not repeated
+// on every call; the token says it is short, and the account is listed as such.
+TEST_F(TokenManagerTest, AShortLivedTokenIsMarkedAndNotRefreshedOnEveryCall) {
+  AddAccount("a", "PRO");
+  upstream_->SetExpiresIn(120);
+  TokenManagerOptions o;
+  o.background_refresh = false;
+  auto tm = Start(o);
+  absl::StatusOr<AccessToken> t = Acquire(*tm, "a");
+  ASSERT_TRUE(t.ok());
+  EXPECT_TRUE(t->below_min_ttl);
+  EXPECT_EQ(t->expiry, clock_.Now() + absl::Seconds(120));
+  for (int i = 0; i < 5; ++i) EXPECT_TRUE(Acquire(*tm, "a")->below_min_ttl);
+  EXPECT_EQ(upstream_->TokenCallsFor("rt-a"), 1);
+  EXPECT_EQ(tm->Troubled()["a"].trouble, TokenTrouble::kShortLived);
+  upstream_->SetExpiresIn(3599);
+  clock_.Advance(o.short_token_retry);
+  t = Acquire(*tm, "a");
+  ASSERT_TRUE(t.ok());
+  EXPECT_FALSE(t->below_min_ttl);
+  EXPECT_TRUE(tm->Troubled().empty());
+}
+
+TEST_F(TokenManagerTest, AnAbsurdExpiresInIsAFailedRefresh) {
+  AddAccount("a", "PRO");
+  TokenManagerOptions o;
+  o.background_refresh = false;
+  auto tm = Start(o);
+  for (const char* expires_in : {"0", "-5", "1e300", "\"soon\""}) {
+    upstream_->Script("/token", ScriptedReply{.status = 200,
+                                              .body = absl::StrCat(R"({"access_token":"ya29.bad","expires_in":)", expires_in, "}"),
+                                              .times = 1});
+    absl::StatusOr<AccessToken> t = Acquire(*tm, "a");
+    EXPECT_EQ(t.status().code(), absl::StatusCode::kUnavailable) << expires_in;
+    EXPECT_TRUE(pool_.GetCredentials("a")->access_token.empty()) << expires_in;
+    clock_.Advance(o.max_failure_backoff);
+  }
+  EXPECT_EQ(tm->RefreshCounts()["error"], 4);
 }
 
 TEST_F(TokenManagerTest, UnwritableFileKeepsTheTokenInMemory) {

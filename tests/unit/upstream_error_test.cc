@@ -1,5 +1,8 @@
 #include "lib/upstream_error.h"
 
+#include "absl/strings/str_cat.h"
+#include "lib/safe_text.h"
+
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -7,6 +10,7 @@ namespace tokenbroker {
 namespace {
 
 using ::testing::HasSubstr;
+using ::testing::Not;
 
 const absl::Time kNow = absl::FromUnixSeconds(1795914000);  // 2026-11-29T01:00:00Z
 
@@ -103,8 +107,62 @@ TEST(ParseUpstreamError, RetryAfterHeaderSecondsAndDate) {
   EXPECT_EQ(e.kind, FailureKind::kServerError);
   EXPECT_EQ(e.delay, absl::Minutes(5));
   EXPECT_EQ(e.delay_source, "Retry-After");
-  // A date in the past means "now".
-  EXPECT_EQ(ParseUpstreamError(429, "Sun, 29 Nov 2026 00:00:00 GMT", "", kNow).delay, absl::ZeroDuration());
+}
+
+// Issue 11 item 14: a date that has gone by names no delay (so the streak's backoff applies), and
+// the reason says why.
+TEST(ParseUpstreamError, PastRetryAfterDateNamesNoDelayAndSaysSo) {
+  UpstreamError e = ParseUpstreamError(429, "Sun, 29 Nov 2026 00:00:00 GMT", "", kNow);
+  EXPECT_FALSE(e.delay.has_value());
+  EXPECT_THAT(e.Summary(), HasSubstr("Retry-After date is in the past"));
+  UpstreamError stamp = ParseUpstreamError(429, "", R"({"error":{"code":429,"details":[
+      {"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"QUOTA_EXHAUSTED",
+       "metadata":{"quotaResetTimeStamp":"2020-01-01T00:00:00Z"}}]}})", kNow);
+  EXPECT_FALSE(stamp.delay.has_value());
+}
+
+// Issue 11 item 1: only an OAuth-shaped {"error":"invalid_grant"} answered 400/401 reads as
+// invalid_grant; the word anywhere else in a body means nothing.
+TEST(ParseUpstreamError, InvalidGrantOnlyFromAnOAuthShapedAnswer) {
+  EXPECT_EQ(ParseUpstreamError(400, "", R"({"error":{"code":400,"message":"Invalid JSON payload received. Unknown name \"invalid_grant\" at 'request': Cannot find field.","status":"INVALID_ARGUMENT"}})", kNow).kind,
+            FailureKind::kClientError);
+  EXPECT_EQ(ParseUpstreamError(400, "", "invalid_grant", kNow).kind, FailureKind::kClientError);
+  EXPECT_EQ(ParseUpstreamError(429, "", R"({"error":"invalid_grant"})", kNow).kind, FailureKind::kRateLimited);
+  EXPECT_EQ(ParseUpstreamError(500, "", R"({"error":"invalid_grant"})", kNow).kind, FailureKind::kServerError);
+  EXPECT_EQ(ParseUpstreamError(400, "", R"({"error":"invalid_grant","error_description":"Token has been expired or revoked."})", kNow).kind,
+            FailureKind::kInvalidGrant);
+}
+
+// Issue 11 item 8: text from the body is escaped, redacted and bounded before anyone sees it.
+TEST(ParseUpstreamError, UpstreamTextIsEscapedRedactedAndBounded) {
+  UpstreamError e = ParseUpstreamError(403, "", R"({"error":{"code":403,"message":"x","details":[
+      {"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"VALIDATION_REQUIRED\n2026-11-29T00:00:00.000 info forged ya29.a0AfSECRET",
+       "metadata":{"validation_url":"https://accounts.google.com/v?x=1\r\nya29.a0AfLEAK"}}]}})", kNow);
+  for (const std::string& s : {e.reason, e.validation_url, e.Summary()}) {
+    EXPECT_EQ(s.find('\n'), std::string::npos) << s;
+    EXPECT_EQ(s.find('\r'), std::string::npos) << s;
+    EXPECT_THAT(s, Not(HasSubstr("SECRET")));
+    EXPECT_THAT(s, Not(HasSubstr("LEAK")));
+  }
+  EXPECT_THAT(e.reason, HasSubstr("\\n2026-11-29"));
+  EXPECT_THAT(e.reason, HasSubstr("ya29.<redacted>"));
+  UpstreamError long_reason = ParseUpstreamError(429, "", absl::StrCat(R"({"error":{"details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":")",
+                                                                       std::string(100000, 'R'), R"("}]}})"), kNow);
+  EXPECT_LE(long_reason.reason.size(), kMaxUpstreamField + 3);
+}
+
+TEST(SafeText, EscapesControlCharactersAndRedactsTokens) {
+  EXPECT_EQ(SafeText("plain text, 100% ok"), "plain text, 100% ok");
+  EXPECT_EQ(SafeText("a\nb\rc\td\x01" "e\x7f"), "a\\nb\\rc\\td\\x01e\\x7f");
+  EXPECT_EQ(SafeText("token ya29.a0Af-x_y.z/+= end"), "token ya29.<redacted> end");
+  EXPECT_EQ(SafeText("refresh 1//0gABCDEFGHIJKL rest"), "refresh 1//<redacted> rest");
+  EXPECT_EQ(SafeText("ratio 1//2"), "ratio 1//2");  // too short to be a token
+  EXPECT_EQ(SafeText("YA29.abc"), "YA29.<redacted>");
+  EXPECT_EQ(SafeText(std::string(20, 'x'), 8), "xxxxxxxx...");
+  EXPECT_EQ(RedactTokens("a\nya29.zzz"), "a\nya29.<redacted>");
+  EXPECT_TRUE(NeedsSafeText("x\ny"));
+  EXPECT_TRUE(NeedsSafeText("x ya29.abc"));
+  EXPECT_FALSE(NeedsSafeText("quota exhausted (QUOTA_EXHAUSTED)"));
 }
 
 TEST(ParseUpstreamError, TextForms) {
