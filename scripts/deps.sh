@@ -27,7 +27,7 @@ APT_PACKAGES=(
   libcurl4-openssl-dev nlohmann-json3-dev prometheus-cpp-dev
   golang-github-gogo-googleapis-dev
   clang libclang-rt-14-dev python3 python3-grpcio python3-protobuf libbenchmark-dev
-  libhiredis-dev redis-server python3-redis openssl
+  libhiredis-dev redis-server python3-redis openssl python3-matplotlib
 )
 
 if [ "$BUILD_ONLY" = 1 ]; then APT_PACKAGES=("${BUILD_PACKAGES[@]}"); fi
