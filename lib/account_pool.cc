@@ -976,8 +976,10 @@ void AccountPool::UpdateQuota(const std::vector<QuotaObservation>& observations)
     rec.quota_forbidden = o.forbidden;
     rec.quota_forbidden_observed = o.observed;
     // A reset time before the moment the answer was taken means the answer is at least that old.
+    // Such ages fall anywhere below the true lag, so their largest is taken half again as a margin.
     if (o.reset_time && *o.reset_time < o.observed) {
-      quota_lag_ = std::min({std::max(quota_lag_, o.observed - *o.reset_time), quota_.max_lag, quota_.cache_ttl / 2});
+      quota_lag_ = std::min({std::max(quota_lag_, (o.observed - *o.reset_time) * 3 / 2), quota_.max_lag,
+                             quota_.cache_ttl / 2});
     }
     if (!o.bucket.empty()) {  // a bucket limits every model of its family
       UpdateBucketLocked(it->second, o);

@@ -2,10 +2,24 @@
 
 #include "google/rpc/error_details.pb.h"
 #include "google/rpc/status.pb.h"
+#include "absl/random/random.h"
 #include "absl/strings/str_cat.h"
 #include "lib/errors.h"
 
 namespace tokenbroker {
+namespace {
+
+// Callers told the same instant would all come back at it, and a replica would hand out what
+// another has just handed out before their lease counts meet: each RetryInfo is lengthened by a
+// random part of up to a tenth of it (at most 500 ms), so the herd arrives spread out.
+absl::Duration Spread(absl::Duration delay) {
+  thread_local absl::BitGen gen;
+  const absl::Duration most = std::min(delay / 10, absl::Milliseconds(500));
+  if (most <= absl::ZeroDuration()) return delay;
+  return delay + absl::Nanoseconds(absl::Uniform<int64_t>(gen, 0, absl::ToInt64Nanoseconds(most) + 1));
+}
+
+}  // namespace
 
 grpc::Status ToGrpcStatus(const absl::Status& status) {
   if (status.ok()) return grpc::Status::OK;
@@ -31,7 +45,7 @@ grpc::Status ToGrpcStatus(const absl::Status& status) {
   }
   if (std::optional<absl::Duration> delay = RetryDelay(status)) {
     google::rpc::RetryInfo retry;
-    const int64_t nanos = absl::ToInt64Nanoseconds(*delay);
+    const int64_t nanos = absl::ToInt64Nanoseconds(Spread(*delay));
     retry.mutable_retry_delay()->set_seconds(nanos / 1'000'000'000);
     retry.mutable_retry_delay()->set_nanos(static_cast<int32_t>(nanos % 1'000'000'000));
     rich.add_details()->PackFrom(retry);

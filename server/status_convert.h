@@ -11,7 +11,8 @@ namespace tokenbroker {
 // InvalidFieldError carries a google.rpc.BadRequest field violation in the rich error details
 // (grpc-status-details-bin), readable by grpcurl, buf curl and every gRPC client; one made by
 // NoAccountAvailableError carries google.rpc.QuotaFailure (subject "model:<model>") and, when
-// an account will free, google.rpc.RetryInfo with the exact delay.
+// an account will free, google.rpc.RetryInfo: the delay until it frees, plus a random spread of up
+// to a tenth of it (at most 500 ms) so that callers told the same instant do not all return at it.
 grpc::Status ToGrpcStatus(const absl::Status& status);
 
 }  // namespace tokenbroker

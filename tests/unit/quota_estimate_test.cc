@@ -282,9 +282,9 @@ TEST(PredictiveAdmission, TheLagIsLearnedFromAnswersOlderThanTheirOwnReset) {
   pool.SetQuotaSettings(On());
   EXPECT_EQ(pool.quota_lag(), absl::ZeroDuration());
   pool.UpdateQuota({Obs("a", "m", 0.2, kT0, kT0 - absl::Seconds(4))});
-  EXPECT_EQ(pool.quota_lag(), absl::Seconds(4));
+  EXPECT_EQ(pool.quota_lag(), absl::Seconds(6));  // at least 4 s old: 4 s and half again
   pool.UpdateQuota({Obs("a", "m", 0.2, kT0 + absl::Seconds(1), kT0 - absl::Seconds(1))});
-  EXPECT_EQ(pool.quota_lag(), absl::Seconds(4));  // the longest seen
+  EXPECT_EQ(pool.quota_lag(), absl::Seconds(6));  // the longest seen
   pool.UpdateQuota({Obs("a", "m", 0.2, kT0 + absl::Hours(1), kT0 - absl::Hours(1))});
   EXPECT_EQ(pool.quota_lag(), QuotaSettings().max_lag);  // never past the bound
 }
@@ -323,15 +323,16 @@ TEST(StaleObservations, ObservationsWithinTheLearnedLagOfThe429DoNotCount) {
   AccountPool pool(PoolOptions(), clock);
   pool.Load({testing::MakeAccount("a", Tier::kUltra), testing::MakeAccount("b", Tier::kFree)});
   pool.SetQuotaSettings(On());
-  // The quota API is 20 s behind: an answer at T0 still names a reset 20 s past.
+  // The quota API is 20 s behind or more: an answer at T0 still names a reset 20 s past (30 s with
+  // the margin).
   pool.UpdateQuota({Obs("a", "m", 0.1, kT0, kT0 - absl::Seconds(20))});
-  ASSERT_EQ(pool.quota_lag(), absl::Seconds(20));
+  ASSERT_EQ(pool.quota_lag(), absl::Seconds(30));
   ASSERT_TRUE(pool.ReportOutcome(Quota429("a", "m", "3600")).ok());
   // 10 s later the answer still shows the window before (reset at T0+2h, 0.5): within the lag.
   clock.Advance(absl::Seconds(10));
   pool.UpdateQuota({Obs("a", "m", 0.5, clock.Now(), kT0 + absl::Hours(2))});
   EXPECT_EQ(pool.Select(Req("m"))->account_id, "b");
-  clock.Advance(absl::Seconds(20));
+  clock.Advance(absl::Seconds(21));
   pool.UpdateQuota({Obs("a", "m", 0.6, clock.Now(), kT0 + absl::Hours(2))});
   EXPECT_EQ(pool.Select(Req("m"))->account_id, "a");
 }
@@ -402,7 +403,7 @@ TEST(QuotaOutcomes, AQuota429SpendsTheWholeFamilyUntilItsResetAndALaggingReadCan
   pool.UpdateQuota({Obs("a", "gemini-3-pro-high", 0.6, kT0, reset), Obs("a", "gemini-3-flash", 0.6, kT0, reset),
                     // an answer still naming a reset 20 s past: the quota API lags by 20 s
                     Obs("a", "claude-sonnet-4-6", 0.5, kT0, kT0 - absl::Seconds(20))});
-  ASSERT_EQ(pool.quota_lag(), absl::Seconds(20));
+  ASSERT_EQ(pool.quota_lag(), absl::Seconds(30));
   absl::StatusOr<Selection> s = pool.Select(Req("gemini-3-pro-high"));
   ASSERT_EQ(s->account_id, "a");
   Outcome o = Quota429("", "", "120");
