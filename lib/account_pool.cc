@@ -566,6 +566,11 @@ absl::StatusOr<Selection> AccountPool::SelectOnce(const SelectRequest& request, 
   IssuedLease lease = leases_.Issue(entry.record.id, request.model, now, request.caller);
   if (SharedState* shared = shared_state()) shared->LeaseIssued(lease.id, entry.record.id, request.model);
   cooldowns_.OnIssued(entry.record.id, request.model, now, lease.id);
+  // Models come from callers: past kMaxTrackedModels an arbitrary one is forgotten (it only loses
+  // its fill_first / round_robin position).
+  if (last_for_model_.size() >= kMaxTrackedModels && !last_for_model_.contains(request.model)) {
+    last_for_model_.erase(last_for_model_.begin());
+  }
   last_for_model_[request.model] = entry.record.id;
   // The binding's TTL in the shared state restarts now and then, not on every use: its idle
   // expiry there lags the local one by at most a twentieth of the TTL.
@@ -656,6 +661,10 @@ void AccountPool::ExpireLeasesLocked(absl::Time now) {
 void AccountPool::ReleaseLease(const std::string& lease_id) {
   absl::MutexLock lock(&mu_);
   if (std::optional<Lease> lease = leases_.End(lease_id)) {
+    // Given back unused: it spent no quota.
+    if (auto it = index_.find(lease->account); it != index_.end()) {
+      entries_[it->second].usage.Forget(ModelFamily(lease->model), lease->expires - options_.lease_timeout);
+    }
     EndLeaseLocked(*lease);
     if (SharedState* shared = shared_state()) shared->LeaseEnded(lease_id);
   }
@@ -1038,6 +1047,11 @@ void AccountPool::UpdateBucketLocked(size_t i, const QuotaObservation& o) {
     ShareLearnedCostLocked(i, b->bucket);
   }
   *b = BucketQuota{family, o.bucket, o.remaining_fraction, o.reset_time, o.observed};
+}
+
+size_t AccountPool::TrackedModels() const {
+  absl::ReaderMutexLock lock(&mu_);
+  return last_for_model_.size();
 }
 
 absl::Duration AccountPool::quota_lag() const {

@@ -226,7 +226,8 @@ class AccountPool : public SharedStateListener {
   // may_name_account).
   absl::StatusOr<OutcomeResult> ReportOutcome(const Outcome& outcome);
 
-  // Ends a lease without an outcome (e.g. its token could not be had). Unknown ids are ignored.
+  // Ends a lease without an outcome (e.g. its token could not be had): it spent no quota, so it no
+  // longer counts against the account's estimate. Unknown ids are ignored.
   void ReleaseLease(const std::string& lease_id);
 
   std::vector<AccountView> List() const;
@@ -257,6 +258,8 @@ class AccountPool : public SharedStateListener {
   void UpdateQuota(const std::vector<QuotaObservation>& observations);
   // How far behind the quota API's answers are taken to be (learned; at most max_lag).
   absl::Duration quota_lag() const;
+  // Models whose last chosen account is remembered (bounded: caller input).
+  size_t TrackedModels() const;
 
   // Session rebinds since start, by reason ("new", "force_rotate", "ineligible", "expired").
   std::map<std::string, int64_t> RebindCounts() const;
@@ -386,6 +389,7 @@ class AccountPool : public SharedStateListener {
   // Account last chosen per model: fill_first's sticky choice, round_robin's cursor, and what
   // force_rotate moves away from when there is no session.
   absl::flat_hash_map<std::string, std::string> last_for_model_ ABSL_GUARDED_BY(mu_);
+  static constexpr size_t kMaxTrackedModels = 4096;
   std::map<std::string, int64_t> rebinds_ ABSL_GUARDED_BY(mu_);
   Cooldowns cooldowns_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<std::string, std::unique_ptr<ModelIndex>> model_index_ ABSL_GUARDED_BY(mu_);

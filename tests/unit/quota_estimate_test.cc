@@ -350,6 +350,23 @@ QuotaObservation Bucket(const std::string& account, const std::string& family, c
   return o;
 }
 
+TEST(PredictiveAdmission, StateFromCallerModelNamesIsBounded) {
+  FakeClock clock(kT0);
+  AccountPool pool(PoolOptions(), clock);
+  pool.Load({testing::MakeAccount("a", Tier::kPro)});
+  pool.SetQuotaSettings(On());
+  pool.UpdateQuota({Obs("a", "m", 1.0, kT0, kT0 + absl::Hours(1))});
+  for (int i = 0; i < 10'000; ++i) {
+    absl::StatusOr<Selection> s = pool.Select(Req("made-up-" + std::to_string(i)));
+    ASSERT_TRUE(s.ok());
+    pool.ReleaseLease(s->lease_id);
+  }
+  EXPECT_LE(pool.TrackedModels(), 4096u);
+  // Leases given back unused spent nothing.
+  Explanation e = pool.Explain(Req("m"));
+  EXPECT_NEAR(*e.accounts[0].estimated_fraction, 1.0, 1e-9);
+}
+
 TEST(QuotaBuckets, AWeeklyBucketAtZeroBlocksTheFamilyWhileItsFiveHourBucketIsPositive) {
   FakeClock clock(kT0);
   AccountPool pool(PoolOptions(), clock);
