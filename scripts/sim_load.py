@@ -197,7 +197,7 @@ class BrokerClient:
 
 
 def retry_delay(error):
-    """The RetryInfo delay (seconds) of a gRPC error, or None (as client/python/proxy_example.py)."""
+    """The RetryInfo delay (seconds) of a gRPC error, or None (as retry_delay of client/python/tokenbroker/client.py)."""
     from google.rpc import error_details_pb2, status_pb2
     for key, value in error.trailing_metadata() or ():
         if key == "grpc-status-details-bin":

@@ -263,3 +263,37 @@ class Cluster:
             if p is not None:
                 p.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def read_varint(data, i):
+    """The protobuf varint at data[i:] and the index past it."""
+    value, shift = 0, 0
+    while True:
+        b = data[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return value, i
+
+
+def proto_fields(data):
+    """Decodes the protobuf wire format (e.g. gRPC rich error details, read without their .proto):
+    {field number: [values]}, varints as int, everything else as bytes."""
+    fields, i = {}, 0
+    while i < len(data):
+        key, i = read_varint(data, i)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = read_varint(data, i)
+        elif wire == 2:
+            length, i = read_varint(data, i)
+            value, i = data[i:i + length], i + length
+        elif wire == 1:
+            value, i = data[i:i + 8], i + 8
+        elif wire == 5:
+            value, i = data[i:i + 4], i + 4
+        else:
+            raise ValueError(f"wire type {wire}")
+        fields.setdefault(number, []).append(value)
+    return fields

@@ -54,36 +54,7 @@ def pb_msg(field, body):
     return pb_str(field, body)
 
 
-def _read_varint(data, i):
-    value, shift = 0, 0
-    while True:
-        b = data[i]
-        i += 1
-        value |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            return value, i
-
-
-def pb_fields(data):
-    """{field number: [values]}: varints as int, length-delimited as bytes."""
-    fields, i = {}, 0
-    while i < len(data):
-        key, i = _read_varint(data, i)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, i = _read_varint(data, i)
-        elif wire == 2:
-            length, i = _read_varint(data, i)
-            value, i = data[i:i + length], i + length
-        elif wire == 1:
-            value, i = data[i:i + 8], i + 8
-        elif wire == 5:
-            value, i = data[i:i + 4], i + 4
-        else:
-            raise ValueError(f"wire type {wire}")
-        fields.setdefault(number, []).append(value)
-    return fields
+pb_fields = harness.proto_fields
 
 
 def first(fields, n, default=None):

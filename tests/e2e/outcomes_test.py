@@ -25,32 +25,7 @@ def rfc3339_to_epoch(text):
     return whole.timestamp() + (float("0." + frac) if frac else 0.0)
 
 
-def read_varint(data, i):
-    value, shift = 0, 0
-    while True:
-        b = data[i]
-        i += 1
-        value |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            return value, i
-
-
-def proto_fields(data):
-    """Decodes the wire format into {field number: [values]} (varints as int, others as bytes)."""
-    fields, i = {}, 0
-    while i < len(data):
-        key, i = read_varint(data, i)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, i = read_varint(data, i)
-        elif wire == 2:
-            length, i = read_varint(data, i)
-            value, i = data[i:i + length], i + length
-        else:
-            raise ValueError(f"unexpected wire type {wire}")
-        fields.setdefault(number, []).append(value)
-    return fields
+proto_fields = harness.proto_fields
 
 
 def b64(text):
