@@ -985,11 +985,7 @@ void AccountPool::UpdateQuota(const std::vector<QuotaObservation>& observations)
     rec.quota_forbidden = o.forbidden;
     rec.quota_forbidden_observed = o.observed;
     // A reset time before the moment the answer was taken means the answer is at least that old.
-    // Such ages fall anywhere below the true lag, so their largest is taken half again as a margin.
-    if (o.reset_time && *o.reset_time < o.observed) {
-      quota_lag_ = std::min({std::max(quota_lag_, (o.observed - *o.reset_time) * 3 / 2), quota_.max_lag,
-                             quota_.cache_ttl / 2});
-    }
+    if (o.reset_time && *o.reset_time < o.observed) LearnLagLocked(o.observed - *o.reset_time);
     if (!o.bucket.empty()) {  // a bucket limits every model of its family
       UpdateBucketLocked(it->second, o);
       ReindexLocked(it->second, now);
@@ -1006,7 +1002,10 @@ void AccountPool::UpdateQuota(const std::vector<QuotaObservation>& observations)
       rec.quotas.push_back(seen);
     } else {
       if (o.observed < q->observed) continue;  // late, older news
-      if (q->from_outcome && o.observed - quota_lag_ <= q->observed) continue;  // may predate the 429
+      if (q->from_outcome) {
+        LearnLagFromSpentLocked(QuotaReading{q->remaining_fraction, q->reset_time, q->observed}, o);
+        if (o.observed - quota_lag_ <= q->observed) continue;  // may predate the 429
+      }
       if (!SourceLiesAbout(o.source, o.model) &&
           entry.usage.Learn(family, family, QuotaReading{q->remaining_fraction, q->reset_time, q->observed},
                             QuotaReading{o.remaining_fraction, o.reset_time, o.observed}, quota_lag_)) {
@@ -1041,12 +1040,28 @@ void AccountPool::UpdateBucketLocked(size_t i, const QuotaObservation& o) {
     return;
   }
   if (o.observed < b->observed) return;  // late, older news
-  if (b->from_outcome && o.observed - quota_lag_ <= b->observed) return;  // may predate the 429
+  if (b->from_outcome) {
+    LearnLagFromSpentLocked(QuotaReading{b->remaining_fraction, b->reset_time, b->observed}, o);
+    if (o.observed - quota_lag_ <= b->observed) return;  // may predate the 429
+  }
   if (e.usage.Learn(family, b->bucket, QuotaReading{b->remaining_fraction, b->reset_time, b->observed}, seen,
                     quota_lag_)) {
     ShareLearnedCostLocked(i, b->bucket);
   }
   *b = BucketQuota{family, o.bucket, o.remaining_fraction, o.reset_time, o.observed};
+}
+
+void AccountPool::LearnLagLocked(absl::Duration at_least) {
+  // Such ages fall anywhere below the true lag, so their largest is taken half again as a margin.
+  quota_lag_ = std::min({std::max(quota_lag_, at_least * 3 / 2), quota_.max_lag, quota_.cache_ttl / 2});
+}
+
+void AccountPool::LearnLagFromSpentLocked(const QuotaReading& spent, const QuotaObservation& o) {
+  // The 429 showed the window spent at `spent.observed`; an answer taken later that still shows
+  // quota left in that same window (the reset the 429 named) describes a moment before the 429.
+  if (!spent.reset_time || !o.reset_time || o.observed <= spent.observed || o.remaining_fraction <= 0) return;
+  if (absl::AbsDuration(*o.reset_time - *spent.reset_time) > absl::Seconds(1)) return;
+  LearnLagLocked(o.observed - spent.observed);
 }
 
 size_t AccountPool::TrackedModels() const {

@@ -312,6 +312,11 @@ class AccountPool : public SharedStateListener {
                               std::optional<absl::Time> issued_at, absl::Time now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Makes entry i's learned cost of `cost_key` the prior of accounts that have not learned theirs.
   void ShareLearnedCostLocked(size_t i, absl::string_view cost_key) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The quota API's answers are at least `at_least` old: raises the learned lag (with a margin).
+  void LearnLagLocked(absl::Duration at_least) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // `o` reads a quota that a 429 showed spent (`spent`): if it still shows quota left in the same
+  // window, it is older than the 429, and the lag at least that long.
+  void LearnLagFromSpentLocked(const QuotaReading& spent, const QuotaObservation& o) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Applies one bucket observation (retrieveUserQuotaSummary) to entry i.
   void UpdateBucketLocked(size_t i, const QuotaObservation& o) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Remembers the quota a quota cooldown on (entry i, model) began against.

@@ -437,6 +437,31 @@ TEST(QuotaOutcomes, AQuota429SpendsTheWholeFamilyUntilItsResetAndALaggingReadCan
   EXPECT_EQ(pool.Select(Req("gemini-3-flash"))->account_id, "a");
 }
 
+TEST(QuotaOutcomes, AnAnswerStillShowingQuotaInTheWindowA429SpentTeachesTheLag) {
+  FakeClock clock(kT0);
+  AccountPool pool(PoolOptions(), clock);
+  pool.Load({testing::MakeAccount("a", Tier::kUltra), testing::MakeAccount("b", Tier::kFree)});
+  pool.SetQuotaSettings(On());
+  const absl::Time reset = kT0 + absl::Seconds(100);
+  pool.UpdateQuota({Obs("a", "m", 0.5, kT0, reset)});
+  absl::StatusOr<Selection> s = pool.Select(Req("m"));
+  ASSERT_EQ(s->account_id, "a");
+  Outcome o = Quota429("", "", "100");  // the window resets in 100 s, as the reading says
+  o.lease_id = s->lease_id;
+  ASSERT_TRUE(pool.ReportOutcome(o).ok());
+  ASSERT_EQ(pool.quota_lag(), absl::ZeroDuration());
+  // 2 s after the 429 the API still shows 0.4 left in that window: it is at least 2 s behind.
+  clock.Advance(absl::Seconds(2));
+  pool.UpdateQuota({Obs("a", "m", 0.4, clock.Now(), reset)});
+  EXPECT_EQ(pool.quota_lag(), absl::Seconds(3));  // 2 s and half again
+  // ...and that answer did not bring the account back.
+  EXPECT_EQ(pool.Select(Req("m"))->account_id, "b");
+  // An answer of the next window teaches nothing of the kind.
+  clock.Advance(absl::Seconds(10));
+  pool.UpdateQuota({Obs("a", "m", 0.9, clock.Now(), reset + absl::Seconds(300))});
+  EXPECT_EQ(pool.quota_lag(), absl::Seconds(3));
+}
+
 TEST(QuotaOutcomes, LessThanHalfACallLeftIsNoCallLeft) {
   FakeClock clock(kT0);
   QuotaSettings settings = On();
