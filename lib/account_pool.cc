@@ -268,7 +268,7 @@ AccountPool::Evaluation AccountPool::Evaluate(const SelectRequest& request, absl
 
   std::vector<RankKey> keys(entries_.size());
   const RankContext ctx = RankContextFor(request);
-  for (size_t i : ev.ranked) keys[i] = KeyFor(i, request, now, ctx);
+  for (size_t i : ev.ranked) keys[i] = KeyFor(i, request.model, now, ctx);
   auto better = [&](size_t a, size_t b) { return Better(keys[a], keys[b], options_.policy); };
   std::sort(ev.ranked.begin(), ev.ranked.end(), better);
 
@@ -328,12 +328,12 @@ AccountPool::RankContext AccountPool::RankContextFor(const SelectRequest& reques
   return ctx;
 }
 
-RankKey AccountPool::KeyFor(size_t i, const SelectRequest& request, absl::Time now, const RankContext& ctx) const {
+RankKey AccountPool::KeyFor(size_t i, const std::string& model, absl::Time now, const RankContext& ctx) const {
   const Entry& e = entries_[i];
   RankKey k;
   k.index = i;
   k.tier = static_cast<int>(e.record.tier);
-  const QuotaView qv = QuotaViewLocked(i, request.model, now);
+  const QuotaView qv = QuotaViewLocked(i, model, now);
   k.decision = DecisionRank(qv.decision);
   if (qv.fraction) {
     k.fraction = *qv.fraction;
@@ -371,9 +371,7 @@ bool AccountPool::KeyLess::operator()(const RankKey& a, const RankKey& b) const 
 
 void AccountPool::ReindexOne(ModelIndex& index, const std::string& model, size_t i, absl::Time now) {
   index.order.erase(index.key_of[i]);
-  SelectRequest request;
-  request.model = model;
-  RankKey key = KeyFor(i, request, now, RankContext{nullptr, entries_.size()});
+  RankKey key = KeyFor(i, model, now, RankContext{nullptr, entries_.size()});
   key.rotation = 0;  // not part of an indexed rank (round_robin is not indexed)
   index.key_of[i] = key;
   index.order.insert(key);
@@ -475,7 +473,7 @@ std::optional<size_t> AccountPool::ChooseFastLocked(const SelectRequest& request
   const RankContext ctx = RankContextFor(request);
   for (size_t i = 0; i < entries_.size(); ++i) {
     if (!EligibleLocked(i, request, now, previous)) continue;
-    RankKey key = KeyFor(i, request, now, ctx);
+    RankKey key = KeyFor(i, request.model, now, ctx);
     if (!best || Better(key, best_key, options_.policy)) {
       best = i;
       best_key = key;
@@ -898,6 +896,7 @@ bool AccountPool::ExhaustedLocked(size_t i, const std::string& model, absl::Time
 }
 
 double AccountPool::CostPriorLocked(absl::string_view cost_key, Tier tier) const {
+  if (learned_cost_.empty()) return quota_.call_cost_prior;  // nothing learned yet: no lookups
   if (auto it = learned_cost_.find(absl::StrCat(cost_key, "/", TierName(tier))); it != learned_cost_.end()) {
     return it->second;
   }
@@ -910,7 +909,7 @@ void AccountPool::RecordUsageLocked(size_t i, const std::string& model, absl::Ti
   QuotaUsage& usage = entries_[i].usage;
   usage.Record(ModelFamily(model), at, count);
   // Observations older than cache_ttl no longer count, so neither do the leases before them.
-  usage.Trim(clock_.Now() - quota_.cache_ttl - quota_.max_lag - absl::Seconds(1));
+  usage.Trim(at - quota_.cache_ttl - quota_.max_lag - absl::Seconds(1));
 }
 
 void AccountPool::LearnFromOutcomeLocked(size_t i, const std::string& model, const UpstreamError& parsed,

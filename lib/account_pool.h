@@ -346,7 +346,7 @@ class AccountPool : public SharedStateListener {
   };
   RankContext RankContextFor(const SelectRequest& request) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
   // The rank of account `i` for the request (compared by Better in the .cc).
-  RankKey KeyFor(size_t i, const SelectRequest& request, absl::Time now, const RankContext& ctx) const
+  RankKey KeyFor(size_t i, const std::string& model, absl::Time now, const RankContext& ctx) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
   bool EligibleLocked(size_t i, const SelectRequest& request, absl::Time now,
                       const std::optional<std::string>& previous) const ABSL_SHARED_LOCKS_REQUIRED(mu_);

@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 
 namespace tokenbroker {
 
@@ -21,6 +22,7 @@ bool ContainsIgnoreCase(absl::string_view haystack, absl::string_view needle) {
 }  // namespace
 
 absl::string_view ModelFamily(absl::string_view model) {
+  if (absl::StartsWith(model, "gemini")) return "gemini";  // the common case, without a scan
   if (ContainsIgnoreCase(model, "claude") || ContainsIgnoreCase(model, "gpt")) return "3p";
   return "gemini";
 }
