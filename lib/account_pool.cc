@@ -806,6 +806,16 @@ ResetResult AccountPool::ResetLocked(size_t i, const std::string& model, bool en
   AccountRecord& rec = entries_[i].record;
   ResetResult out;
   out.cooldown_lifted = cooldowns_.Lift(rec.id, model);
+  // What reported 429s wrote into the quota estimate goes with them: those readings are forgotten
+  // (unknown until the next observation), and so are the yardsticks of the lifted cooldowns.
+  const absl::string_view family = model.empty() ? absl::string_view() : ModelFamily(model);
+  auto reported = [&](bool from_outcome, absl::string_view of) {
+    return from_outcome && (family.empty() || of == family);
+  };
+  std::erase_if(rec.quotas, [&](const ModelQuota& q) { return reported(q.from_outcome, ModelFamily(q.model)); });
+  std::erase_if(rec.buckets, [&](const BucketQuota& b) { return reported(b.from_outcome, b.family); });
+  std::erase_if(entries_[i].marks, [&](const QuotaMark& m) { return model.empty() || m.model == model; });
+  ReindexLocked(i, clock_.Now());
   if (enable && rec.disabled) {
     rec.disabled = false;
     rec.disabled_reason.clear();

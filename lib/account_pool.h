@@ -163,7 +163,9 @@ struct Credentials {
 // An operator's undo (ResetAccount): what reports (or a refresh's invalid_grant) did to an account.
 struct ResetRequest {
   std::string account_id;
-  std::string model;    // the cooldown on this model; empty: every cooldown and the failure streak
+  // The cooldown on this model (and what its reported 429s made the quota estimate of its family
+  // believe); empty: every cooldown, the failure streak and every such belief.
+  std::string model;
   bool enable = false;  // also lift a disable
 };
 

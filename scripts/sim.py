@@ -313,7 +313,8 @@ def chart(results, args, path):
 
 def main():
     args = parse_args()
-    sys.path.insert(0, os.path.join(args.build, "python"))
+    sys.path.insert(0, os.path.join(args.build, "python"))  # generated stubs
+    sys.path.insert(0, os.path.join(HERE, "..", "client", "python"))  # the client library
     needed = [("tests", "fakes", "fake_upstream")]
     if any(CONFIGS[c]["broker"] for c in args.configs):
         needed += [("server", "tokenbroker"), ("server", "tokenbroker-monitor"), ("client", "tbctl")]

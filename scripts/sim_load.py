@@ -196,20 +196,6 @@ class BrokerClient:
         self.channel.close()
 
 
-def retry_delay(error):
-    """The RetryInfo delay (seconds) of a gRPC error, or None (as retry_delay of client/python/tokenbroker/client.py)."""
-    from google.rpc import error_details_pb2, status_pb2
-    for key, value in error.trailing_metadata() or ():
-        if key == "grpc-status-details-bin":
-            status = status_pb2.Status.FromString(value)
-            for detail in status.details:
-                if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-                    info = error_details_pb2.RetryInfo()
-                    detail.Unpack(info)
-                    return info.retry_delay.seconds + info.retry_delay.nanos / 1e9
-    return None
-
-
 class Driver:
     """Plays a schedule with `workers` threads. Each turn of a session starts at its scheduled time,
     or when the session's previous turn ends if that is later (a conversation waits for its answer).
@@ -344,6 +330,7 @@ class Driver:
                 if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
                     raise
                 tally.counts["broker_exhausted"] += 1
+                from tokenbroker.client import retry_delay  # client/python: the library proxies use
                 delay = retry_delay(e)
                 if delay is None or time.monotonic() + delay > deadline:
                     res.outcome = "gave_up"

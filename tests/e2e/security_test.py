@@ -16,22 +16,7 @@ OTHER_TOKEN = "other-token-fedcba9876543210"
 ADMIN_TOKEN = "admin-token-0a1b2c3d4e5f6a7b8c9d"
 
 
-def openssl(*args, cwd):
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def make_pki(folder):
-    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate, all signed by the CA."""
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=tokenbroker-test-ca",
-            "-keyout", "ca.key", "-out", "ca.pem", cwd=folder)
-    for name, ext in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth"),
-                      ("client", "extendedKeyUsage=clientAuth")):
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
-                "-out", f"{name}.csr", cwd=folder)
-        with open(os.path.join(folder, f"{name}.ext"), "w") as f:
-            f.write(ext + "\n")
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem", cwd=folder)
+make_pki = harness.make_pki
 
 
 class Security(unittest.TestCase):

@@ -437,6 +437,24 @@ TEST(QuotaOutcomes, AQuota429SpendsTheWholeFamilyUntilItsResetAndALaggingReadCan
   EXPECT_EQ(pool.Select(Req("gemini-3-flash"))->account_id, "a");
 }
 
+TEST(QuotaOutcomes, AnOperatorsResetUndoesWhatAReported429MadeTheEstimateBelieve) {
+  FakeClock clock(kT0);
+  AccountPool pool(PoolOptions(), clock);
+  pool.Load({testing::MakeAccount("a", Tier::kUltra), testing::MakeAccount("b", Tier::kFree)});
+  pool.SetQuotaSettings(On());
+  const absl::Time reset = kT0 + absl::Hours(1);
+  pool.UpdateQuota({Obs("a", "gemini-3-pro-high", 0.6, kT0, reset), Obs("a", "gemini-3-flash", 0.6, kT0, reset)});
+  absl::StatusOr<Selection> s = pool.Select(Req("gemini-3-pro-high"));
+  ASSERT_EQ(s->account_id, "a");
+  Outcome o = Quota429("", "", "86400");  // a caller's report: the family spent for a day
+  o.lease_id = s->lease_id;
+  ASSERT_TRUE(pool.ReportOutcome(o).ok());
+  ASSERT_EQ(pool.Select(Req("gemini-3-flash"))->account_id, "b");
+  ASSERT_TRUE(pool.Reset(ResetRequest{"a", "gemini-3-pro-high", false}).ok());
+  EXPECT_EQ(pool.Select(Req("gemini-3-flash"))->account_id, "a");
+  EXPECT_EQ(pool.Select(Req("gemini-3-pro-high"))->account_id, "a");
+}
+
 TEST(QuotaOutcomes, AnAnswerStillShowingQuotaInTheWindowA429SpentTeachesTheLag) {
   FakeClock clock(kT0);
   AccountPool pool(PoolOptions(), clock);
