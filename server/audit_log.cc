@@ -17,7 +17,7 @@
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
-#include "lib/errors.h"
+#include "lib/common/errors.h"
 #include "nlohmann/json.hpp"
 
 namespace tokenbroker {

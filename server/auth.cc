@@ -12,7 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
-#include "lib/errors.h"
+#include "lib/common/errors.h"
 #include "spdlog/spdlog.h"
 
 namespace tokenbroker {

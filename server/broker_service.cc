@@ -6,8 +6,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
-#include "lib/errors.h"
-#include "lib/safe_text.h"
+#include "lib/common/errors.h"
+#include "lib/common/safe_text.h"
 #include "server/proto_convert.h"
 #include "server/status_convert.h"
 #include "spdlog/spdlog.h"

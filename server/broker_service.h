@@ -6,8 +6,8 @@
 #include <string>
 #include <utility>
 
-#include "lib/account_pool.h"
-#include "lib/token_manager.h"
+#include "lib/selection/account_pool.h"
+#include "lib/tokens/token_manager.h"
 #include "server/audit_log.h"
 #include "server/auth.h"
 #include "server/quota_subscriber.h"

@@ -14,10 +14,10 @@
 #include "absl/flags/declare.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
-#include "lib/account_pool.h"
-#include "lib/account_store.h"
-#include "lib/oauth_client.h"
-#include "lib/token_manager.h"
+#include "lib/selection/account_pool.h"
+#include "lib/tokens/account_store.h"
+#include "lib/upstream/oauth_client.h"
+#include "lib/tokens/token_manager.h"
 
 ABSL_DECLARE_FLAG(std::string, listen);
 ABSL_DECLARE_FLAG(std::string, health_listen);

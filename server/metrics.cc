@@ -16,9 +16,9 @@
 #include "google/protobuf/descriptor.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
-#include "lib/quota_hub.h"
-#include "lib/quota_poller.h"
-#include "lib/redis_state.h"
+#include "lib/monitor/quota_hub.h"
+#include "lib/monitor/quota_poller.h"
+#include "lib/state/redis_state.h"
 #include "server/daemon.h"
 #include "spdlog/spdlog.h"
 

@@ -7,8 +7,8 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "lib/account_pool.h"
-#include "lib/token_manager.h"
+#include "lib/selection/account_pool.h"
+#include "lib/tokens/token_manager.h"
 #include "server/broker_service.h"
 #include "server/quota_subscriber.h"
 

@@ -5,7 +5,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/synchronization/mutex.h"
-#include "lib/quota_hub.h"
+#include "lib/monitor/quota_hub.h"
 #include "tokenbroker/v1/monitor.grpc.pb.h"
 
 namespace tokenbroker {

@@ -3,7 +3,7 @@
 #include "absl/time/time.h"
 #include "google/protobuf/duration.pb.h"
 #include "google/protobuf/timestamp.pb.h"
-#include "lib/account_pool.h"
+#include "lib/selection/account_pool.h"
 #include "tokenbroker/v1/broker.pb.h"
 #include "tokenbroker/v1/monitor.pb.h"
 

@@ -4,7 +4,7 @@
 #include "google/rpc/status.pb.h"
 #include "absl/random/random.h"
 #include "absl/strings/str_cat.h"
-#include "lib/errors.h"
+#include "lib/common/errors.h"
 
 namespace tokenbroker {
 namespace {

@@ -13,8 +13,8 @@
 
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
-#include "lib/account_pool.h"
-#include "lib/account_store.h"
+#include "lib/selection/account_pool.h"
+#include "lib/tokens/account_store.h"
 
 namespace {
 

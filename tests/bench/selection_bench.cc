@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "absl/synchronization/mutex.h"
-#include "lib/account_pool.h"
+#include "lib/selection/account_pool.h"
 
 namespace tokenbroker {
 namespace {

@@ -13,7 +13,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
-#include "lib/clock.h"
+#include "lib/common/clock.h"
 
 namespace tokenbroker::testing {
 

@@ -16,7 +16,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
-#include "lib/account.h"
+#include "lib/common/account.h"
 #include "nlohmann/json.hpp"
 
 namespace tokenbroker::testing {

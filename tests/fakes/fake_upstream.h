@@ -12,7 +12,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
-#include "lib/clock.h"
+#include "lib/common/clock.h"
 #include "tests/fakes/fake_quota.h"
 
 namespace tokenbroker::testing {

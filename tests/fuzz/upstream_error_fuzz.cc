@@ -4,7 +4,7 @@
 #include <cstdint>
 #include <string>
 
-#include "lib/upstream_error.h"
+#include "lib/common/upstream_error.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size < 3) return 0;

@@ -1,4 +1,4 @@
-#include "lib/account_pool.h"
+#include "lib/selection/account_pool.h"
 
 #include <map>
 #include <random>
@@ -7,7 +7,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/unit/test_util.h"
-#include "lib/errors.h"
+#include "lib/common/errors.h"
 
 namespace tokenbroker {
 namespace {

@@ -1,4 +1,4 @@
-#include "lib/account_store.h"
+#include "lib/tokens/account_store.h"
 
 #include <sys/stat.h>
 

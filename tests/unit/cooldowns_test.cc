@@ -1,4 +1,4 @@
-#include "lib/cooldowns.h"
+#include "lib/selection/cooldowns.h"
 
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"

@@ -1,4 +1,4 @@
-#include "lib/errors.h"
+#include "lib/common/errors.h"
 
 #include <string>
 

@@ -4,8 +4,8 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "lib/http_client.h"
-#include "lib/upstream_error.h"
+#include "lib/upstream/http_client.h"
+#include "lib/common/upstream_error.h"
 #include "nlohmann/json.hpp"
 #include "tests/fakes/fake_upstream.h"
 

@@ -1,4 +1,4 @@
-#include "lib/lease_table.h"
+#include "lib/selection/lease_table.h"
 
 #include <set>
 #include <string>

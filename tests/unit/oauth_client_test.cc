@@ -1,4 +1,4 @@
-#include "lib/oauth_client.h"
+#include "lib/upstream/oauth_client.h"
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"

@@ -1,10 +1,10 @@
 // Predictive admission: the estimate (lease counts, learned cost, prior, lag, fleet-wide counts)
 // and the stale-observation rule, on their own and through AccountPool on a fake clock.
-#include "lib/quota_estimate.h"
+#include "lib/quota/quota_estimate.h"
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "lib/account_pool.h"
+#include "lib/selection/account_pool.h"
 #include "tests/unit/test_util.h"
 
 namespace tokenbroker {

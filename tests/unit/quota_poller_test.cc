@@ -1,12 +1,12 @@
 // QuotaPoller against the fake upstream on loopback, on a fake clock; and MonitorService through a
 // real in-process gRPC server with a subscriber that stops reading.
-#include "lib/quota_poller.h"
+#include "lib/monitor/quota_poller.h"
 
 #include <grpcpp/grpcpp.h>
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "lib/quota_hub.h"
+#include "lib/monitor/quota_hub.h"
 #include "server/monitor_service.h"
 #include "tests/fakes/fake_upstream.h"
 #include "tests/unit/test_util.h"

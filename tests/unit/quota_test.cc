@@ -1,4 +1,4 @@
-#include "lib/quota.h"
+#include "lib/quota/quota.h"
 
 #include <thread>
 
@@ -6,10 +6,10 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/unit/test_util.h"
-#include "lib/account_pool.h"
-#include "lib/cloud_code_client.h"
-#include "lib/cooldowns.h"
-#include "lib/quota_hub.h"
+#include "lib/selection/account_pool.h"
+#include "lib/upstream/cloud_code_client.h"
+#include "lib/selection/cooldowns.h"
+#include "lib/monitor/quota_hub.h"
 
 namespace tokenbroker {
 namespace {

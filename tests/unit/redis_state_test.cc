@@ -1,6 +1,6 @@
 // RedisState and RedisConnection against a real redis-server on a free loopback port (started
 // and killed by the test), and the pool's side of the shared state.
-#include "lib/redis_state.h"
+#include "lib/state/redis_state.h"
 
 #include <netinet/in.h>
 #include <signal.h>
@@ -16,8 +16,8 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
-#include "lib/account_pool.h"
-#include "lib/clock.h"
+#include "lib/selection/account_pool.h"
+#include "lib/common/clock.h"
 #include "tests/unit/test_util.h"
 
 extern char** environ;

@@ -1,4 +1,4 @@
-#include "lib/session_binder.h"
+#include "lib/selection/session_binder.h"
 
 #include "gtest/gtest.h"
 

@@ -11,7 +11,7 @@
 
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
-#include "lib/account.h"
+#include "lib/common/account.h"
 
 namespace tokenbroker::testing {
 

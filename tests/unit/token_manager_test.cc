@@ -1,4 +1,4 @@
-#include "lib/token_manager.h"
+#include "lib/tokens/token_manager.h"
 
 #include <atomic>
 #include <thread>

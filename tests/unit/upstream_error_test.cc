@@ -1,7 +1,7 @@
-#include "lib/upstream_error.h"
+#include "lib/common/upstream_error.h"
 
 #include "absl/strings/str_cat.h"
-#include "lib/safe_text.h"
+#include "lib/common/safe_text.h"
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"

@@ -1,0 +1,225 @@
+#include "lib/monitor/quota_poller.h"
+
+#include <algorithm>
+
+#include "absl/synchronization/notification.h"
+#include "spdlog/spdlog.h"
+
+namespace tokenbroker {
+
+QuotaPoller::QuotaPoller(QuotaPollerOptions options, AccountPool& pool, TokenManager& tokens,
+                         const CloudCodeClient& cloud_code, QuotaSink sink, const Clock& clock)
+    : options_(options),
+      pool_(pool),
+      tokens_(tokens),
+      cloud_code_(cloud_code),
+      sink_(std::move(sink)),
+      clock_(clock) {}
+
+QuotaPoller::~QuotaPoller() { Stop(); }
+
+void QuotaPoller::Start() {
+  absl::MutexLock lock(&mu_);
+  if (started_) return;
+  started_ = true;
+  for (int i = 0; i < std::max(1, options_.max_in_flight); ++i) threads_.emplace_back([this] { WorkerLoop(); });
+  threads_.emplace_back([this] { SchedulerLoop(); });
+}
+
+void QuotaPoller::Stop() {
+  {
+    absl::MutexLock lock(&mu_);
+    if (stopping_) return;
+    stopping_ = true;
+  }
+  for (std::thread& t : threads_) t.join();
+  threads_.clear();
+}
+
+int64_t QuotaPoller::PollCount() const {
+  absl::MutexLock lock(&mu_);
+  return polls_;
+}
+
+absl::Duration QuotaPoller::NextInterval() {
+  return options_.interval * (1.0 + absl::Uniform(rng_, -options_.jitter, options_.jitter));
+}
+
+void QuotaPoller::SchedulerLoop() {
+  // Due times follow the injected clock; the loop looks at it often enough for tests that move it.
+  const absl::Duration tick = std::clamp(options_.interval / 50, absl::Milliseconds(5), absl::Seconds(1));
+  while (true) {
+    std::vector<AccountView> accounts = pool_.List();
+    const absl::Time now = clock_.Now();
+    absl::MutexLock lock(&mu_);
+    if (stopping_) return;
+    absl::flat_hash_set<std::string> usable;
+    for (const AccountView& a : accounts) {
+      if (a.disabled || a.proxy_disabled) continue;
+      usable.insert(a.account_id);
+      if (!next_due_.contains(a.account_id)) {
+        // New accounts are polled at once (the concurrency bound spreads them out); the jittered
+        // interval takes over from then on.
+        next_due_[a.account_id] = now;
+      }
+    }
+    for (auto it = next_due_.begin(); it != next_due_.end();) {
+      it = usable.contains(it->first) ? std::next(it) : next_due_.erase(it);
+    }
+    for (auto it = backoff_.begin(); it != backoff_.end();) {
+      if (usable.contains(it->first)) {
+        ++it;
+      } else {
+        backoff_.erase(it++);
+      }
+    }
+    for (auto it = no_summary_.begin(); it != no_summary_.end();) {
+      if (usable.contains(*it)) {
+        ++it;
+      } else {
+        no_summary_.erase(it++);
+      }
+    }
+    for (auto& [id, due] : next_due_) {
+      if (due <= now && !busy_.contains(id)) {
+        busy_.insert(id);
+        queue_.push_back(id);
+        due = now + NextInterval();
+      }
+    }
+    mu_.AwaitWithTimeout(absl::Condition(&stopping_), tick);
+    if (stopping_) return;
+  }
+}
+
+void QuotaPoller::WorkerLoop() {
+  while (true) {
+    std::string id;
+    {
+      absl::MutexLock lock(&mu_);
+      mu_.Await(absl::Condition(
+          +[](QuotaPoller* p) ABSL_NO_THREAD_SAFETY_ANALYSIS { return p->stopping_ || !p->queue_.empty(); }, this));
+      if (stopping_) return;
+      id = std::move(queue_.front());
+      queue_.pop_front();
+    }
+    Poll(id);
+    absl::MutexLock lock(&mu_);
+    busy_.erase(id);
+    ++polls_;
+  }
+}
+
+void QuotaPoller::Poll(const std::string& account_id) {
+  absl::Notification got;
+  absl::StatusOr<AccessToken> token;
+  tokens_.Acquire(account_id, [&](absl::StatusOr<AccessToken> t) {
+    token = std::move(t);
+    got.Notify();
+  });
+  if (!got.WaitForNotificationWithTimeout(absl::Seconds(60)) || !token.ok()) {
+    // Acquire always calls back; on timeout the callback still owns `token` and `got`, so wait.
+    got.WaitForNotification();
+    spdlog::debug("quota poll of account {} skipped: no token ({})", account_id,
+                  token.ok() ? "timeout" : std::string(token.status().message()));
+    return;
+  }
+
+  auto on_error = [&](const absl::Status& s, const char* what) {
+    if (absl::IsResourceExhausted(s)) {
+      absl::MutexLock lock(&mu_);
+      auto step = backoff_.try_emplace(account_id, options_.rate_limit_backoff).first;
+      const std::optional<absl::Duration> asked = RetryDelayOf(s);
+      const absl::Duration wait = asked ? *asked : step->second;
+      if (!asked) step->second = std::min(step->second * 2, options_.max_rate_limit_backoff);
+      next_due_[account_id] = clock_.Now() + wait;
+      spdlog::warn("quota API rate-limited the polls of account {} ({}); its next poll in {}{}", account_id, what,
+                   absl::FormatDuration(wait), asked ? " (as the answer asked)" : "");
+      return;
+    }
+    if (absl::IsPermissionDenied(s)) {
+      QuotaObservation forbidden;
+      forbidden.account_id = account_id;
+      forbidden.observed = clock_.Now();
+      forbidden.forbidden = true;
+      sink_({forbidden});
+      spdlog::warn("account {}: the quota API answered 403; reported as forbidden", account_id);
+      return;
+    }
+    spdlog::warn("quota poll of account {} failed: {}", account_id, std::string(s.message()));
+  };
+
+  std::optional<CodeAssistInfo> info;
+  {
+    absl::MutexLock lock(&mu_);
+    if (auto it = code_assist_.find(account_id); it != code_assist_.end()) info = it->second;
+  }
+  if (!info) {
+    absl::StatusOr<CodeAssistInfo> loaded = cloud_code_.LoadCodeAssist(token->token);
+    if (!loaded.ok()) return on_error(loaded.status(), "loadCodeAssist");
+    info = *loaded;
+    absl::MutexLock lock(&mu_);
+    code_assist_[account_id] = *info;
+    if (info->project_id.empty() && reported_no_project_.insert(account_id).second) {
+      spdlog::warn("account {} has no Cloud Code project (loadCodeAssist named none); its quota is read without one",
+                   account_id);
+    }
+  }
+  absl::StatusOr<std::vector<ModelQuotaInfo>> models = cloud_code_.FetchAvailableModels(token->token, info->project_id);
+  if (!models.ok()) return on_error(models.status(), "fetchAvailableModels");
+  const absl::Time observed = clock_.Now();
+  std::vector<QuotaObservation> out;
+  QuotaObservation account_level;
+  account_level.account_id = account_id;
+  account_level.observed = observed;
+  account_level.tier = info->tier;
+  account_level.project_id = info->project_id;
+  out.push_back(account_level);
+  for (const ModelQuotaInfo& m : *models) {
+    QuotaObservation o = account_level;
+    o.source = QuotaSource::kAvailableModels;
+    o.model = m.model;
+    o.remaining_fraction = m.remaining_fraction;
+    o.reset_time = m.reset_time;
+    out.push_back(std::move(o));
+  }
+  // The buckets per model family and window: the weekly ones are nowhere else, and Claude/GPT
+  // fractions from fetchAvailableModels cannot be trusted.
+  bool summary = false;
+  {
+    absl::MutexLock lock(&mu_);
+    summary = !no_summary_.contains(account_id);
+  }
+  absl::Status summary_error;
+  if (summary) {
+    absl::StatusOr<std::vector<QuotaBucketInfo>> buckets =
+        cloud_code_.RetrieveUserQuotaSummary(token->token, info->project_id);
+    if (buckets.ok()) {
+      const absl::Time bucket_observed = clock_.Now();
+      for (const QuotaBucketInfo& b : *buckets) {
+        QuotaObservation o = account_level;
+        o.observed = bucket_observed;
+        o.source = QuotaSource::kQuotaSummary;
+        o.bucket = b.bucket;
+        o.family = b.group;
+        o.remaining_fraction = b.remaining_fraction;
+        o.reset_time = b.reset_time;
+        out.push_back(std::move(o));
+      }
+    } else if (absl::IsNotFound(buckets.status())) {
+      absl::MutexLock lock(&mu_);
+      if (no_summary_.insert(account_id).second) {
+        spdlog::info("account {}: the quota API offers no retrieveUserQuotaSummary; its quota is read from "
+                     "fetchAvailableModels alone", account_id);
+      }
+    } else {
+      summary_error = buckets.status();
+    }
+  }
+  sink_(out);
+  if (!summary_error.ok()) return on_error(summary_error, "retrieveUserQuotaSummary");
+  absl::MutexLock lock(&mu_);
+  backoff_.erase(account_id);
+}
+
+}  // namespace tokenbroker

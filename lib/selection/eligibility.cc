@@ -1,0 +1,61 @@
+#include "lib/selection/eligibility.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+
+namespace tokenbroker {
+namespace {
+
+std::string FormatTimestamp(absl::Time t) { return absl::FormatTime("%Y-%m-%dT%H:%M:%SZ", t, absl::UTCTimeZone()); }
+
+bool IsProtected(const AccountRecord& rec, const std::string& model) {
+  return std::find(rec.protected_models.begin(), rec.protected_models.end(), model) != rec.protected_models.end();
+}
+
+}  // namespace
+
+Eligibility CheckEligibility(const AccountSnapshot& account, const EligibilityContext& ctx, bool explain) {
+  const AccountRecord& rec = account.record;
+  const SelectRequest& request = ctx.request;
+  Eligibility out;
+  if (rec.disabled) {
+    out.verdict = Verdict::kDisabled;
+    if (explain) out.detail = rec.disabled_reason.empty() ? "disabled" : absl::StrCat("disabled: ", rec.disabled_reason);
+  } else if (rec.proxy_disabled) {
+    out.verdict = Verdict::kProxyDisabled;
+    if (explain) out.detail = "proxy_disabled is set in its account file";
+  } else if (IsProtected(rec, request.model)) {
+    out.verdict = Verdict::kProtected;
+    if (explain) out.detail = absl::StrCat("model ", request.model, " is in its protected_models");
+  } else if (std::optional<CooldownBlock> block = ctx.cooldowns.Check(rec.id, request.model, ctx.now)) {
+    out.verdict = Verdict::kCooldown;
+    if (explain) {
+      out.available_at = block->until;
+      out.detail = block->probe_in_flight
+                       ? absl::StrCat(block->reason, " until ", FormatTimestamp(block->until))
+                       : absl::StrCat(block->scope == CooldownScope::kAccount ? "account" : "model",
+                                      " cooling down until ", FormatTimestamp(block->until), " (", block->reason,
+                                      ")");
+    }
+  } else if (ctx.max_inflight_per_account > 0 && account.in_flight >= ctx.max_inflight_per_account) {
+    out.verdict = Verdict::kLeaseCap;
+    if (explain) {
+      out.available_at = ctx.leases.EarliestExpiry(rec.id);
+      out.detail = absl::StrCat(account.in_flight, " leases in flight (cap ", ctx.max_inflight_per_account, ")");
+    }
+  } else if (ctx.quota.Exhausted(rec, account.quota, request.model, ctx.now)) {
+    out.verdict = Verdict::kExhausted;
+    if (explain) out.detail = ctx.quota.ExhaustedDetail(rec, account.quota, request.model, ctx.now, &out.available_at);
+  } else if (!request.exclude.empty() && request.exclude.contains(rec.id)) {
+    out.verdict = Verdict::kRotatedAway;
+    if (explain) out.detail = "excluded for this request (its token could not be refreshed)";
+  } else if (request.force_rotate && ctx.previous && *ctx.previous == rec.id) {
+    out.verdict = Verdict::kRotatedAway;
+    out.rotated_from = true;
+    if (explain) out.detail = "force_rotate moves away from the account last used";
+  }
+  return out;
+}
+
+}  // namespace tokenbroker

@@ -1,0 +1,181 @@
+#include "lib/selection/lease_table.h"
+
+#include <sys/random.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "absl/base/internal/raw_logging.h"
+
+namespace tokenbroker {
+
+namespace {
+
+constexpr char kHex[] = "0123456789abcdef";
+
+void AppendHex(uint64_t v, int digits, std::string* out) {
+  for (int shift = 4 * (digits - 1); shift >= 0; shift -= 4) out->push_back(kHex[(v >> shift) & 15]);
+}
+
+std::optional<uint64_t> ParseHex(absl::string_view s) {
+  uint64_t v = 0;
+  for (char c : s) {
+    uint64_t digit;
+    if (c >= '0' && c <= '9') {
+      digit = static_cast<uint64_t>(c - '0');
+    } else if (c >= 'a' && c <= 'f') {
+      digit = static_cast<uint64_t>(c - 'a' + 10);
+    } else {
+      return std::nullopt;
+    }
+    v = (v << 4) | digit;
+  }
+  return v;
+}
+
+// Fills `buf` from the kernel's CSPRNG. getrandom only fails for lack of entropy at boot (it
+// blocks then) or on a signal (retried); anything else is a broken system, not a recoverable state.
+void FillRandom(unsigned char* buf, size_t n) {
+  size_t got = 0;
+  while (got < n) {
+    ssize_t r = ::getrandom(buf + got, n - got, 0);
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      ABSL_RAW_LOG(FATAL, "getrandom failed: %s", std::strerror(errno));
+    }
+    got += static_cast<size_t>(r);
+  }
+}
+
+}  // namespace
+
+std::string CallerTag(absl::string_view caller) {
+  // FNV-1a, 32 bits: stable everywhere; callers are names an operator chose, not adversarial input.
+  uint32_t h = 2166136261u;
+  for (unsigned char c : caller) {
+    h ^= c;
+    h *= 16777619u;
+  }
+  std::string out;
+  AppendHex(h, 8, &out);
+  return out;
+}
+
+std::optional<std::string> CallerTagOfLease(absl::string_view lease_id) {
+  if (lease_id.size() != LeaseTable::kIdLength || lease_id.substr(0, 2) != "l-") return std::nullopt;
+  absl::string_view tag = lease_id.substr(18, 8);
+  if (!ParseHex(tag)) return std::nullopt;
+  return std::string(tag);
+}
+
+LeaseTable::LeaseTable(absl::Duration timeout) : timeout_(timeout) {}
+
+uint64_t LeaseTable::RandomBits() {
+  if (random_used_ + 8 > sizeof(random_)) {
+    FillRandom(random_, sizeof(random_));
+    random_used_ = 0;
+  }
+  uint64_t v;
+  std::memcpy(&v, random_ + random_used_, 8);
+  // Used bytes are wiped so no copy of an issued id's randomness lingers in the buffer.
+  std::memset(random_ + random_used_, 0, 8);
+  random_used_ += 8;
+  return v;
+}
+
+std::string LeaseTable::IdOf(absl::uint128 key, const std::string& caller) const {
+  std::string id;
+  id.reserve(kIdLength);
+  id.append("l-");
+  AppendHex(prefix_, 16, &id);
+  id.append(CallerTag(caller));
+  AppendHex(absl::Uint128High64(key), 8, &id);
+  AppendHex(absl::Uint128Low64(key), 16, &id);
+  return id;
+}
+
+std::optional<absl::uint128> LeaseTable::KeyOf(absl::string_view id) const {
+  if (prefix_ == 0 || id.size() != kIdLength || id.substr(0, 2) != "l-") return std::nullopt;
+  std::optional<uint64_t> prefix = ParseHex(id.substr(2, 16));
+  std::optional<uint64_t> high = ParseHex(id.substr(26, 8));
+  std::optional<uint64_t> low = ParseHex(id.substr(34, 16));
+  if (!prefix || *prefix != prefix_ || !high || !low || !CallerTagOfLease(id)) return std::nullopt;
+  const absl::uint128 key = absl::MakeUint128(*high, *low);
+  auto it = by_key_.find(key);
+  if (it == by_key_.end() || CallerTag(it->second.caller) != id.substr(18, 8)) return std::nullopt;
+  return key;
+}
+
+IssuedLease LeaseTable::Issue(const std::string& account, const std::string& model, absl::Time now,
+                              const std::string& caller) {
+  while (prefix_ == 0) prefix_ = RandomBits();
+  absl::uint128 key;
+  do {
+    key = absl::MakeUint128(RandomBits() & 0xffffffffu, RandomBits());
+  } while (by_key_.contains(key));
+  const absl::Time expires = now + timeout_;
+  by_key_.emplace(key, Slot{account, model, caller, expires});
+  by_expiry_.emplace(expires, key);
+  ++in_flight_[account];
+  return IssuedLease{IdOf(key, caller), expires};
+}
+
+Lease LeaseTable::Take(Map::iterator it) {
+  Lease lease{IdOf(it->first, it->second.caller), std::move(it->second.account), std::move(it->second.model),
+              std::move(it->second.caller), it->second.expires};
+  by_expiry_.erase({lease.expires, it->first});
+  if (auto c = in_flight_.find(lease.account); c != in_flight_.end() && --c->second <= 0) in_flight_.erase(c);
+  by_key_.erase(it);
+  return lease;
+}
+
+std::optional<Lease> LeaseTable::Find(const std::string& id) const {
+  std::optional<absl::uint128> key = KeyOf(id);
+  if (!key) return std::nullopt;
+  const Slot& s = by_key_.at(*key);
+  return Lease{id, s.account, s.model, s.caller, s.expires};
+}
+
+std::optional<Lease> LeaseTable::End(const std::string& id) {
+  std::optional<absl::uint128> key = KeyOf(id);
+  if (!key) return std::nullopt;
+  return Take(by_key_.find(*key));
+}
+
+bool LeaseTable::Contains(const std::string& id) const { return KeyOf(id).has_value(); }
+
+std::vector<Lease> LeaseTable::Expire(absl::Time now) {
+  std::vector<Lease> out;
+  while (!by_expiry_.empty() && by_expiry_.begin()->first <= now) {
+    auto it = by_key_.find(by_expiry_.begin()->second);
+    if (it == by_key_.end()) {
+      by_expiry_.erase(by_expiry_.begin());
+      continue;
+    }
+    out.push_back(Take(it));
+  }
+  return out;
+}
+
+std::optional<absl::Time> LeaseTable::EarliestExpiry(const std::string& account) const {
+  for (const auto& [when, key] : by_expiry_) {
+    auto it = by_key_.find(key);
+    if (it != by_key_.end() && it->second.account == account) return when;
+  }
+  return std::nullopt;
+}
+
+int LeaseTable::InFlight(const std::string& account) const {
+  auto it = in_flight_.find(account);
+  return it == in_flight_.end() ? 0 : it->second;
+}
+
+void LeaseTable::Forget(const std::string& account) {
+  std::vector<absl::uint128> keys;
+  for (const auto& [key, slot] : by_key_) {
+    if (slot.account == account) keys.push_back(key);
+  }
+  for (const absl::uint128& k : keys) Take(by_key_.find(k));
+}
+
+}  // namespace tokenbroker

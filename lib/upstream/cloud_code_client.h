@@ -1,0 +1,79 @@
+#pragma once
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "lib/common/account.h"
+#include "lib/common/clock.h"
+#include "lib/upstream/http_client.h"
+
+namespace tokenbroker {
+
+// loadCodeAssist's answer: the account's Cloud Code project (empty: it has none — never made up)
+// and tier (paidTier if present, else currentTier).
+struct CodeAssistInfo {
+  std::string project_id;
+  Tier tier = Tier::kUnknown;
+};
+
+// One model of fetchAvailableModels. A model without remainingFraction is at 0.
+struct ModelQuotaInfo {
+  std::string model;
+  double remaining_fraction = 0;
+  std::optional<absl::Time> reset_time;
+};
+
+// One bucket of retrieveUserQuotaSummary: one window of a model family's quota. A bucket without
+// remainingFraction is at 0.
+struct QuotaBucketInfo {
+  std::string group;   // groupId: "gemini", "3p"
+  std::string bucket;  // bucketId, e.g. "gemini-weekly"
+  std::string window;  // e.g. "5h", "168h" (informative)
+  double remaining_fraction = 0;
+  std::optional<absl::Time> reset_time;
+};
+
+// Pure parsers of the answers (shapes in upstream-formats.md). INVALID_ARGUMENT for a body that
+// is not the expected JSON. ParseQuotaSummary accepts `groups` at the top or under `quotaSummary`,
+// skips buckets without a bucketId and keeps at most 32 buckets.
+absl::StatusOr<CodeAssistInfo> ParseLoadCodeAssist(absl::string_view body);
+absl::StatusOr<std::vector<ModelQuotaInfo>> ParseAvailableModels(absl::string_view body);
+absl::StatusOr<std::vector<QuotaBucketInfo>> ParseQuotaSummary(absl::string_view body);
+
+// The delay a Cloud Code error answer asked for (Retry-After, RetryInfo, quotaResetDelay, ...), as
+// carried by the statuses CloudCodeClient returns; unset when it named none.
+std::optional<absl::Duration> RetryDelayOf(const absl::Status& status);
+
+// Cloud Code's v1internal API. Tries each base URL in turn when one answers 429, 5xx or cannot be
+// reached. Thread-safe; blocking (call from worker threads). `http` must outlive it.
+class CloudCodeClient {
+ public:
+  // `clock` (must outlive it) dates the parsed failures.
+  CloudCodeClient(std::vector<std::string> base_urls, const HttpClient& http,
+                  absl::Duration timeout = absl::Seconds(15), const Clock& clock = Clock::Real());
+
+  // UNAUTHENTICATED on 401, PERMISSION_DENIED on 403, RESOURCE_EXHAUSTED when every base answered
+  // 429, UNAVAILABLE for 5xx or transport failures.
+  absl::StatusOr<CodeAssistInfo> LoadCodeAssist(const std::string& access_token) const;
+  // With a project; on 403 retries once without it; 403 again is PERMISSION_DENIED (forbidden).
+  absl::StatusOr<std::vector<ModelQuotaInfo>> FetchAvailableModels(const std::string& access_token,
+                                                                   const std::string& project_id) const;
+  // Quota per model family and window. NOT_FOUND when the API does not offer it (404); otherwise
+  // the errors of LoadCodeAssist.
+  absl::StatusOr<std::vector<QuotaBucketInfo>> RetrieveUserQuotaSummary(const std::string& access_token,
+                                                                        const std::string& project_id) const;
+
+ private:
+  absl::StatusOr<HttpResponse> Call(const std::string& method, const std::string& access_token,
+                                    const std::string& body) const;
+
+  const std::vector<std::string> base_urls_;
+  const HttpClient& http_;
+  const absl::Duration timeout_;
+  const Clock& clock_;
+};
+
+}  // namespace tokenbroker
