@@ -41,21 +41,20 @@ bool LiveAccountCooldown(const AccountView& a, absl::Time now) {
 }
 
 // The account's state as operators name it: disabled (refresh token revoked, or by the file),
-// proxy_disabled (switched off by the operator), blocked (a 403 VALIDATION_REQUIRED wants a human),
-// cooling (a whole-account cooldown), else enabled.
+// proxy_disabled (switched off by the operator), blocked (a 403 VALIDATION_REQUIRED wants a human;
+// once its block has run out the next request probes it, so it counts as enabled again), cooling
+// (another whole-account cooldown), else enabled.
 std::string StateOf(const AccountView& a, absl::Time now) {
   if (a.disabled) return "disabled";
   if (a.proxy_disabled) return "proxy_disabled";
-  if (!a.validation_url.empty()) return "blocked";
-  if (LiveAccountCooldown(a, now)) return "cooling";
+  if (LiveAccountCooldown(a, now)) return a.validation_url.empty() ? "cooling" : "blocked";
   return "enabled";
 }
 
 std::string ReasonOf(const AccountView& a, const std::string& state, absl::Time now) {
   if (state == "disabled") return a.disabled_reason.empty() ? "disabled" : a.disabled_reason;
   if (state == "proxy_disabled") return "disabled for the proxy by the operator";
-  if (state == "blocked") return "validation required (403 VALIDATION_REQUIRED): sign in to the account once";
-  if (state == "cooling") {
+  if (state == "cooling" || state == "blocked") {
     for (const CooldownView& c : a.cooldowns) {
       if (c.model.empty() && c.until > now) return c.reason;
     }

@@ -8,6 +8,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <map>
 
 #include "lib/http_client.h"
 #include "lib/oauth_client.h"
@@ -121,6 +122,42 @@ TEST_F(StatusPageTest, NoSecretsAndEmailsOnlyWhenAsked) {
   const Json s = Snapshot(shown, "limit=500");
   EXPECT_EQ(s["accounts"][0]["email"], s["accounts"][0]["account_id"].get<std::string>() + "@example.com");
   EXPECT_TRUE(s["emails_shown"]);
+}
+
+TEST_F(StatusPageTest, StatesAndReasons) {
+  const absl::Time now = absl::Now();
+  std::vector<AccountRecord> records;
+  for (int i = 0; i < 4; ++i) records.push_back(Record(i + 1, now));  // acct-1 .. acct-4, none disabled
+  records[1].proxy_disabled = true;                                  // acct-2
+  records[3].disabled = true;                                        // acct-4
+  records[3].disabled_reason = "invalid_grant";
+  pool_.Load(std::move(records));
+  Outcome o;
+  o.account_id = "acct-3";
+  o.model = "gemini-3-pro-high";
+  o.http_status = 403;
+  o.error_body = R"({"error":{"code":403,"details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo",)"
+                 R"("reason":"VALIDATION_REQUIRED","metadata":{"validation_url":"https://accounts.google.com/v/9"}}]}})";
+  ASSERT_TRUE(pool_.ReportOutcome(o).ok());
+  StatusPage page(Sources(), StatusPageOptions{});
+  auto states = [&](absl::Time at) {
+    std::map<std::string, std::pair<std::string, std::string>> out;
+    const Json s = Json::parse(*page.Snapshot("limit=500", at));
+    for (const Json& a : s["accounts"]) out[a["account_id"]] = {a["state"], a["reason"]};
+    return out;
+  };
+  auto at_once = states(absl::Now());
+  EXPECT_EQ(at_once["acct-1"].first, "enabled");
+  EXPECT_EQ(at_once["acct-2"].first, "proxy_disabled");
+  EXPECT_EQ(at_once["acct-3"].first, "blocked");
+  EXPECT_THAT(at_once["acct-3"].second, HasSubstr("VALIDATION_REQUIRED"));
+  EXPECT_THAT(at_once["acct-3"].second, HasSubstr("https://accounts.google.com/v/9"));
+  EXPECT_EQ(at_once["acct-4"], std::make_pair(std::string("disabled"), std::string("invalid_grant")));
+  const Json attention = Json::parse(*page.Snapshot("state=attention", absl::Now()));
+  EXPECT_EQ(attention["page"]["matching"], 3);
+  EXPECT_EQ(attention["disabled_total"], 3);
+  // Once the block (--validation_block, 1h) has run out, the next request probes the account.
+  EXPECT_EQ(states(absl::Now() + absl::Hours(2))["acct-3"].first, "enabled");
 }
 
 TEST_F(StatusPageTest, BadParametersAreNamed) {
