@@ -74,6 +74,10 @@ for p in "${GO_PACKAGES[@]}"; do
   fi
 done
 
+# The status page's browser test (tests/e2e/status_page_test.py) drives Debian's chromium with npm's
+# puppeteer-core, which downloads no browser of its own.
+if ! dpkg-query -W -f='${Status}' chromium 2>/dev/null | grep -q "install ok installed"; then missing+=(chromium); fi
+
 # Node.js and npm: this image ships them (nodesource); Debian's own packages only when absent, since
 # Debian's npm conflicts with the nodesource nodejs.
 if ! command -v npm >/dev/null 2>&1; then missing+=(nodejs npm); fi
@@ -92,11 +96,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# buf (grpcurl equivalent and proto linter) from npm, kept inside the repo's tools/ folder so it
-# never needs a global install.
+# buf (grpcurl equivalent and proto linter) and puppeteer-core (the status page test) from npm,
+# kept inside the repo's tools/ folder so they never need a global install.
 here="$(cd "$(dirname "$0")/.." && pwd)"
-if [ ! -x "$here/tools/node_modules/.bin/buf" ]; then
-  echo "deps: installing @bufbuild/buf from npm"
+if [ ! -x "$here/tools/node_modules/.bin/buf" ] || [ ! -f "$here/tools/node_modules/puppeteer-core/package.json" ]; then
+  echo "deps: installing @bufbuild/buf and puppeteer-core from npm"
   (cd "$here/tools" && npm install --no-audit --no-fund --silent >/dev/null)
 fi
 # The Node.js client library's gRPC packages.

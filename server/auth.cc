@@ -143,17 +143,21 @@ bool Authenticator::enabled() const {
 }
 
 absl::StatusOr<std::string> Authenticator::Check(const grpc::ServerContextBase& context, bool admin) const {
-  absl::ReaderMutexLock lock(&mu_);
-  const bool callers_on = !config_.callers.empty();
-  const bool admin_on = !config_.admin_token.empty();
-  if (!callers_on && !admin_on) return std::string("-");
-  if (!admin && !callers_on) return std::string("-");
   std::string token;
   const auto& metadata = context.client_metadata();
   if (auto it = metadata.find("authorization"); it != metadata.end()) {
     absl::string_view value(it->second.data(), it->second.size());
     if (absl::ConsumePrefix(&value, "Bearer ") || absl::ConsumePrefix(&value, "bearer ")) token = std::string(value);
   }
+  return CheckToken(token, admin);
+}
+
+absl::StatusOr<std::string> Authenticator::CheckToken(absl::string_view token, bool admin) const {
+  absl::ReaderMutexLock lock(&mu_);
+  const bool callers_on = !config_.callers.empty();
+  const bool admin_on = !config_.admin_token.empty();
+  if (!callers_on && !admin_on) return std::string("-");
+  if (!admin && !callers_on) return std::string("-");
   if (token.empty()) {
     return absl::UnauthenticatedError("this call needs \"authorization: Bearer <token>\" metadata");
   }

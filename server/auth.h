@@ -48,6 +48,9 @@ class Authenticator {
   // The caller's name ("admin" for the admin token, "-" when nothing is configured), or
   // UNAUTHENTICATED (no or an unknown token) / PERMISSION_DENIED (a caller token on an admin RPC).
   absl::StatusOr<std::string> Check(const grpc::ServerContextBase& context, bool admin) const;
+  // As Check, for a bearer token that came another way (the status page's HTTP request); empty:
+  // none was given.
+  absl::StatusOr<std::string> CheckToken(absl::string_view token, bool admin) const;
   // Reads the files again when they changed (a rotated Secret), so tokens rotate without a
   // restart. A file that no longer parses is logged and the tokens in use are kept. Returns
   // whether new tokens were taken.

@@ -25,6 +25,7 @@
 #include "server/daemon.h"
 #include "server/metrics.h"
 #include "server/quota_subscriber.h"
+#include "server/status/status_page.h"
 #include "spdlog/spdlog.h"
 
 ABSL_FLAG(std::string, policy, "balance", "Selection policy: balance, fill_first, reset_soonest, round_robin.");
@@ -59,6 +60,8 @@ ABSL_FLAG(int, poll_concurrency, 4, "With --embedded_monitor: quota requests in 
 ABSL_FLAG(std::string, metrics_listen, "",
           "Serve Prometheus /metrics on this host:port (port 0: any free one); empty: no metrics.");
 ABSL_FLAG(std::string, metrics_port_file, "", "If set, the bound /metrics port is written to this file.");
+ABSL_FLAG(bool, status_show_emails, false,
+          "Show account emails on the /status page and in /status.json (served on --metrics_listen).");
 ABSL_FLAG(std::string, caller_tokens_file, "",
           "Callers and their bearer tokens, one \"<name> <token>\" a line: GetToken and ReportOutcome then need "
           "\"authorization: Bearer <token>\" (empty: open to whoever reaches the socket).");
@@ -266,6 +269,14 @@ int Run() {
     metrics = *std::move(started);
     interceptors = metrics->Interceptors();
     metrics->Announce(metrics_listen, absl::GetFlag(FLAGS_metrics_port_file));
+  }
+  std::unique_ptr<StatusPage> status_page;  // declared after `metrics`: its route goes first
+  if (metrics) {
+    status_page = std::make_unique<StatusPage>(
+        StatusSources{&pool, &tokens, &subscriber, &service, redis.get(), auth->get()},
+        StatusPageOptions{.show_emails = absl::GetFlag(FLAGS_status_show_emails), .embedded_monitor = embedded});
+    status_page->ServeOn(metrics->port());
+    spdlog::info("status page on http://{}/status", BoundAddress(absl::GetFlag(FLAGS_metrics_listen), metrics->port()));
   }
   absl::StatusOr<Servers> servers = Servers::Start({&service}, std::move(interceptors), *credentials);
   if (!servers.ok()) {

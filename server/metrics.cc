@@ -20,6 +20,7 @@
 #include "lib/monitor/quota_poller.h"
 #include "lib/state/redis_state.h"
 #include "server/daemon.h"
+#include "server/status/http_routes.h"
 #include "spdlog/spdlog.h"
 
 namespace tokenbroker {
@@ -317,7 +318,8 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Serve(const std::string& liste
   m->registry_ = std::make_shared<prometheus::Registry>();
   m->rpc_ = std::make_shared<RpcMetrics>(*m->registry_);
   try {
-    m->exposer_ = std::make_unique<prometheus::Exposer>(listen, /*num_threads=*/1);
+    // Our callbacks let other routes (the status page) answer on this port too.
+    m->exposer_ = std::make_unique<prometheus::Exposer>(listen, /*num_threads=*/2, HttpRouteCallbacks());
   } catch (const std::exception& e) {
     return absl::UnavailableError(absl::StrCat("--metrics_listen: cannot serve on ", listen, ": ", e.what()));
   }
