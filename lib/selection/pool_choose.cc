@@ -196,7 +196,7 @@ std::optional<size_t> AccountPool::ChooseFastLocked(const SelectRequest& request
       break;
     }
   }
-  if (!best) return best;
+  if (!best || (options_.policy != Policy::kRoundRobin && options_.policy != Policy::kFillFirst)) return best;
   // The index ranks without the request's context: the one account the context can promote within
   // the best (tier, decision) class — round_robin's first eligible after the cursor, fill_first's
   // last choice — is ranked against the index's best with the context, by the same rule.
@@ -219,8 +219,10 @@ std::optional<size_t> AccountPool::ChooseFastLocked(const SelectRequest& request
       if (s.tier == first.tier && s.decision == first.decision && eligible(pos->second)) challenger = pos->second;
     }
   }
-  if (challenger && Better(KeyFor(*challenger, request.model, now, rank_ctx), KeyFor(*best, request.model, now, rank_ctx),
-                           options_.policy)) {
+  auto key = [&](size_t i) ABSL_SHARED_LOCKS_REQUIRED(mu_) {
+    return WithContext(index->key_of(i), entries_[i].record.id, rank_ctx);
+  };
+  if (challenger && Better(key(*challenger), key(*best), options_.policy)) {
     return challenger;
   }
   return best;

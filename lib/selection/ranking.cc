@@ -48,10 +48,14 @@ RankKey MakeRankKey(size_t index, const std::string& id, Tier tier, const QuotaV
   }
   k.in_flight = in_flight;
   k.last_used = last_used;
+  return WithContext(k, id, ctx);
+}
+
+RankKey WithContext(RankKey key, const std::string& id, const RankContext& ctx) {
   const size_t n = ctx.pool_size;
-  k.rotation = ctx.cursor == n ? index : (index + n - ctx.cursor - 1) % n;
-  k.sticky = ctx.sticky != nullptr && *ctx.sticky == id;
-  return k;
+  key.rotation = ctx.cursor == n ? key.index : (key.index + n - ctx.cursor - 1) % n;
+  key.sticky = ctx.sticky != nullptr && *ctx.sticky == id;
+  return key;
 }
 
 }  // namespace tokenbroker

@@ -46,6 +46,9 @@ struct RankLess {
 // How a quota decision ranks: PROCEED, then UNKNOWN, then LOW (EXHAUSTED is never eligible).
 int DecisionRank(QuotaDecision d);
 
+// `key` (of the account `id`) with the request context's part filled in: rotation and sticky.
+RankKey WithContext(RankKey key, const std::string& id, const RankContext& ctx);
+
 // The key of the account at position `index` for one request.
 RankKey MakeRankKey(size_t index, const std::string& id, Tier tier, const QuotaView& quota, int in_flight,
                     absl::Time last_used, const RankContext& ctx);
