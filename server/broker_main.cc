@@ -322,7 +322,7 @@ int Run() {
   // Drain: probes see NOT_SERVING at once; calls waiting for an account get their answer now;
   // running RPCs get until the deadline.
   servers->Drain(absl::GetFlag(FLAGS_drain_timeout), [&service] { service.Shutdown(); });
-  subscriber.Disconnect();
+  subscriber.Stop();
   if (poller) poller->Stop();
   tokens.Stop();
   if (redis) {
