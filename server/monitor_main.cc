@@ -14,10 +14,13 @@
 #include "lib/quota_hub.h"
 #include "lib/quota_poller.h"
 #include "lib/token_manager.h"
-#include "server/command_line.h"
-#include "server/daemon.h"
-#include "server/metrics.h"
-#include "server/monitor_service.h"
+#include "server/runtime/command_line.h"
+#include "server/runtime/account_loader.h"
+#include "server/runtime/flags.h"
+#include "server/runtime/metrics.h"
+#include "server/runtime/servers.h"
+#include "server/runtime/signals.h"
+#include "server/api/monitor_service.h"
 #include "spdlog/spdlog.h"
 
 ABSL_FLAG(absl::Duration, poll_interval, absl::Minutes(5),
@@ -54,7 +57,9 @@ int Run() {
   AccountLoader loader(**store, pool);
   loader.Load();
   HttpClient http;
-  OAuthClient oauth(OAuthOptionsFromFlags(), http);
+  const OAuthOptions oauth_options = OAuthOptionsFromFlags();
+  WarnIfNoOAuthClient(oauth_options);
+  OAuthClient oauth(oauth_options, http);
   TokenManager tokens(TokenManagerOptionsFromFlags(), pool, oauth, store->get(), Clock::Real());
   tokens.Start();
   CloudCodeClient cloud_code(CloudCodeBaseUrls(), http);
@@ -82,7 +87,7 @@ int Run() {
     interceptors = metrics->Interceptors();
     metrics->Announce(metrics_listen, absl::GetFlag(FLAGS_metrics_port_file));
   }
-  absl::StatusOr<Servers> servers = Servers::Start({&service}, std::move(interceptors));
+  absl::StatusOr<Servers> servers = Servers::Start(ServerAddressesFromFlags(), {&service}, std::move(interceptors));
   if (!servers.ok()) {
     poller.Stop();
     tokens.Stop();

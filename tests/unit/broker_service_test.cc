@@ -1,6 +1,6 @@
 // BrokerService through a real in-process gRPC server, with the real pool, token manager and the
 // fake upstream on loopback, all on a fake clock (waiting calls move when the test advances it).
-#include "server/broker_service.h"
+#include "server/api/broker_service.h"
 
 #include <grpcpp/grpcpp.h>
 

@@ -1,9 +1,9 @@
-#include "server/quota_subscriber.h"
+#include "server/api/quota_subscriber.h"
 
 #include <algorithm>
 
 #include "absl/random/random.h"
-#include "server/proto_convert.h"
+#include "server/api/proto_convert.h"
 #include "spdlog/spdlog.h"
 #include "tokenbroker/v1/monitor.grpc.pb.h"
 

@@ -1,4 +1,4 @@
-#include "server/broker_service.h"
+#include "server/api/broker_service.h"
 
 #include <algorithm>
 #include <chrono>
@@ -7,9 +7,9 @@
 #include "absl/strings/str_cat.h"
 #include "lib/errors.h"
 #include "lib/safe_text.h"
-#include "server/api_limits.h"
-#include "server/proto_convert.h"
-#include "server/status_convert.h"
+#include "server/api/api_limits.h"
+#include "server/api/proto_convert.h"
+#include "server/api/status_convert.h"
 #include "spdlog/spdlog.h"
 
 namespace tokenbroker {

@@ -9,8 +9,8 @@
 #include "absl/status/statusor.h"
 #include "lib/account_pool.h"
 #include "lib/token_manager.h"
-#include "server/broker_service.h"
-#include "server/quota_subscriber.h"
+#include "server/api/broker_service.h"
+#include "server/api/quota_subscriber.h"
 
 namespace prometheus {
 class Collectable;

@@ -10,9 +10,9 @@
 #include "lib/broker/token_issuer.h"
 #include "lib/clock.h"
 #include "lib/token_manager.h"
-#include "server/audit_log.h"
-#include "server/auth.h"
-#include "server/quota_subscriber.h"
+#include "server/security/audit_log.h"
+#include "server/security/auth.h"
+#include "server/api/quota_subscriber.h"
 #include "tokenbroker/v1/broker.grpc.pb.h"
 
 namespace tokenbroker {

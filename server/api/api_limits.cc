@@ -1,4 +1,4 @@
-#include "server/api_limits.h"
+#include "server/api/api_limits.h"
 
 #include "absl/strings/str_cat.h"
 #include "lib/errors.h"
