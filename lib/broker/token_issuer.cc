@@ -36,8 +36,14 @@ struct TokenIssuer::Pending {
   // Accounts left out because their token was short-lived (they come back with include_troubled).
   std::vector<std::string> short_lived;
 
+  // Set when the issuer chose the key: it forgets it when the call ends.
+  WaitQueue* forget_key = nullptr;
+
   bool cancelled() const { return request.cancelled && request.cancelled(); }
-  void Finish(absl::StatusOr<Issued> result) { std::move(done)(std::move(result)); }
+  void Finish(absl::StatusOr<Issued> result) {
+    if (forget_key != nullptr) forget_key->Forget(request.key);
+    std::move(done)(std::move(result));
+  }
 };
 
 TokenIssuer::TokenIssuer(TokenIssuerOptions options, AccountPool& pool, TokenManager& tokens, const Clock& clock)
@@ -50,6 +56,10 @@ void TokenIssuer::Issue(IssueRequest request, Done done) {
   if (request.max_wait > absl::ZeroDuration()) p->deadline = clock_.Now() + request.max_wait;
   p->request = std::move(request);
   p->done = std::move(done);
+  if (p->request.key == nullptr) {
+    p->request.key = p.get();  // stable while the call lives; nobody else can Cancel() it
+    p->forget_key = &waits_;
+  }
   Dispatch(std::move(p), /*may_wait=*/true);
 }
 

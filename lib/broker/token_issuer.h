@@ -38,6 +38,7 @@ struct IssueRequest {
   // The caller's own deadline (the refresh give-up is budgeted from it); infinite: none.
   absl::Time call_deadline = absl::InfiniteFuture();
   // Identifies the call for Cancel() and Forget() (e.g. its reactor's address); never dereferenced.
+  // Null: the issuer picks one, and the call cannot be Cancel()ed (it still sees `cancelled`).
   WaitQueue::Key key = nullptr;
   // Whether the caller went away; may be called from any thread. Null: never.
   absl::AnyInvocable<bool() const> cancelled;
@@ -80,7 +81,7 @@ class TokenIssuer {
   // The call `key` was abandoned: when it waits, it leaves the queue and its `done` gets CANCELLED
   // now, on this thread (true); a call not waiting sees `cancelled` at its next step (false).
   bool Cancel(WaitQueue::Key key) { return waits_.Cancel(key); }
-  // The call `key` is done: forget it. Call once per issued key.
+  // The call `key` is done: forget it. Call once per key given to Issue().
   void Forget(WaitQueue::Key key) { waits_.Forget(key); }
   // Eligibility may have changed (a report, an operator's reset): waiting calls try again now.
   void Notify() { waits_.Notify(); }
