@@ -30,7 +30,7 @@ lint: deps
 tsa: deps
 	@if [ ! -f $(TSA_BUILD)/build.ninja ]; then \
 	  CC=clang CXX=clang++ cmake -S . -B $(TSA_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Debug >/dev/null; fi
-	@cmake --build $(TSA_BUILD) --target tb_common tb_quota tb_selection tb_upstream tb_tokens tb_monitor tb_state tb_server tb_status_page tb_fake_upstream
+	@cmake --build $(TSA_BUILD) --target tb_common tb_quota tb_selection tb_upstream tb_tokens tb_monitor tb_state tb_broker tb_server tb_broker_app tb_status_page tb_fake_upstream
 	@echo "thread-safety analysis: clean"
 
 # The upstream error parser under libFuzzer (ASan + UBSan) for a bounded time, from the seed corpus.

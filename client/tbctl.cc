@@ -21,7 +21,7 @@
 #include "google/rpc/error_details.pb.h"
 #include "google/rpc/status.pb.h"
 #include "grpc/health/v1/health.grpc.pb.h"
-#include "server/command_line.h"
+#include "server/runtime/command_line.h"
 #include "tokenbroker/v1/broker.grpc.pb.h"
 #include "tokenbroker/v1/monitor.grpc.pb.h"
 

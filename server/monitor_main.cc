@@ -1,23 +1,14 @@
 // tokenbroker-monitor: polls every account's quota from Cloud Code and streams it to any number of
 // brokers (WatchQuota). Reads the same account folder as the brokers and refreshes its own tokens.
-#include <grpcpp/grpcpp.h>
-#include <grpcpp/health_check_service_interface.h>
+#include <memory>
+#include <string>
 
 #include "absl/flags/flag.h"
-#include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
-#include "lib/selection/account_pool.h"
-#include "lib/tokens/account_store.h"
-#include "lib/upstream/cloud_code_client.h"
-#include "lib/upstream/http_client.h"
-#include "lib/upstream/oauth_client.h"
-#include "lib/monitor/quota_hub.h"
-#include "lib/monitor/quota_poller.h"
-#include "lib/tokens/token_manager.h"
-#include "server/command_line.h"
-#include "server/daemon.h"
-#include "server/metrics.h"
-#include "server/monitor_service.h"
+#include "server/runtime/command_line.h"
+#include "server/runtime/flags.h"
+#include "server/runtime/monitor_app.h"
+#include "server/runtime/signals.h"
 #include "spdlog/spdlog.h"
 
 ABSL_FLAG(absl::Duration, poll_interval, absl::Minutes(5),
@@ -32,85 +23,39 @@ namespace tokenbroker {
 namespace {
 
 constexpr char kProgram[] = "tokenbroker-monitor";
-constexpr char kServiceName[] = "tokenbroker.v1.QuotaMonitorService";
 
 int Run() {
   if (absl::Status s = CheckCommonFlags(); !s.ok()) return FailStartup(kProgram, std::string(s.message()));
   if (absl::GetFlag(FLAGS_poll_interval) <= absl::ZeroDuration()) return FailStartup(kProgram, "--poll_interval must be positive");
   if (absl::GetFlag(FLAGS_poll_concurrency) < 1) return FailStartup(kProgram, "--poll_concurrency must be at least 1");
-  absl::StatusOr<std::unique_ptr<AccountStore>> store = AccountStore::Open(absl::GetFlag(FLAGS_accounts_dir));
-  if (!store.ok()) return FailStartup(kProgram, absl::StrCat("--accounts_dir: ", store.status().message()));
-  // Before anything starts or logs: a taken port is one line.
-  if (absl::Status s = CheckListenFlags(absl::GetFlag(FLAGS_metrics_listen)); !s.ok()) {
-    return FailStartup(kProgram, std::string(s.message()));
-  }
+  MonitorConfig config;
+  config.addresses = ServerAddressesFromFlags();
+  config.accounts_dir = absl::GetFlag(FLAGS_accounts_dir);
+  config.oauth = OAuthOptionsFromFlags();
+  config.tokens = TokenManagerOptionsFromFlags();
+  config.cloudcode_base_urls = CloudCodeBaseUrls();
+  config.poller.interval = absl::GetFlag(FLAGS_poll_interval);
+  config.poller.max_in_flight = absl::GetFlag(FLAGS_poll_concurrency);
+  config.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
+  config.metrics_port_file = absl::GetFlag(FLAGS_metrics_port_file);
+  config.reload_interval = absl::GetFlag(FLAGS_reload_interval);
+  config.drain_timeout = absl::GetFlag(FLAGS_drain_timeout);
+  absl::StatusOr<std::unique_ptr<MonitorApp>> app = MonitorApp::Open(std::move(config));
+  if (!app.ok()) return FailStartup(kProgram, std::string(app.status().message()));
 
   BlockStopSignals();  // before any thread starts
   // Debian's Abseil checks every Mutex acquisition for lock-order cycles (a debug aid that costs
   // a graph lookup per lock); the clang thread-safety build in `make test` is our check instead.
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
 
-  AccountPool pool(PoolOptions(), Clock::Real());
-  AccountLoader loader(**store, pool);
-  loader.Load();
-  HttpClient http;
-  OAuthClient oauth(OAuthOptionsFromFlags(), http);
-  TokenManager tokens(TokenManagerOptionsFromFlags(), pool, oauth, store->get(), Clock::Real());
-  tokens.Start();
-  CloudCodeClient cloud_code(CloudCodeBaseUrls(), http);
-  QuotaHub hub;
-  QuotaPollerOptions po;
-  po.interval = absl::GetFlag(FLAGS_poll_interval);
-  po.max_in_flight = absl::GetFlag(FLAGS_poll_concurrency);
-  QuotaPoller poller(po, pool, tokens, cloud_code, [&hub](const std::vector<QuotaObservation>& o) { hub.Publish(o); },
-                     Clock::Real());
-  poller.Start();
-
-  MonitorService service(hub);
-  std::unique_ptr<Metrics> metrics;
-  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
-  if (std::string metrics_listen = absl::GetFlag(FLAGS_metrics_listen); !metrics_listen.empty()) {
-    const absl::Status free = CheckListenAddress("--metrics_listen", metrics_listen);
-    absl::StatusOr<std::unique_ptr<Metrics>> started =
-        free.ok() ? Metrics::StartForMonitor(metrics_listen, pool, tokens, hub, poller) : absl::StatusOr<std::unique_ptr<Metrics>>(free);
-    if (!started.ok()) {
-      poller.Stop();
-      tokens.Stop();
-      return FailStartup(kProgram, std::string(started.status().message()));
-    }
-    metrics = *std::move(started);
-    interceptors = metrics->Interceptors();
-    metrics->Announce(metrics_listen, absl::GetFlag(FLAGS_metrics_port_file));
+  if (absl::Status started = (*app)->Start(); !started.ok()) {
+    (*app)->Stop();
+    return FailStartup(kProgram, std::string(started.message()));
   }
-  absl::StatusOr<Servers> servers = Servers::Start({&service}, std::move(interceptors));
-  if (!servers.ok()) {
-    poller.Stop();
-    tokens.Stop();
-    return FailStartup(kProgram, std::string(servers.status().message()));
-  }
-  const int port = servers->port();
-  auto update_health = [&] { servers->SetServing(kServiceName, pool.UsableCount() > 0); };
-  update_health();
-  const std::string listen = absl::GetFlag(FLAGS_listen);
-  spdlog::info("monitor serving on {}; polling {} accounts every {} with at most {} requests in flight",
-               BoundAddress(listen, port), pool.size(),
-               absl::FormatDuration(po.interval), po.max_in_flight);
-  if (const std::string health_listen = absl::GetFlag(FLAGS_health_listen); !health_listen.empty()) {
-    spdlog::info("health (grpc.health.v1 only, plaintext) on {}", BoundAddress(health_listen, servers->health_port()));
-  }
-  WritePortFile(port);
-
   std::string signal;
-  while ((signal = WaitForStopSignal(absl::GetFlag(FLAGS_reload_interval))).empty()) {
-    loader.ReloadIfChanged();
-    update_health();
-  }
+  while ((signal = WaitForStopSignal((*app)->tick_interval())).empty()) (*app)->Tick();
   spdlog::info("received {}; stopping", signal);
-  // Streams never end by themselves: they are ended (brokers reconnect and keep their cache) so
-  // the drain does not wait its whole timeout on them.
-  servers->Drain(absl::GetFlag(FLAGS_drain_timeout), [&service] { service.CloseStreams(); });
-  poller.Stop();
-  tokens.Stop();
+  (*app)->Stop();
   spdlog::info("stopped");
   return 0;
 }

@@ -247,7 +247,8 @@ bool RedisState::WaitForToken(const std::string& account, absl::Time deadline) {
     uint64_t seen;
   } args{this, &account, seen};
   // Wakes on a token or disable event for the account, or when the backend goes down.
-  return wait_mu_.AwaitWithDeadline(
+  return clock_.AwaitUntil(
+      wait_mu_,
       absl::Condition(
           +[](Args* a) ABSL_NO_THREAD_SAFETY_ANALYSIS {
             return a->self->token_events_[*a->account] != a->seen || !a->self->Up();

@@ -165,20 +165,22 @@ void TokenManager::GiveUpLoop() {
     {
       absl::MutexLock lock(&mu_);
       auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-        return stopping_ || give_ups_changed_ || (!give_ups_.empty() && give_ups_.begin()->first <= Clock::Real().Now());
+        return stopping_ || give_ups_changed_ || (!give_ups_.empty() && give_ups_.begin()->first <= clock_.Now());
       };
       if (!ready()) {
-        const absl::Duration wait = give_ups_.empty() ? absl::Seconds(1) : give_ups_.begin()->first - Clock::Real().Now();
-        mu_.AwaitWithTimeout(absl::Condition(
-                                 +[](TokenManager* self) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-                                   return self->stopping_ || self->give_ups_changed_;
-                                 },
-                                 this),
-                             std::max(wait, absl::Milliseconds(1)));
+        // Until the earliest give-up on the injected clock (a FakeClock wakes this when it gets
+        // there), a new give-up, or Stop.
+        clock_.AwaitUntil(mu_,
+                          absl::Condition(
+                              +[](TokenManager* self) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+                                return self->stopping_ || self->give_ups_changed_;
+                              },
+                              this),
+                          give_ups_.empty() ? absl::InfiniteFuture() : give_ups_.begin()->first);
       }
       if (stopping_) return;
       give_ups_changed_ = false;
-      const absl::Time now = Clock::Real().Now();
+      const absl::Time now = clock_.Now();
       while (!give_ups_.empty() && give_ups_.begin()->first <= now) {
         auto [account, id] = give_ups_.begin()->second;
         give_ups_.erase(give_ups_.begin());

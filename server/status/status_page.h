@@ -20,9 +20,9 @@
 #include "lib/selection/account_pool.h"
 #include "lib/state/redis_state.h"
 #include "lib/tokens/token_manager.h"
-#include "server/auth.h"
-#include "server/broker_service.h"
-#include "server/quota_subscriber.h"
+#include "server/security/auth.h"
+#include "server/api/broker_service.h"
+#include "server/api/quota_subscriber.h"
 #include "server/status/http_routes.h"
 
 namespace tokenbroker {

@@ -21,8 +21,8 @@ BUILD = os.environ.get("TB_BUILD_DIR", os.path.join(ROOT, "build"))
 MODEL = "gemini-3-pro-high"
 
 BINARIES = {
-    "tokenbroker": (("server", "tokenbroker"), ["server/daemon.cc", "server/broker_main.cc"]),
-    "tokenbroker-monitor": (("server", "tokenbroker-monitor"), ["server/daemon.cc", "server/monitor_main.cc"]),
+    "tokenbroker": (("server", "tokenbroker"), ["server/runtime/flags.cc", "server/runtime/broker_config.cc"]),
+    "tokenbroker-monitor": (("server", "tokenbroker-monitor"), ["server/runtime/flags.cc", "server/monitor_main.cc"]),
     "tbctl": (("client", "tbctl"), ["client/tbctl.cc"]),
 }
 

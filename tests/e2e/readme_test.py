@@ -60,7 +60,8 @@ class ReadmeTruths(unittest.TestCase):
         files += glob.glob(os.path.join(ROOT, "deploy", "**", "*"), recursive=True)
         files += glob.glob(os.path.join(ROOT, "tools", "*.*"))
         files += [os.path.join(ROOT, p) for p in ("server/broker_main.cc", "server/monitor_main.cc",
-                                                   "server/daemon.h", "server/daemon.cc", "server/logging.cc",
+                                                   "server/runtime/flags.h", "server/runtime/flags.cc",
+                                                   "server/runtime/broker_config.cc", "server/runtime/logging.cc",
                                                    "client/tbctl.cc", "scripts/demo.py")]
         for path in files:
             path = os.path.join(ROOT, path)

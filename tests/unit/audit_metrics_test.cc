@@ -10,8 +10,8 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
-#include "server/audit_log.h"
-#include "server/metrics.h"
+#include "server/security/audit_log.h"
+#include "server/runtime/metrics.h"
 #include "tests/unit/test_util.h"
 
 namespace tokenbroker {

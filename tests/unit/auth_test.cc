@@ -1,6 +1,6 @@
 // Loading caller and admin tokens, the constant-time compare and the TLS flag checks. Who may call
 // what is tested end to end against the real binary (tests/e2e/security_test.py).
-#include "server/auth.h"
+#include "server/security/auth.h"
 
 #include <string>
 #include <tuple>

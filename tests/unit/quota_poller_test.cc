@@ -7,7 +7,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "lib/monitor/quota_hub.h"
-#include "server/monitor_service.h"
+#include "server/api/monitor_service.h"
 #include "tests/fakes/fake_upstream.h"
 #include "tests/unit/test_util.h"
 

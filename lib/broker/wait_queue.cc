@@ -1,41 +1,43 @@
-#include "server/wait_queue.h"
+#include "lib/broker/wait_queue.h"
 
 #include <vector>
 
-#include "absl/time/clock.h"
 
 namespace tokenbroker {
 
-WaitQueue::WaitQueue() : thread_([this] { Loop(); }) {}
+WaitQueue::WaitQueue(const Clock& clock) : clock_(clock), thread_([this] { Loop(); }) {}
 
 WaitQueue::~WaitQueue() { Shutdown(); }
 
 WaitQueue::ParkResult WaitQueue::Park(Key key, absl::Time when, Retry retry) {
+  bool cancelled = false;
   {
     absl::MutexLock lock(&mu_);
     Call& call = calls_[key];
-    if (call.cancelled) return ParkResult::kCancelled;  // `retry` is dropped on return, unlocked
-    if (!stopping_) {
+    cancelled = call.cancelled;
+    if (!cancelled && !stopping_) {
       call.parked = parked_.emplace(when, std::make_pair(key, std::move(retry)));
       changed_ = true;
       return ParkResult::kParked;
     }
   }
-  std::move(retry)(/*final_attempt=*/true);
-  return ParkResult::kRanNow;
+  // Not parked: it runs now, unlocked.
+  std::move(retry)(cancelled ? Wake::kCancelled : Wake::kFinal);
+  return cancelled ? ParkResult::kCancelled : ParkResult::kRanNow;
 }
 
 bool WaitQueue::Cancel(Key key) {
-  Retry dropped;  // destroyed after the lock is released
+  Retry cancelled;  // runs after the lock is released
   {
     absl::MutexLock lock(&mu_);
     Call& call = calls_[key];
     call.cancelled = true;
     if (!call.parked) return false;
-    dropped = std::move((*call.parked)->second.second);
+    cancelled = std::move((*call.parked)->second.second);
     parked_.erase(*call.parked);
     call.parked.reset();
   }
+  std::move(cancelled)(Wake::kCancelled);
   return true;
 }
 
@@ -74,7 +76,7 @@ void WaitQueue::Shutdown() {
     left.swap(parked_);
     for (auto& [key, call] : calls_) call.parked.reset();
   }
-  for (auto& [when, entry] : left) std::move(entry.second)(/*final_attempt=*/true);
+  for (auto& [when, entry] : left) std::move(entry.second)(Wake::kFinal);
 }
 
 void WaitQueue::Loop() {
@@ -83,20 +85,22 @@ void WaitQueue::Loop() {
     {
       absl::MutexLock lock(&mu_);
       auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-        return stopping_ || notified_ || (!parked_.empty() && parked_.begin()->first <= absl::Now());
+        return stopping_ || notified_ || (!parked_.empty() && parked_.begin()->first <= clock_.Now());
       };
       while (!ready()) {
         changed_ = false;
-        absl::Duration wait = parked_.empty() ? absl::Seconds(1) : parked_.begin()->first - absl::Now();
-        mu_.AwaitWithTimeout(absl::Condition(
-                                 +[](WaitQueue* q) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-                                   return q->stopping_ || q->notified_ || q->changed_;
-                                 },
-                                 this),
-                             std::max(wait, absl::Milliseconds(1)));
+        // Until the earliest retry is due (on the clock), or a Park, Notify or Shutdown.
+        const absl::Time wake = parked_.empty() ? absl::InfiniteFuture() : parked_.begin()->first;
+        clock_.AwaitUntil(mu_,
+                          absl::Condition(
+                              +[](WaitQueue* q) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+                                return q->stopping_ || q->notified_ || q->changed_;
+                              },
+                              this),
+                          wake);
       }
       if (stopping_) return;
-      const absl::Time now = absl::Now();
+      const absl::Time now = clock_.Now();
       auto end = notified_ ? parked_.end() : parked_.upper_bound(now);
       for (auto it = parked_.begin(); it != end;) {
         if (auto call = calls_.find(it->second.first); call != calls_.end()) call->second.parked.reset();
@@ -105,7 +109,7 @@ void WaitQueue::Loop() {
       }
       notified_ = false;
     }
-    for (Retry& retry : due) std::move(retry)(/*final_attempt=*/false);
+    for (Retry& retry : due) std::move(retry)(Wake::kDue);
   }
 }
 

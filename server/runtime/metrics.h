@@ -9,8 +9,8 @@
 #include "absl/status/statusor.h"
 #include "lib/selection/account_pool.h"
 #include "lib/tokens/token_manager.h"
-#include "server/broker_service.h"
-#include "server/quota_subscriber.h"
+#include "server/api/broker_service.h"
+#include "server/api/quota_subscriber.h"
 
 namespace prometheus {
 class Collectable;

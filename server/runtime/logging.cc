@@ -1,4 +1,4 @@
-#include "server/logging.h"
+#include "server/runtime/logging.h"
 
 #include <grpc/support/log.h>
 

@@ -1,4 +1,4 @@
-#include "server/metrics.h"
+#include "server/runtime/metrics.h"
 
 #include <prometheus/collectable.h>
 #include <prometheus/counter.h>
@@ -16,10 +16,11 @@
 #include "google/protobuf/descriptor.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "lib/common/clock.h"
 #include "lib/monitor/quota_hub.h"
 #include "lib/monitor/quota_poller.h"
 #include "lib/state/redis_state.h"
-#include "server/daemon.h"
+#include "server/runtime/servers.h"
 #include "server/status/http_routes.h"
 #include "spdlog/spdlog.h"
 
@@ -61,7 +62,7 @@ class StateCollector final : public prometheus::Collectable {
     using prometheus::MetricType;
     std::vector<prometheus::MetricFamily> out;
     const std::vector<AccountView> accounts = pool_.List();
-    const absl::Time now = absl::Now();
+    const absl::Time now = Clock::Real().Now();
 
     auto states = Family("tokenbroker_accounts", "Loaded accounts by state.", MetricType::Gauge);
     auto cooldowns = Family("tokenbroker_cooldowns", "Live cooldowns by scope.", MetricType::Gauge);

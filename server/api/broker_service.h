@@ -7,26 +7,26 @@
 #include <utility>
 
 #include "lib/selection/account_pool.h"
+#include "lib/broker/token_issuer.h"
+#include "lib/common/clock.h"
 #include "lib/tokens/token_manager.h"
-#include "server/audit_log.h"
-#include "server/auth.h"
-#include "server/quota_subscriber.h"
-#include "server/wait_queue.h"
+#include "server/security/audit_log.h"
+#include "server/security/auth.h"
+#include "server/api/quota_subscriber.h"
 #include "tokenbroker/v1/broker.grpc.pb.h"
 
 namespace tokenbroker {
 
-// The gRPC face of the broker: validates requests, asks the pool for an account and the token
-// manager for its token, and translates the answers. Never blocks a callback thread: a token that
-// needs a refresh is finished from the refresher's worker. Thread-safe. `pool`, `tokens` and
-// `subscriber` (may be null: no monitor can be attached) must outlive the service.
+// The gRPC face of the broker: validates requests, converts them, hands GetToken to the
+// TokenIssuer (lib/broker) and the other calls to the pool, and converts the answers. Never
+// blocks a callback thread: a token that needs a refresh, or a selection that may wait on Redis,
+// is finished from another thread. Thread-safe. `pool`, `tokens`, `clock` and `subscriber` (may
+// be null: no monitor can be attached) must outlive the service.
 class BrokerService final : public v1::TokenBrokerService::CallbackService {
  public:
-  BrokerService(AccountPool& pool, TokenManager& tokens, QuotaSubscriber* subscriber);
+  BrokerService(AccountPool& pool, TokenManager& tokens, QuotaSubscriber* subscriber,
+                const Clock& clock = Clock::Real(), TokenIssuerOptions issuer_options = {});
   ~BrokerService() override;
-
-  // Longest max_wait a GetToken may ask for.
-  static constexpr absl::Duration kMaxWait = absl::Minutes(10);
 
   // Answers every GetToken that is waiting for an account (one last try, then the error), so a
   // draining server is not held up by them. Call before grpc::Server::Shutdown.
@@ -40,11 +40,11 @@ class BrokerService final : public v1::TokenBrokerService::CallbackService {
   }
 
   // GetToken calls parked until an account frees.
-  size_t WaitingCalls() const { return waits_.size(); }
+  size_t WaitingCalls() const { return issuer_.waiting(); }
   // ReportOutcome calls so far by (caller, result): "model_cooldown", "account_cooldown",
   // "no_cooldown", or why it was refused ("permission_denied", "not_found", "invalid_argument",
   // "unauthenticated" with caller "unknown"). Callers are the configured names: bounded.
-  std::map<std::pair<std::string, std::string>, int64_t> ReportCounts() const;
+  std::map<std::pair<std::string, std::string>, int64_t> ReportCounts() const ABSL_LOCKS_EXCLUDED(reports_mu_);
 
   grpc::ServerUnaryReactor* GetToken(grpc::CallbackServerContext* context,
                                      const v1::GetTokenRequest* request,
@@ -67,21 +67,20 @@ class BrokerService final : public v1::TokenBrokerService::CallbackService {
 
  private:
   class TokenCall;
-  struct Pending;
   // The caller's name; UNAUTHENTICATED or PERMISSION_DENIED when it may not make this call.
   absl::StatusOr<std::string> Caller(const grpc::CallbackServerContext& context, bool admin) const;
-  // Selects an account and finishes the call with its token; when the token cannot be had, tries
-  // again without that account, up to a few times; when no account is eligible and the caller
-  // gave max_wait, parks the call in the wait queue until an account frees or the deadline.
-  void Issue(std::unique_ptr<Pending> pending, bool may_wait);
+  // Answers a GetToken with what the issuer gave.
+  void FinishToken(TokenCall* call, const std::string& caller, const SelectRequest& request,
+                   absl::StatusOr<Issued> issued);
 
   AccountPool& pool_;
   TokenManager& tokens_;
   QuotaSubscriber* subscriber_;
+  const Clock& clock_;
   const Authenticator* auth_ = nullptr;
   AuditLog* audit_ = nullptr;
   const SessionTagger tagger_;  // without an audit log: a random key, for debug logs
-  void CountReport(const std::string& caller, absl::string_view result);
+  void CountReport(const std::string& caller, absl::string_view result) ABSL_LOCKS_EXCLUDED(reports_mu_);
   // Session ids are caller data: logs and the audit log carry a keyed tag, never the id itself.
   std::string SessionTag(const std::string& session_id) const {
     return audit_ != nullptr ? audit_->SessionTag(session_id) : tagger_.Tag(session_id);
@@ -90,7 +89,7 @@ class BrokerService final : public v1::TokenBrokerService::CallbackService {
   absl::Mutex quota_mu_;  // serialises SetQuotaManager calls
   mutable absl::Mutex reports_mu_;
   std::map<std::pair<std::string, std::string>, int64_t> report_counts_ ABSL_GUARDED_BY(reports_mu_);
-  WaitQueue waits_;
+  TokenIssuer issuer_;
 };
 
 }  // namespace tokenbroker

@@ -19,11 +19,12 @@ class MonitorService final : public v1::QuotaMonitorService::CallbackService {
   explicit MonitorService(QuotaHub& hub) : hub_(hub) {}
 
   grpc::ServerWriteReactor<v1::WatchQuotaResponse>* WatchQuota(grpc::CallbackServerContext* context,
-                                                               const v1::WatchQuotaRequest* request) override;
+                                                               const v1::WatchQuotaRequest* request) override
+      ABSL_LOCKS_EXCLUDED(mu_);
 
   // Ends every open stream with UNAVAILABLE, and any new one at once, so a draining monitor is
   // not held up by streams that never end by themselves (brokers reconnect and keep their cache).
-  void CloseStreams();
+  void CloseStreams() ABSL_LOCKS_EXCLUDED(mu_);
 
   // (Internal.) How the hub and CloseStreams reach a stream that may already be gone.
   struct Link {

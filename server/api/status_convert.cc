@@ -1,4 +1,4 @@
-#include "server/status_convert.h"
+#include "server/api/status_convert.h"
 
 #include "google/rpc/error_details.pb.h"
 #include "google/rpc/status.pb.h"

@@ -86,14 +86,14 @@ class AuditLog {
   // The tag the audit log records for a session id.
   std::string SessionTag(absl::string_view session_id) const { return tagger_.Tag(session_id); }
 
-  void Issued(const AuditRecord& record, absl::Time when);
-  void Reported(const ReportAudit& record, absl::Time when);
-  void Admin(const AdminAudit& record, absl::Time when);
+  void Issued(const AuditRecord& record, absl::Time when) ABSL_LOCKS_EXCLUDED(mu_);
+  void Reported(const ReportAudit& record, absl::Time when) ABSL_LOCKS_EXCLUDED(mu_);
+  void Admin(const AdminAudit& record, absl::Time when) ABSL_LOCKS_EXCLUDED(mu_);
 
  private:
   AuditLog(std::FILE* file, SessionTagger tagger);
-  void FlushLoop();
-  void Append(std::string line);
+  void FlushLoop() ABSL_LOCKS_EXCLUDED(mu_);
+  void Append(std::string line) ABSL_LOCKS_EXCLUDED(mu_);
 
   const SessionTagger tagger_;
   absl::Mutex mu_;

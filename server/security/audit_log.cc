@@ -1,4 +1,4 @@
-#include "server/audit_log.h"
+#include "server/security/audit_log.h"
 
 #include <fcntl.h>
 #include <openssl/evp.h>

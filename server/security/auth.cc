@@ -1,4 +1,4 @@
-#include "server/auth.h"
+#include "server/security/auth.h"
 
 #include <grpcpp/security/server_credentials.h>
 

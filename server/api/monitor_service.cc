@@ -1,11 +1,11 @@
-#include "server/monitor_service.h"
+#include "server/api/monitor_service.h"
 
 #include <functional>
 #include <memory>
 #include <vector>
 
 #include "absl/synchronization/mutex.h"
-#include "server/proto_convert.h"
+#include "server/api/proto_convert.h"
 
 namespace tokenbroker {
 namespace {

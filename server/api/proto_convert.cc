@@ -1,4 +1,4 @@
-#include "server/proto_convert.h"
+#include "server/api/proto_convert.h"
 
 namespace tokenbroker {
 
@@ -51,6 +51,35 @@ void ToProto(absl::Time t, google::protobuf::Timestamp* out) {
 
 absl::Duration FromProto(const google::protobuf::Duration& d) {
   return absl::Seconds(d.seconds()) + absl::Nanoseconds(d.nanos());
+}
+
+void ToProto(absl::Duration d, google::protobuf::Duration* out) {
+  const int64_t seconds = absl::ToInt64Seconds(d);
+  out->set_seconds(seconds);
+  out->set_nanos(static_cast<int32_t>(absl::ToInt64Nanoseconds(d - absl::Seconds(seconds))));
+}
+
+IssueRequest FromProto(const v1::GetTokenRequest& request) {
+  IssueRequest issue;
+  issue.select.model = request.model();
+  issue.select.session_id = request.session_id();
+  issue.select.force_rotate = request.force_rotate();
+  if (request.has_max_wait()) issue.max_wait = FromProto(request.max_wait());
+  return issue;
+}
+
+void ToProto(const Issued& issued, v1::GetTokenResponse* out) {
+  const Selection& selection = issued.selection;
+  out->set_access_token(issued.token.token);
+  out->set_account_id(selection.account_id);
+  out->set_email(selection.email);
+  out->set_project_id(selection.project_id);
+  ToProto(issued.token.expiry, out->mutable_expire_time());
+  out->set_tier(ToProto(selection.tier));
+  out->set_lease_id(selection.lease_id);
+  out->set_quota_decision(ToProto(selection.quota_decision));
+  if (selection.remaining_fraction) out->set_remaining_fraction(*selection.remaining_fraction);
+  out->set_below_min_token_ttl(issued.token.below_min_ttl);
 }
 
 namespace {

@@ -44,17 +44,18 @@ class Authenticator {
   static absl::StatusOr<std::unique_ptr<Authenticator>> Open(const std::string& callers_file,
                                                              const std::string& admin_file);
 
-  bool enabled() const;
+  bool enabled() const ABSL_LOCKS_EXCLUDED(mu_);
   // The caller's name ("admin" for the admin token, "-" when nothing is configured), or
   // UNAUTHENTICATED (no or an unknown token) / PERMISSION_DENIED (a caller token on an admin RPC).
-  absl::StatusOr<std::string> Check(const grpc::ServerContextBase& context, bool admin) const;
+  absl::StatusOr<std::string> Check(const grpc::ServerContextBase& context, bool admin) const
+      ABSL_LOCKS_EXCLUDED(mu_);
   // As Check, for a bearer token that came another way (the status page's HTTP request); empty:
   // none was given.
-  absl::StatusOr<std::string> CheckToken(absl::string_view token, bool admin) const;
+  absl::StatusOr<std::string> CheckToken(absl::string_view token, bool admin) const ABSL_LOCKS_EXCLUDED(mu_);
   // Reads the files again when they changed (a rotated Secret), so tokens rotate without a
   // restart. A file that no longer parses is logged and the tokens in use are kept. Returns
   // whether new tokens were taken.
-  bool ReloadIfChanged();
+  bool ReloadIfChanged() ABSL_LOCKS_EXCLUDED(mu_);
 
  private:
   std::string Stamp() const;  // size and mtime of the files: what ReloadIfChanged compares

@@ -1,0 +1,237 @@
+#include "lib/broker/token_issuer.h"
+
+#include <algorithm>
+#include <optional>
+#include <utility>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/strings/str_cat.h"
+#include "lib/common/errors.h"
+
+namespace tokenbroker {
+namespace {
+
+// How long a call waits for one account's token refresh before it tries another account (the
+// refresh goes on in the background): a third of what is left of the caller's deadline, between
+// 100 ms and 5 s.
+absl::Time RefreshGiveUp(absl::Time call_deadline, absl::Time now) {
+  absl::Duration budget = absl::Seconds(5);
+  if (call_deadline != absl::InfiniteFuture()) {
+    budget = std::clamp((call_deadline - now) / 3, absl::Milliseconds(100), absl::Seconds(5));
+  }
+  return now + budget;
+}
+
+}  // namespace
+
+struct TokenIssuer::Pending {
+  IssueRequest request;
+  Done done;
+  int attempt = 0;
+  absl::Status last_error;
+  absl::Time deadline = absl::InfinitePast();  // end of max_wait; in the past: no waiting
+  // Accounts whose token is in trouble (TokenManager::Troubled) are tried only when no other
+  // account is eligible: then this is set.
+  bool include_troubled = false;
+  // Accounts left out because their token was short-lived (they come back with include_troubled).
+  std::vector<std::string> short_lived;
+
+  // Set when the issuer chose the key: it forgets it when the call ends.
+  WaitQueue* forget_key = nullptr;
+
+  bool cancelled() const { return request.cancelled && request.cancelled(); }
+  void Finish(absl::StatusOr<Issued> result) {
+    if (forget_key != nullptr) forget_key->Forget(request.key);
+    std::move(done)(std::move(result));
+  }
+};
+
+TokenIssuer::TokenIssuer(TokenIssuerOptions options, AccountPool& pool, TokenManager& tokens, const Clock& clock)
+    : options_(std::move(options)), pool_(pool), tokens_(tokens), clock_(clock), waits_(clock) {}
+
+TokenIssuer::~TokenIssuer() { Shutdown(); }
+
+void TokenIssuer::Issue(IssueRequest request, Done done) {
+  auto p = std::make_unique<Pending>();
+  if (request.max_wait > absl::ZeroDuration()) p->deadline = clock_.Now() + request.max_wait;
+  p->request = std::move(request);
+  p->done = std::move(done);
+  if (p->request.key == nullptr) {
+    p->request.key = p.get();  // stable while the call lives; nobody else can Cancel() it
+    p->forget_key = &waits_;
+  }
+  Dispatch(std::move(p), /*may_wait=*/true);
+}
+
+void TokenIssuer::Dispatch(std::unique_ptr<Pending> p, bool may_wait) {
+  // Without a shared backend, selection is in memory: inline is the hot path (`make bench`).
+  if (pool_.shared_state() == nullptr) {
+    Attempt(std::move(p), may_wait);
+    return;
+  }
+  bool overloaded = false;
+  {
+    absl::MutexLock lock(&mu_);
+    if (!stopping_ && queue_.size() < options_.max_queued) {
+      queue_.push_back([this, p = std::move(p), may_wait]() mutable { Attempt(std::move(p), may_wait); });
+      if (workers_.empty()) {
+        for (int i = 0; i < std::max(1, options_.selection_workers); ++i) {
+          workers_.emplace_back([this] { WorkerLoop(); });
+        }
+      }
+      return;
+    }
+    overloaded = !stopping_;
+  }
+  if (overloaded) {
+    p->Finish(absl::UnavailableError("the broker is overloaded: too many GetToken calls wait for selection"));
+    return;
+  }
+  // Shutting down: the selection threads are going; the last tries run here.
+  Attempt(std::move(p), may_wait);
+}
+
+void TokenIssuer::WorkerLoop() {
+  while (true) {
+    absl::AnyInvocable<void() &&> task;
+    {
+      absl::MutexLock lock(&mu_);
+      mu_.Await(absl::Condition(
+          +[](TokenIssuer* t) ABSL_NO_THREAD_SAFETY_ANALYSIS { return t->stopping_ || !t->queue_.empty(); }, this));
+      if (queue_.empty()) return;  // stopping, and every queued call has had its try
+      task = std::move(queue_.front());
+      queue_.pop_front();
+    }
+    std::move(task)();
+  }
+}
+
+void TokenIssuer::Shutdown() {
+  // Parked calls get their last try first (they may queue for the selection threads).
+  waits_.Shutdown();
+  std::vector<std::thread> workers;
+  {
+    absl::MutexLock lock(&mu_);
+    stopping_ = true;
+    workers.swap(workers_);
+  }
+  for (std::thread& t : workers) t.join();
+}
+
+void TokenIssuer::Attempt(std::unique_ptr<Pending> p, bool may_wait) {
+  if (p->cancelled()) {
+    // Nobody is there to take a token: no lease is issued (nor the half-open probe taken).
+    p->Finish(absl::CancelledError("the caller went away"));
+    return;
+  }
+  const absl::Time now = clock_.Now();
+  // Accounts whose token cannot be had now (refresh failing or slow) or only short-lived are
+  // tried after every other account (issue 11: fail over instead of waiting on them).
+  const absl::flat_hash_map<std::string, TokenTroubleInfo> trouble =
+      p->include_troubled ? absl::flat_hash_map<std::string, TokenTroubleInfo>() : tokens_.Troubled();
+  absl::StatusOr<Selection> selection;
+  if (trouble.empty()) {
+    selection = pool_.Select(p->request.select);
+  } else {
+    SelectRequest request = p->request.select;
+    for (const auto& [id, info] : trouble) request.exclude.insert(id);
+    selection = pool_.Select(request);
+    if (!selection.ok()) {
+      // Nothing else is eligible: the troubled accounts after all (a short-lived token beats none;
+      // a failing one fails fast; a slow one may finish in time).
+      p->include_troubled = true;
+      for (const std::string& id : p->short_lived) p->request.select.exclude.erase(id);
+      Attempt(std::move(p), may_wait);
+      return;
+    }
+  }
+  if (!selection.ok()) {
+    NoSelection(std::move(p), may_wait, selection.status(), now);
+    return;
+  }
+  const std::string account_id = selection->account_id;
+  const absl::Time give_up = RefreshGiveUp(p->request.call_deadline, now);
+  tokens_.Acquire(account_id, give_up,
+                  [this, p = std::move(p), may_wait, selection = *std::move(selection)](
+                      absl::StatusOr<AccessToken> token) mutable {
+                    OnToken(std::move(p), may_wait, std::move(selection), std::move(token));
+                  });
+}
+
+void TokenIssuer::NoSelection(std::unique_ptr<Pending> p, bool may_wait, absl::Status status, absl::Time now) {
+  const std::optional<absl::Duration> frees = RetryDelay(status);
+  if (absl::IsResourceExhausted(status) && !frees && !p->last_error.ok()) {
+    // The accounts left out because their tokens could not be had are the real cause, and
+    // nothing frees by itself.
+    status = absl::UnavailableError(absl::StrCat("no account with a valid token for model ", p->request.select.model,
+                                                 "; last error: ", p->last_error.message()));
+  } else if (absl::IsResourceExhausted(status) && may_wait && now < p->deadline) {
+    // Wait (without a thread) until the earliest account frees, a report frees one, or max_wait
+    // ends; then every account gets a fresh chance.
+    absl::Time next = p->deadline;
+    if (frees) next = std::min(next, now + *frees);
+    p->request.select.exclude.clear();
+    p->short_lived.clear();
+    p->include_troubled = false;
+    p->attempt = 0;
+    p->last_error = absl::OkStatus();
+    const WaitQueue::Key key = p->request.key;
+    waits_.Park(key, next, [this, p = std::move(p)](WaitQueue::Wake why) mutable {
+      if (why == WaitQueue::Wake::kCancelled) {
+        p->Finish(absl::CancelledError("the caller went away while waiting"));
+        return;
+      }
+      Dispatch(std::move(p), /*may_wait=*/why != WaitQueue::Wake::kFinal);
+    });
+    return;
+  } else if (absl::IsResourceExhausted(status) && !p->last_error.ok()) {
+    // Other accounts are cooling and will free: RESOURCE_EXHAUSTED with their RetryInfo, saying
+    // why the remaining ones were skipped.
+    status = NoAccountAvailableError(
+        absl::StrCat(status.message(), "; accounts were skipped because their tokens could not be had (",
+                     p->last_error.message(), ")"),
+        p->request.select.model, frees);
+  }
+  p->Finish(status);
+}
+
+void TokenIssuer::OnToken(std::unique_ptr<Pending> p, bool may_wait, Selection selection,
+                          absl::StatusOr<AccessToken> token) {
+  if (token.ok() && token->below_min_ttl && !p->include_troubled) {
+    // Shorter-lived than min_token_ttl: any other eligible account first.
+    pool_.ReleaseLease(selection.lease_id);
+    p->request.select.exclude.insert(selection.account_id);
+    p->short_lived.push_back(selection.account_id);
+    Dispatch(std::move(p), may_wait);
+    return;
+  }
+  if (!token.ok()) {
+    pool_.ReleaseLease(selection.lease_id);
+    if (absl::IsDeadlineExceeded(token.status())) {
+      // Its refresh is slow: other accounts now (Troubled() lists it until the refresh ends).
+      p->include_troubled = false;
+      Dispatch(std::move(p), may_wait);
+      return;
+    }
+    if (p->attempt + 1 < options_.max_attempts) {
+      ++p->attempt;
+      p->last_error = token.status();
+      p->request.select.exclude.insert(selection.account_id);
+      Dispatch(std::move(p), may_wait);
+      return;
+    }
+    p->Finish(absl::UnavailableError(absl::StrCat("no valid token could be obtained for model ",
+                                                  p->request.select.model, "; last error: ",
+                                                  token.status().message())));
+    return;
+  }
+  if (p->cancelled()) {
+    // The caller left while the token was being fetched: the lease goes back at once.
+    pool_.ReleaseLease(selection.lease_id);
+    p->Finish(absl::CancelledError("the caller went away"));
+    return;
+  }
+  p->Finish(Issued{std::move(selection), *std::move(token)});
+}
+
+}  // namespace tokenbroker
