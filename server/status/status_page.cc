@@ -141,7 +141,7 @@ absl::string_view StatusPage::Html() { return absl::string_view(kStatusPageHtml,
 absl::StatusOr<std::string> StatusPage::Snapshot(absl::string_view query_text, absl::Time now) const {
   absl::StatusOr<Query> query = ParseQuery(query_text);
   if (!query.ok()) return query.status();
-  const absl::Time started = absl::Now();
+  const absl::Time started = options_.clock->Now();
   const std::vector<AccountView> accounts = sources_.pool->List();
   const QuotaSettings quota = sources_.pool->quota_settings();
 
@@ -335,7 +335,7 @@ absl::StatusOr<std::string> StatusPage::Snapshot(absl::string_view query_text, a
       {"accounts", std::move(page_accounts)},
   };
   // What this answer cost the broker: the page polls less often when it is large (100k accounts).
-  out["build_ms"] = std::round(absl::ToDoubleMilliseconds(absl::Now() - started));
+  out["build_ms"] = std::round(absl::ToDoubleMilliseconds(options_.clock->Now() - started));
   return out.dump(-1, ' ', false, Json::error_handler_t::replace);
 }
 
@@ -380,7 +380,7 @@ std::optional<OutgoingHttpResponse> StatusPage::Handle(const IncomingHttpRequest
     r.headers.emplace_back("Referrer-Policy", "no-referrer");
     return r;
   }
-  absl::StatusOr<std::string> snapshot = Snapshot(request.query, absl::Now());
+  absl::StatusOr<std::string> snapshot = Snapshot(request.query, options_.clock->Now());
   if (!snapshot.ok()) return JsonResponse(400, Json{{"error", std::string(snapshot.status().message())}});
   OutgoingHttpResponse r;
   r.content_type = "application/json";

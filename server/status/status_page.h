@@ -17,6 +17,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
+#include "lib/common/clock.h"
 #include "lib/selection/account_pool.h"
 #include "lib/state/redis_state.h"
 #include "lib/tokens/token_manager.h"
@@ -30,6 +31,7 @@ namespace tokenbroker {
 struct StatusPageOptions {
   bool show_emails = false;       // --status_show_emails
   bool embedded_monitor = false;  // quota is polled in this process (--embedded_monitor)
+  const Clock* clock = &Clock::Real();  // countdowns and the snapshot's time; must outlive the page
 };
 
 // What the page reads, through public APIs only. All must outlive the StatusPage; `subscriber`,
