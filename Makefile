@@ -54,11 +54,11 @@ tsa: asan
 # The unit tests under ASan + UBSan, and the end-to-end tests of the broker and monitor against
 # the ASan binaries (label san_e2e, tests/CMakeLists.txt).
 test-asan: asan
-	@cd $(ASAN_BUILD) && ctest --output-on-failure --timeout 300 -j2 -L 'unit|san_e2e'
+	@cd $(ASAN_BUILD) && ctest --output-on-failure --timeout 300 -j2 -L '^(unit|san_e2e)$$'
 
 # The unit tests under TSan.
 test-tsan: tsan
-	@cd $(TSAN_BUILD) && ctest --output-on-failure --timeout 300 -j2 -L unit
+	@cd $(TSAN_BUILD) && ctest --output-on-failure --timeout 300 -j2 -L '^unit$$'
 
 # The upstream error parser under libFuzzer (ASan + UBSan) for a bounded time, from the seed corpus.
 fuzz: tsa
