@@ -5,11 +5,17 @@ BUILD_TYPE ?= RelWithDebInfo
 PYTHON := /usr/bin/python3
 BUF := tools/node_modules/.bin/buf
 
-TSA_BUILD ?= build-clang
+# The clang sanitizer trees (Debug, -O1): ASan + UBSan (also the thread-safety analysis and the fuzz
+# target) and TSan. Their runtime options and suppressions: tests/sanitizers/.
+ASAN_BUILD ?= build-asan
+TSAN_BUILD ?= build-tsan
+TSA_BUILD ?= $(ASAN_BUILD)
+# What the end-to-end tests run, as binaries of the ASan tree.
+SAN_BINARIES := tokenbroker tokenbroker-monitor tbctl fake_upstream tb_python_stubs
 
 FUZZ_SECONDS ?= 30
 
-.PHONY: all deps configure build test demo lint tsa fuzz deploy-check bench sim clean
+.PHONY: all deps configure build test demo lint tsa asan tsan test-asan test-tsan fuzz deploy-check bench sim clean
 
 all: build
 
@@ -26,12 +32,33 @@ build: configure
 lint: deps
 	@cd proto && ../$(BUF) lint && echo "buf lint: clean"
 
-# Clang's thread-safety analysis over the libraries (-Werror=thread-safety): GUARDED_BY is checked.
-tsa: deps
-	@if [ ! -f $(TSA_BUILD)/build.ninja ]; then \
-	  CC=clang CXX=clang++ cmake -S . -B $(TSA_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Debug >/dev/null; fi
-	@cmake --build $(TSA_BUILD) --target tb_common tb_quota tb_selection tb_upstream tb_tokens tb_monitor tb_state tb_broker tb_server tb_broker_app tb_status_page tb_fake_upstream
+# The ASan + UBSan tree: the libraries, every unit test and the binaries the end-to-end tests run.
+asan: deps
+	@if [ ! -f $(ASAN_BUILD)/build.ninja ]; then \
+	  CC=clang CXX=clang++ cmake -S . -B $(ASAN_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Debug -DTB_SANITIZE=address \
+	    -DTB_CCACHE_RELOCATABLE=ON >/dev/null; fi
+	@cmake --build $(ASAN_BUILD) --target unit_tests $(SAN_BINARIES)
+
+# The TSan tree: the libraries and every unit test.
+tsan: deps
+	@if [ ! -f $(TSAN_BUILD)/build.ninja ]; then \
+	  CC=clang CXX=clang++ cmake -S . -B $(TSAN_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Debug -DTB_SANITIZE=thread \
+	    -DTB_CCACHE_RELOCATABLE=ON >/dev/null; fi
+	@cmake --build $(TSAN_BUILD) --target unit_tests
+
+# Clang's thread-safety analysis (-Werror=thread-safety): GUARDED_BY is checked wherever clang
+# compiles our code, here in the ASan tree.
+tsa: asan
 	@echo "thread-safety analysis: clean"
+
+# The unit tests under ASan + UBSan, and the end-to-end tests of the broker and monitor against
+# the ASan binaries (label san_e2e, tests/CMakeLists.txt).
+test-asan: asan
+	@cd $(ASAN_BUILD) && ctest --output-on-failure --timeout 300 -j2 -L '^(unit|san_e2e)$$'
+
+# The unit tests under TSan.
+test-tsan: tsan
+	@cd $(TSAN_BUILD) && ctest --output-on-failure --timeout 300 -j2 -L '^unit$$'
 
 # The upstream error parser under libFuzzer (ASan + UBSan) for a bounded time, from the seed corpus.
 fuzz: tsa
@@ -54,6 +81,7 @@ deploy-check: configure
 
 test: build lint tsa fuzz deploy-check
 	@cd $(BUILD) && ctest --output-on-failure --timeout 300 -j2
+	@$(MAKE) --no-print-directory test-asan test-tsan
 
 # Builds only what the tour runs. DEMO_FLAGS=--keep leaves it running for you to continue by hand.
 DEMO_BINARIES := tokenbroker tokenbroker-monitor tbctl fake_upstream
@@ -77,4 +105,4 @@ sim: build
 	@$(PYTHON) scripts/sim.py --build $(BUILD)
 
 clean:
-	rm -rf $(BUILD) $(TSA_BUILD)
+	rm -rf $(BUILD) $(ASAN_BUILD) $(TSAN_BUILD)

@@ -13,6 +13,11 @@ import time
 import urllib.request
 
 
+# How much slower the binaries under test run than a release build: 1, or what the sanitizer tree
+# sets (tests/CMakeLists.txt). Latency bounds of tests multiply by it; nothing else does.
+SLOWDOWN = float(os.environ.get("TB_E2E_SLOWDOWN", "1"))
+
+
 def wait_for(cond, timeout=15.0, what="condition"):
     """Polls cond() until it is truthy or the deadline passes; returns its value."""
     deadline = time.monotonic() + timeout
@@ -259,10 +264,33 @@ class Cluster:
         return "\n".join(out)
 
     def close(self):
+        """Stops every process and removes the folder. Raises if a process's log holds a sanitizer
+        report (the ASan + UBSan binaries of `make test`): a finding fails the test that closes."""
+        findings = []
         for p in self.extra + [self.upstream]:
             if p is not None:
                 p.stop()
+                report = sanitizer_report(p.read_log()) if isinstance(p, Process) else ""
+                if report:
+                    findings.append(f"{p.name} ({p.log_path}):\n{report}")
         shutil.rmtree(self.dir, ignore_errors=True)
+        if findings:
+            raise AssertionError("sanitizer report:\n" + "\n".join(findings))
+
+
+# The first line of a report of AddressSanitizer, LeakSanitizer, UndefinedBehaviorSanitizer,
+# ThreadSanitizer, or Abseil's lock-order cycle detection.
+SANITIZER_MARKERS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:",
+                     "WARNING: ThreadSanitizer", "Potential Mutex deadlock")
+
+
+def sanitizer_report(log):
+    """The lines of `log` from the first sanitizer report on (at most 60), or "" if there is none."""
+    lines = log.splitlines()
+    for i, line in enumerate(lines):
+        if any(marker in line for marker in SANITIZER_MARKERS):
+            return "\n".join(lines[max(0, i - 2):i + 60])
+    return ""
 
 
 def read_varint(data, i):

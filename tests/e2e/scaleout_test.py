@@ -126,7 +126,7 @@ class ScaleOut(unittest.TestCase):
         p50, p99 = percentile(delays, 50) * 1000, percentile(delays, 99) * 1000
         print(f"\ncooldown propagation over 100 trials: p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
               f"max {max(delays) * 1000:.1f} ms", file=sys.stderr)
-        self.assertLess(p99, 100)
+        self.assertLess(p99, 100 * harness.SLOWDOWN)
 
     def test_2_a_session_sticks_to_one_account_across_replicas_until_moved(self):
         model, session = "model-session", "session-round-robin"
@@ -247,7 +247,7 @@ class ScaleOut(unittest.TestCase):
         print(f"\n{len(outage)} calls while redis was down: max {max(outage) * 1000:.1f} ms, "
               f"p99 {percentile(outage, 99) * 1000:.1f} ms", file=sys.stderr)
         self.assertGreater(len(outage), 300)
-        self.assertLess(max(outage), 0.050)
+        self.assertLess(max(outage), 0.050 * harness.SLOWDOWN)
         # Resync: the binding Redis kept wins over the move made while it was down...
         for r in range(3):
             self.assertEqual(self.get_token(r, model, session).account_id, bound, f"replica {r + 1}")
