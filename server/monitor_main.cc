@@ -4,7 +4,6 @@
 #include <string>
 
 #include "absl/flags/flag.h"
-#include "absl/synchronization/mutex.h"
 #include "server/runtime/command_line.h"
 #include "server/runtime/flags.h"
 #include "server/runtime/monitor_app.h"
@@ -43,14 +42,7 @@ int Run() {
   absl::StatusOr<std::unique_ptr<MonitorApp>> app = MonitorApp::Open(std::move(config));
   if (!app.ok()) return FailStartup(kProgram, std::string(app.status().message()));
 
-  BlockStopSignals();  // before any thread starts
-  // Abseil's lock-order cycle detection (a graph lookup per lock): on in debug builds (the
-  // ASan + UBSan tree the end-to-end tests run in `make test`), where a cycle aborts; off in release.
-#ifdef NDEBUG
-  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
-#else
-  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kAbort);
-#endif
+  PrepareDaemonProcess();  // before any thread starts
 
   if (absl::Status started = (*app)->Start(); !started.ok()) {
     (*app)->Stop();

@@ -1,5 +1,7 @@
 #include "server/runtime/signals.h"
 
+#include "absl/synchronization/mutex.h"
+
 #include <pthread.h>
 
 #include <csignal>
@@ -30,6 +32,15 @@ std::string WaitForStopSignal(absl::Duration timeout) {
   if (sig == SIGTERM) return "SIGTERM";
   if (sig == SIGINT) return "SIGINT";
   return "";
+}
+
+void PrepareDaemonProcess() {
+  BlockStopSignals();
+#ifdef NDEBUG
+  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
+#else
+  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kAbort);
+#endif
 }
 
 }  // namespace tokenbroker
