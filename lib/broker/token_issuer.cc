@@ -64,16 +64,18 @@ void TokenIssuer::Issue(IssueRequest request, Done done) {
 }
 
 void TokenIssuer::Dispatch(std::unique_ptr<Pending> p, bool may_wait) {
-  // Without a shared backend, selection is in memory: inline is the hot path (`make bench`).
-  if (pool_.shared_state() == nullptr) {
-    Attempt(std::move(p), may_wait);
-    return;
-  }
+  // Selection runs here (the hot path `make bench` measures) unless it needs a round trip to the
+  // shared state, a session claimed fleet-wide: Attempt then hands the call to the selection
+  // threads, so no caller's thread (a gRPC callback thread) waits on Redis.
+  Attempt(std::move(p), may_wait, /*on_worker=*/false);
+}
+
+void TokenIssuer::HandOver(std::unique_ptr<Pending> p, bool may_wait) {
   bool overloaded = false;
   {
     absl::MutexLock lock(&mu_);
     if (!stopping_ && queue_.size() < options_.max_queued) {
-      queue_.push_back([this, p = std::move(p), may_wait]() mutable { Attempt(std::move(p), may_wait); });
+      queue_.push_back([this, p = std::move(p), may_wait]() mutable { Attempt(std::move(p), may_wait, true); });
       if (workers_.empty()) {
         for (int i = 0; i < std::max(1, options_.selection_workers); ++i) {
           workers_.emplace_back([this] { WorkerLoop(); });
@@ -88,7 +90,7 @@ void TokenIssuer::Dispatch(std::unique_ptr<Pending> p, bool may_wait) {
     return;
   }
   // Shutting down: the selection threads are going; the last tries run here.
-  Attempt(std::move(p), may_wait);
+  Attempt(std::move(p), may_wait, /*on_worker=*/true);
 }
 
 void TokenIssuer::WorkerLoop() {
@@ -118,7 +120,7 @@ void TokenIssuer::Shutdown() {
   for (std::thread& t : workers) t.join();
 }
 
-void TokenIssuer::Attempt(std::unique_ptr<Pending> p, bool may_wait) {
+void TokenIssuer::Attempt(std::unique_ptr<Pending> p, bool may_wait, bool on_worker) {
   if (p->cancelled()) {
     // Nobody is there to take a token: no lease is issued (nor the half-open probe taken).
     p->Finish(absl::CancelledError("the caller went away"));
@@ -129,22 +131,32 @@ void TokenIssuer::Attempt(std::unique_ptr<Pending> p, bool may_wait) {
   // tried after every other account (issue 11: fail over instead of waiting on them).
   const absl::flat_hash_map<std::string, TokenTroubleInfo> trouble =
       p->include_troubled ? absl::flat_hash_map<std::string, TokenTroubleInfo>() : tokens_.Troubled();
-  absl::StatusOr<Selection> selection;
+  // Off a selection thread, only a selection that needs no round trip to the shared state.
+  auto select = [&](const SelectRequest& r) -> std::optional<absl::StatusOr<Selection>> {
+    if (on_worker || pool_.shared_state() == nullptr) return pool_.Select(r);
+    return pool_.SelectHere(r);
+  };
+  std::optional<absl::StatusOr<Selection>> chosen;
   if (trouble.empty()) {
-    selection = pool_.Select(p->request.select);
+    chosen = select(p->request.select);
   } else {
     SelectRequest request = p->request.select;
     for (const auto& [id, info] : trouble) request.exclude.insert(id);
-    selection = pool_.Select(request);
-    if (!selection.ok()) {
+    chosen = select(request);
+    if (chosen && !chosen->ok()) {
       // Nothing else is eligible: the troubled accounts after all (a short-lived token beats none;
       // a failing one fails fast; a slow one may finish in time).
       p->include_troubled = true;
       for (const std::string& id : p->short_lived) p->request.select.exclude.erase(id);
-      Attempt(std::move(p), may_wait);
+      Attempt(std::move(p), may_wait, on_worker);
       return;
     }
   }
+  if (!chosen) {
+    HandOver(std::move(p), may_wait);
+    return;
+  }
+  absl::StatusOr<Selection> selection = *std::move(chosen);
   if (!selection.ok()) {
     NoSelection(std::move(p), may_wait, selection.status(), now);
     return;

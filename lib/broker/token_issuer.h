@@ -96,7 +96,10 @@ class TokenIssuer {
   struct Pending;
   // One attempt: inline, or on a selection thread when the pool has a shared state backend.
   void Dispatch(std::unique_ptr<Pending> p, bool may_wait) ABSL_LOCKS_EXCLUDED(mu_);
-  void Attempt(std::unique_ptr<Pending> p, bool may_wait);
+  // Hands the call to the selection threads (a selection that needs a Redis round trip).
+  void HandOver(std::unique_ptr<Pending> p, bool may_wait) ABSL_LOCKS_EXCLUDED(mu_);
+  // `on_worker`: on a selection thread, where Select may wait on the shared state.
+  void Attempt(std::unique_ptr<Pending> p, bool may_wait, bool on_worker = false);
   // No account was selected: park the call, or answer it with the (rewritten) cause.
   void NoSelection(std::unique_ptr<Pending> p, bool may_wait, absl::Status status, absl::Time now);
   void OnToken(std::unique_ptr<Pending> p, bool may_wait, Selection selection,

@@ -141,6 +141,11 @@ class AccountPool : public SharedStateListener {
   // again when one will) when none is eligible for the model.
   absl::StatusOr<Selection> Select(const SelectRequest& request) ABSL_LOCKS_EXCLUDED(mu_);
 
+  // As Select when that needs no round trip to the shared state; unset, changing nothing, when it
+  // does (a session binding to be made or moved is claimed fleet-wide first: call Select, off any
+  // thread that must not wait on the network).
+  std::optional<absl::StatusOr<Selection>> SelectHere(const SelectRequest& request) ABSL_LOCKS_EXCLUDED(mu_);
+
   // What Select would do now, for every account; changes no selection state.
   Explanation Explain(const SelectRequest& request) ABSL_LOCKS_EXCLUDED(mu_);
 

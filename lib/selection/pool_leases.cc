@@ -28,6 +28,15 @@ absl::StatusOr<Selection> AccountPool::Select(const SelectRequest& request) {
   return SelectOnce(req, nullptr);
 }
 
+std::optional<absl::StatusOr<Selection>> AccountPool::SelectHere(const SelectRequest& request) {
+  SharedState* shared = shared_state();
+  if (shared == nullptr || request.session_id.empty() || !shared->Up()) return SelectOnce(request, nullptr);
+  Claim claim;
+  absl::StatusOr<Selection> sel = SelectOnce(request, &claim);
+  if (!sel.ok() || !claim.needed) return sel;
+  return std::nullopt;  // nothing was committed
+}
+
 absl::StatusOr<Selection> AccountPool::SelectOnce(const SelectRequest& request, Claim* claim) {
   const absl::Time now = clock_.Now();
   Outbox out(shared_state());

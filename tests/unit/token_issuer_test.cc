@@ -15,6 +15,7 @@
 #include "lib/common/errors.h"
 #include "lib/upstream/http_client.h"
 #include "lib/upstream/oauth_client.h"
+#include "absl/strings/str_cat.h"
 #include "lib/state/redis_state.h"
 #include "tests/fakes/fake_upstream.h"
 #include "tests/unit/redis_process.h"
@@ -266,8 +267,9 @@ TEST_F(TokenIssuerTest, ShutdownAnswersWaitingCalls) {
   issuer_->Forget(&answer);
 }
 
-// With a shared state backend, selection may wait on Redis: it runs on the issuer's own threads,
-// never on the caller's, and the answer is the same.
+// With a shared state backend, a selection that must claim a session fleet-wide (a Redis round
+// trip) runs on the issuer's own threads, never on the caller's; one on a session already bound
+// here needs no round trip and is answered the same.
 TEST(TokenIssuerSharedStateTest, SelectionRunsOffTheCallersThread) {
   RedisProcess redis;
   auto up = FakeUpstream::Start({});
@@ -296,12 +298,22 @@ TEST(TokenIssuerSharedStateTest, SelectionRunsOffTheCallersThread) {
   for (int i = 0; i < 4; ++i) {
     Answer answer;
     IssueRequest request = Request("m");
-    request.select.session_id = "conversation-1";
+    request.select.session_id = absl::StrCat("conversation-", i);  // new: claimed in Redis
+    issuer.Issue(std::move(request), answer.Done(Clock::Real()));
+    absl::StatusOr<Issued> issued = answer.Get();
+    ASSERT_TRUE(issued.ok()) << issued.status();
+    EXPECT_EQ(issued->selection.account_id, "u1");
+    EXPECT_NE(answer.thread(), std::this_thread::get_id());
+    pool.ReleaseLease(issued->selection.lease_id);
+  }
+  for (int i = 0; i < 3; ++i) {
+    Answer answer;
+    IssueRequest request = Request("m");
+    request.select.session_id = "conversation-0";  // bound here: no round trip
     issuer.Issue(std::move(request), answer.Done(Clock::Real()));
     absl::StatusOr<Issued> issued = answer.Get();
     ASSERT_TRUE(issued.ok()) << issued.status();
     EXPECT_EQ(issued->selection.account_id, "u1");  // the session stays on its account
-    EXPECT_NE(answer.thread(), std::this_thread::get_id());
     pool.ReleaseLease(issued->selection.lease_id);
   }
   issuer.Shutdown();
