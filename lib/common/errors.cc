@@ -87,4 +87,6 @@ absl::Status ValidateSessionId(absl::string_view field, absl::string_view sessio
   return absl::OkStatus();
 }
 
+std::string FormatTimestamp(absl::Time t) { return absl::FormatTime("%Y-%m-%dT%H:%M:%SZ", t, absl::UTCTimeZone()); }
+
 }  // namespace tokenbroker

@@ -34,4 +34,7 @@ absl::Status ValidateSessionId(absl::string_view field, absl::string_view sessio
 inline constexpr size_t kMaxModelLength = 128;
 inline constexpr size_t kMaxSessionIdLength = 256;
 
+// A time as messages show it: RFC 3339, UTC, to the second ("2026-12-01T23:40:27Z").
+std::string FormatTimestamp(absl::Time t);
+
 }  // namespace tokenbroker

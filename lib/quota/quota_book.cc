@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "lib/common/errors.h"
 
 namespace tokenbroker {
 namespace {
@@ -13,8 +14,6 @@ const ModelQuota* QuotaFor(const AccountRecord& rec, absl::string_view model) {
   }
   return nullptr;
 }
-
-std::string FormatTimestamp(absl::Time t) { return absl::FormatTime("%Y-%m-%dT%H:%M:%SZ", t, absl::UTCTimeZone()); }
 
 }  // namespace
 

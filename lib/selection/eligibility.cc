@@ -3,11 +3,10 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "lib/common/errors.h"
 
 namespace tokenbroker {
 namespace {
-
-std::string FormatTimestamp(absl::Time t) { return absl::FormatTime("%Y-%m-%dT%H:%M:%SZ", t, absl::UTCTimeZone()); }
 
 bool IsProtected(const AccountRecord& rec, const std::string& model) {
   return std::find(rec.protected_models.begin(), rec.protected_models.end(), model) != rec.protected_models.end();

@@ -12,8 +12,6 @@
 namespace tokenbroker {
 namespace {
 
-std::string FormatTimestamp(absl::Time t) { return absl::FormatTime("%Y-%m-%dT%H:%M:%SZ", t, absl::UTCTimeZone()); }
-
 absl::string_view VerdictCountName(Verdict v) {
   switch (v) {
     case Verdict::kDisabled: return "disabled";

@@ -193,7 +193,7 @@ grpc::ServerUnaryReactor* BrokerService::ReportOutcome(grpc::CallbackServerConte
   if (result->scope != CooldownScope::kNone) {
     spdlog::info("account {} {}: HTTP {} -> {} cooldown until {} ({})", result->account_id, result->model,
                  request->http_status(), result->scope == CooldownScope::kAccount ? "account" : "model",
-                 absl::FormatTime("%Y-%m-%dT%H:%M:%SZ", result->until, absl::UTCTimeZone()), result->reason);
+                 FormatTimestamp(result->until), result->reason);
   }
   // A success or an ended lease may free an account that waiting calls want.
   issuer_.Notify();

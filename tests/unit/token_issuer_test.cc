@@ -31,12 +31,8 @@ using ::tokenbroker::testing::RedisProcess;
 using ::tokenbroker::testing::ScriptedReply;
 
 AccountRecord Account(const std::string& id, Tier tier) {
-  AccountRecord r;
-  r.id = id;
-  r.email = id + "@example.com";
-  r.refresh_token = "rt-" + id;
+  AccountRecord r = testing::MakeAccount(id, tier);
   r.project_id = "proj-" + id;
-  r.tier = tier;
   return r;
 }
 
