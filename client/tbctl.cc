@@ -245,6 +245,12 @@ struct AccountStatus {
 // until someone verifies it, cooling down (COOLING: the whole account; COOLING_MODEL: some models,
 // the others still served), waiting for a probe, holding no valid access token (its refresh is
 // failing, or has not run yet), or serving.
+// What a cooldown applies to, for people: the account, a model, or a model family.
+std::string CooldownSubject(const v1::Cooldown& c) {
+  if (!c.family().empty()) return absl::StrCat("family ", c.family());
+  return c.model().empty() ? "account" : c.model();
+}
+
 AccountStatus StatusOf(const v1::Account& a, absl::Time now) {
   std::vector<std::string> notes;
   std::string state = "ENABLED";
@@ -255,19 +261,21 @@ AccountStatus StatusOf(const v1::Account& a, absl::Time now) {
   for (const v1::Cooldown& c : a.cooldowns()) {
     if (c.half_open()) {
       probing = true;
-      notes.push_back(absl::StrCat(c.model().empty() ? "account" : c.model(), " waits for a probe's report"));
+      notes.push_back(absl::StrCat(CooldownSubject(c), " waits for a probe's report"));
     } else if (end(c) > now) {
-      if (c.model().empty()) {
+      if (c.model().empty() && c.family().empty()) {
         account_cooling = true;
       } else {
-        models_cooling.push_back(c.model());
+        models_cooling.push_back(c.model().empty() ? c.family() : c.model());
       }
-      notes.push_back(absl::StrCat(c.model().empty() ? "account" : c.model(), " cooling until ",
+      notes.push_back(absl::StrCat(CooldownSubject(c), " cooling until ",
                                    FormatTime(c.end_time()), ": ", c.reason()));
     }
   }
   const bool has_token = a.has_token_expire_time() && absl::FromUnixSeconds(a.token_expire_time().seconds()) > now;
-  if (a.state() == v1::ACCOUNT_STATE_DISABLED) {
+  if (a.state() == v1::ACCOUNT_STATE_SUSPENDED) {
+    state = "SUSPENDED";  // disabled_reason carries Google's words
+  } else if (a.state() == v1::ACCOUNT_STATE_DISABLED) {
     state = "DISABLED";
   } else if (a.state() == v1::ACCOUNT_STATE_PROXY_DISABLED) {
     state = "PROXY_DISABLED";

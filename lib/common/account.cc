@@ -2,6 +2,8 @@
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
 
 namespace tokenbroker {
 
@@ -21,6 +23,16 @@ absl::string_view TierName(Tier tier) {
     case Tier::kUnknown: break;
   }
   return "UNKNOWN";
+}
+
+std::string SuspendedReason(absl::string_view message) {
+  return message.empty() ? std::string(kSuspendedPrefix) : absl::StrCat(kSuspendedPrefix, ": ", message);
+}
+
+std::optional<std::string> SuspensionMessageOf(absl::string_view reason) {
+  if (!absl::ConsumePrefix(&reason, kSuspendedPrefix)) return std::nullopt;
+  absl::ConsumePrefix(&reason, ": ");
+  return std::string(reason);
 }
 
 }  // namespace tokenbroker

@@ -53,6 +53,10 @@ struct AccountRecord {
   Tier tier = Tier::kUnknown;
   bool disabled = false;
   std::string disabled_reason;
+  // Google suspended the account (a Terms-of-Service 403 the broker's own quota poll saw): never
+  // handed out again until an operator enables it. Kept in the account file ("suspended").
+  bool suspended = false;
+  std::string suspension_message;  // the upstream's words, as SafeText
   bool proxy_disabled = false;
   std::vector<std::string> protected_models;
   std::vector<ModelQuota> quotas;
@@ -61,5 +65,12 @@ struct AccountRecord {
   bool quota_forbidden = false;  // the quota API answered 403 for it
   absl::Time quota_forbidden_observed = absl::InfinitePast();
 };
+
+// The disabled_reason of a suspended account: "suspended by Google (Terms of Service): <message>".
+// Replicas and the account file carry suspensions as disables with this prefix.
+inline constexpr absl::string_view kSuspendedPrefix = "suspended by Google (Terms of Service)";
+std::string SuspendedReason(absl::string_view message);
+// The message of a disabled_reason SuspendedReason made; unset for any other reason.
+std::optional<std::string> SuspensionMessageOf(absl::string_view reason);
 
 }  // namespace tokenbroker

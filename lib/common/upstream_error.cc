@@ -107,7 +107,7 @@ std::string StringAt(const Json& obj, const char* key) {
 std::optional<absl::Duration> DelayInText(absl::string_view text) {
   static constexpr absl::string_view kPhrases[] = {
       "reset after ", "resets after ", "retry after ", "try again in ", "try again after ",
-      "please wait ", "retry in ", "wait for ", "available in ",
+      "please wait ", "retry in ", "wait for ", "available in ", "resets in ", "reset in ",
   };
   const std::string lower = absl::AsciiStrToLower(text.substr(0, 8192));
   for (absl::string_view phrase : kPhrases) {
@@ -166,6 +166,7 @@ absl::string_view FailureKindName(FailureKind kind) {
     case FailureKind::kCapacityExhausted: return "model capacity exhausted";
     case FailureKind::kUnauthorized: return "unauthorized";
     case FailureKind::kValidationRequired: return "validation required";
+    case FailureKind::kSuspended: return "suspended (Terms of Service)";
     case FailureKind::kForbidden: return "forbidden";
     case FailureKind::kInvalidGrant: return "invalid_grant";
     case FailureKind::kServerError: return "server error";
@@ -316,13 +317,24 @@ UpstreamError ParseUpstreamError(int http_status, absl::string_view retry_after,
     out.kind = FailureKind::kValidationRequired;
   } else if (http_status == 401) {
     out.kind = FailureKind::kUnauthorized;
+  } else if (http_status == 403 && (absl::StrContains(lower_message, "terms of service") ||
+                                    absl::StrContains(lower_message, "has been disabled in this account") ||
+                                    out.reason == "TOS_VIOLATION" || out.reason == "ACCOUNT_SUSPENDED")) {
+    out.kind = FailureKind::kSuspended;
+    out.message = SafeText(message, 2 * kMaxUpstreamField);
   } else if (http_status == 403) {
     out.kind = FailureKind::kForbidden;
   } else if (http_status == 429) {
     if (out.reason == "QUOTA_EXHAUSTED" || absl::StrContains(out.quota_id, "PerDay") ||
         absl::StrContains(lower_message, "exhausted your capacity") ||
-        absl::StrContains(lower_message, "quota will reset")) {
+        absl::StrContains(lower_message, "quota will reset") || absl::StrContains(lower_message, "quota reached")) {
       out.kind = FailureKind::kQuotaExhausted;
+      // Google names family-wide limits in words ("Individual quota reached for claude models"),
+      // and weekly ones in the quota id or the message.
+      out.family_wide = (absl::StrContains(lower_message, "quota reached for") &&
+                         absl::StrContains(lower_message, " models")) ||
+                        absl::StrContains(lower_message, "weekly") ||
+                        absl::StrContains(absl::AsciiStrToLower(out.quota_id), "weekly");
     } else {
       out.kind = FailureKind::kRateLimited;
     }
@@ -357,6 +369,7 @@ std::string UpstreamError::Summary() const {
   std::string s(FailureKindName(kind));
   if (!reason.empty()) absl::StrAppend(&s, " (", reason, ")");
   if (!quota_id.empty()) absl::StrAppend(&s, ", quota ", quota_id);
+  if (family_wide) absl::StrAppend(&s, ", family-wide");
   if (delay) {
     absl::StrAppend(&s, ", upstream delay ", absl::FormatDuration(*delay), " from ", delay_source);
     if (delay_clamped) absl::StrAppend(&s, " (clamped: the upstream's value was out of range)");

@@ -17,6 +17,8 @@ enum class FailureKind {
   kCapacityExhausted,   // MODEL_CAPACITY_EXHAUSTED: the model is busy, not the account's fault
   kUnauthorized,        // 401: the access token is no good
   kValidationRequired,  // 403 VALIDATION_REQUIRED: the account must be verified by a person
+  kSuspended,           // 403 "disabled in this account for violation of Terms of Service": Google
+                        // suspended the account; nothing but a person can bring it back
   kForbidden,           // any other 403
   kInvalidGrant,        // an OAuth-shaped {"error":"invalid_grant"} with status 400/401: the proxy
                         // says the refresh token is revoked (only the broker's own refresh can tell)
@@ -40,6 +42,11 @@ struct UpstreamError {
   std::string quota_id;        // QuotaFailure.violations[].quotaId
   std::string validation_url;  // for kValidationRequired, when the answer carried one
   std::string model;           // ErrorInfo.metadata.model, when present
+  // For kSuspended: the upstream's message (what operators are shown), as SafeText.
+  std::string message;
+  // A quota 429 that names a limit of the model's whole family rather than of the model: "Individual
+  // quota reached for claude models", a weekly quota ("...Weekly..." quota id or message).
+  bool family_wide = false;
   // Something operators should know about how the answer was read, e.g. that the Retry-After
   // date was in the past (so it named no delay). Empty usually.
   std::string note;

@@ -137,6 +137,18 @@ void QuotaPoller::Poll(const std::string& account_id) {
                    absl::FormatDuration(wait), asked ? " (as the answer asked)" : "");
       return;
     }
+    if (std::optional<std::string> suspension = SuspensionOf(s)) {
+      // Google's own answer to the account's own token: the account is suspended.
+      QuotaObservation suspended;
+      suspended.account_id = account_id;
+      suspended.observed = clock_.Now();
+      suspended.forbidden = true;
+      suspended.suspended = true;
+      suspended.suspension_message = *std::move(suspension);
+      sink_({suspended});
+      spdlog::warn("account {}: {} answered that Google suspended the account (Terms of Service)", account_id, what);
+      return;
+    }
     if (absl::IsPermissionDenied(s)) {
       QuotaObservation forbidden;
       forbidden.account_id = account_id;

@@ -37,7 +37,7 @@ absl::Status ValidateQuotaSettings(const QuotaSettings& s) {
 }
 
 bool SourceLiesAbout(QuotaSource source, absl::string_view model) {
-  return source == QuotaSource::kAvailableModels && ModelFamily(model) == "3p";
+  return source == QuotaSource::kAvailableModels && IsThirdPartyModel(model);
 }
 
 QuotaDecision DecideQuota(const QuotaSettings& settings, double fraction, absl::Time observed,

@@ -55,6 +55,10 @@ struct QuotaObservation {
   // `family` is the bucket's group ("gemini", "3p"), whose every model the bucket limits.
   std::string bucket;
   std::string family;
+  // An account-level observation: the Cloud Code API answered that Google suspended the account
+  // (Terms of Service), with its message (SafeText).
+  bool suspended = false;
+  std::string suspension_message;
 };
 
 // The decision for data observed at `observed`. Unknown when validation is off, when the data is

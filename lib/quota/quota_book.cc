@@ -28,7 +28,7 @@ QuotaView QuotaBook::View(const AccountRecord& rec, const AccountQuota& quota, a
     }
     return v;
   }
-  const absl::string_view family = ModelFamily(model);
+  const absl::string_view family = families_->Of(model);
   auto consider = [&](absl::string_view cost_key, const QuotaReading& reading) {
     if (now - reading.observed > settings_.cache_ttl) return;  // stale: unknown
     const double prior = quota.usage.Cost(cost_key) ? 0 : CostPrior(cost_key, rec.tier);  // if unlearned
@@ -71,7 +71,7 @@ std::string QuotaBook::ExhaustedDetail(const AccountRecord& rec, const AccountQu
       qv.estimate.reset_passed ? " at its reset" : "", ", ", qv.estimate.leases, " leases since at ", qv.estimate.cost,
       " each", qv.estimate.cost_learned ? "" : " (prior)", "), below exhausted_threshold ",
       settings_.exhausted_threshold);
-  if (qv.cost_key != ModelFamily(model)) absl::StrAppend(&detail, "; bucket ", qv.cost_key);
+  if (qv.cost_key != families_->Of(model)) absl::StrAppend(&detail, "; bucket ", qv.cost_key);
   if (qv.reset_time) {
     *resets = *qv.reset_time;
     absl::StrAppend(&detail, "; resets at ", FormatTimestamp(*qv.reset_time));
@@ -87,7 +87,7 @@ absl::Time QuotaBook::NextChange(const AccountRecord& rec, absl::string_view mod
     if (reset && *reset > now) when = std::min(when, *reset);
   };
   if (const ModelQuota* q = QuotaFor(rec, model)) consider(q->observed, q->reset_time);
-  const absl::string_view family = ModelFamily(model);
+  const absl::string_view family = families_->Of(model);
   for (const BucketQuota& b : rec.buckets) {
     if (b.family == family) consider(b.observed, b.reset_time);
   }
@@ -111,13 +111,13 @@ void QuotaBook::ShareLearnedCost(const AccountRecord& rec, const AccountQuota& q
 
 void QuotaBook::RecordUsage(AccountQuota& quota, absl::string_view model, absl::Time at, int count) {
   if (!settings_.enabled) return;
-  quota.usage.Record(ModelFamily(model), at, count);
+  quota.usage.Record(families_->Of(model), at, count);
   // Observations older than cache_ttl no longer count, so neither do the leases before them.
   quota.usage.Trim(at - settings_.cache_ttl - settings_.max_lag - absl::Seconds(1));
 }
 
 void QuotaBook::ForgetLease(AccountQuota& quota, absl::string_view model, absl::Time issued_at) {
-  quota.usage.Forget(ModelFamily(model), issued_at);
+  quota.usage.Forget(families_->Of(model), issued_at);
 }
 
 void QuotaBook::MarkExhaustion(const AccountRecord& rec, AccountQuota& quota, absl::string_view model,
@@ -141,7 +141,7 @@ bool QuotaBook::LearnFromOutcome(AccountRecord& rec, AccountQuota& quota, absl::
   const FailureKind kind = parsed.kind;
   if (kind == FailureKind::kQuotaExhausted || kind == FailureKind::kRateLimited) MarkExhaustion(rec, quota, model, now);
   if (!settings_.enabled || kind == FailureKind::kSuccess) return false;
-  const absl::string_view family = ModelFamily(model);
+  const absl::string_view family = families_->Of(model);
   // A failed call spent no quota: it must not count against the estimate nor the learned cost.
   bool changed = false;
   if (issued_at) {
@@ -164,7 +164,7 @@ bool QuotaBook::LearnFromOutcome(AccountRecord& rec, AccountQuota& quota, absl::
     return reset && *reset > now ? reset : std::nullopt;
   };
   for (ModelQuota& q : rec.quotas) {
-    if (ModelFamily(q.model) != family) continue;
+    if (families_->Of(q.model) != family) continue;
     q = ModelQuota{q.model, 0, spent(q.reset_time), now, /*from_outcome=*/true};
   }
   for (BucketQuota& b : rec.buckets) {
@@ -192,7 +192,7 @@ QuotaBook::Observed QuotaBook::Observe(AccountRecord& rec, AccountQuota& quota, 
     return out;
   }
   const ModelQuota seen{o.model, o.remaining_fraction, o.reset_time, o.observed};
-  const absl::string_view family = ModelFamily(o.model);
+  const absl::string_view family = families_->Of(o.model);
   auto q = std::find_if(rec.quotas.begin(), rec.quotas.end(), [&](const ModelQuota& m) { return m.model == o.model; });
   if (q == rec.quotas.end()) {
     rec.quotas.push_back(seen);
@@ -223,7 +223,7 @@ QuotaBook::Observed QuotaBook::Observe(AccountRecord& rec, AccountQuota& quota, 
 
 void QuotaBook::ObserveBucket(AccountRecord& rec, AccountQuota& quota, const QuotaObservation& o) {
   std::vector<BucketQuota>& buckets = rec.buckets;
-  const std::string family(FamilyOfGroup(o.family));
+  const std::string family(families_->OfGroup(o.family));
   const QuotaReading seen{o.remaining_fraction, o.reset_time, o.observed};
   auto b = std::find_if(buckets.begin(), buckets.end(), [&](const BucketQuota& x) { return x.bucket == o.bucket; });
   if (b == buckets.end()) {
@@ -259,9 +259,9 @@ void QuotaBook::LearnLagFromSpent(const QuotaReading& spent, const QuotaObservat
 void QuotaBook::ForgetReported(AccountRecord& rec, AccountQuota& quota, const std::string& model) {
   // What reported 429s wrote into the quota estimate goes with them: those readings are forgotten
   // (unknown until the next observation), and so are the yardsticks of the lifted cooldowns.
-  const absl::string_view family = model.empty() ? absl::string_view() : ModelFamily(model);
+  const absl::string_view family = model.empty() ? absl::string_view() : families_->Of(model);
   auto reported = [&](bool from_outcome, absl::string_view of) { return from_outcome && (family.empty() || of == family); };
-  std::erase_if(rec.quotas, [&](const ModelQuota& q) { return reported(q.from_outcome, ModelFamily(q.model)); });
+  std::erase_if(rec.quotas, [&](const ModelQuota& q) { return reported(q.from_outcome, families_->Of(q.model)); });
   std::erase_if(rec.buckets, [&](const BucketQuota& b) { return reported(b.from_outcome, b.family); });
   std::erase_if(quota.marks, [&](const QuotaMark& m) { return model.empty() || m.model == model; });
 }

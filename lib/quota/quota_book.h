@@ -1,5 +1,6 @@
 #pragma once
 
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -9,6 +10,7 @@
 #include "absl/time/time.h"
 #include "lib/common/account.h"
 #include "lib/common/upstream_error.h"
+#include "lib/quota/family_map.h"
 #include "lib/quota/quota.h"
 #include "lib/quota/quota_estimate.h"
 
@@ -42,6 +44,10 @@ class QuotaBook {
  public:
   void set_settings(const QuotaSettings& settings) { settings_ = settings; }
   const QuotaSettings& settings() const { return settings_; }
+  // The model → family map (FamilyMap::Default unless an operator's file replaced it).
+  void set_families(std::shared_ptr<const FamilyMap> families) { families_ = std::move(families); }
+  const FamilyMap& families() const { return *families_; }
+  const std::shared_ptr<const FamilyMap>& families_ptr() const { return families_; }
   bool enabled() const { return settings_.enabled; }
   // How far behind the quota API's answers are taken to be (learned; at most max_lag).
   absl::Duration lag() const { return lag_; }
@@ -94,6 +100,7 @@ class QuotaBook {
   void ObserveBucket(AccountRecord& rec, AccountQuota& quota, const QuotaObservation& o);
 
   QuotaSettings settings_;
+  std::shared_ptr<const FamilyMap> families_ = FamilyMap::Default();
   absl::Duration lag_ = absl::ZeroDuration();
   // The cost of one call last learned by any account, by "cost key/tier" and by cost key: the prior
   // of accounts that have not learned theirs (bounded: families are a fixed set, buckets at most

@@ -4,6 +4,7 @@
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
+#include "lib/quota/family_map.h"
 
 namespace tokenbroker {
 
@@ -21,16 +22,13 @@ bool ContainsIgnoreCase(absl::string_view haystack, absl::string_view needle) {
 
 }  // namespace
 
-absl::string_view ModelFamily(absl::string_view model) {
-  if (absl::StartsWith(model, "gemini")) return "gemini";  // the common case, without a scan
-  if (ContainsIgnoreCase(model, "claude") || ContainsIgnoreCase(model, "gpt")) return "3p";
-  return "gemini";
+bool IsThirdPartyModel(absl::string_view model) {
+  return ContainsIgnoreCase(model, "claude") || ContainsIgnoreCase(model, "gpt");
 }
 
-absl::string_view FamilyOfGroup(absl::string_view group_id) {
-  if (group_id == "3p") return "3p";
-  return ModelFamily(group_id);
-}
+absl::string_view ModelFamily(absl::string_view model) { return FamilyMap::Default()->Of(model); }
+
+absl::string_view FamilyOfGroup(absl::string_view group_id) { return FamilyMap::Default()->OfGroup(group_id); }
 
 QuotaUsage::Family* QuotaUsage::Find(absl::string_view family) {
   for (Family& f : families_) {

@@ -20,12 +20,16 @@
 
 namespace tokenbroker {
 
-// The quota family a model draws from: "3p" for third-party models (names containing "claude" or
-// "gpt"), else "gemini". Models of one family share their account's buckets.
+// The quota family a model draws from by the built-in rules (FamilyMap::Default: "3p" for
+// third-party models, "image" for image models, else "gemini"). Models of one family share their
+// account's buckets. The pool asks its QuotaBook's map, which an operator may override.
 absl::string_view ModelFamily(absl::string_view model);
 
-// The family a bucket of retrieveUserQuotaSummary limits, from its group id ("gemini", "3p", or a
-// name ModelFamily understands).
+// A third-party (Claude, GPT) model by its name, whatever family a map puts it in.
+bool IsThirdPartyModel(absl::string_view model);
+
+// The family a bucket of retrieveUserQuotaSummary limits by the built-in rules, from its group id
+// ("gemini", "3p", or a name ModelFamily understands).
 absl::string_view FamilyOfGroup(absl::string_view group_id);
 
 // One observation of a quota (a model's, or a bucket's): what was seen, and when.

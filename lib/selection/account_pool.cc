@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
 
 // The pool's registry: loading, listing, credentials, quota settings and observations. Selection
 // is in pool_selection.cc, leases and outcomes in pool_outcomes.cc, what other replicas change in
@@ -56,6 +57,8 @@ void AccountPool::Load(std::vector<AccountRecord> records) {
       if (old.record.disabled && !rec.disabled) {
         rec.disabled = true;
         rec.disabled_reason = old.record.disabled_reason;
+        rec.suspended = old.record.suspended;
+        rec.suspension_message = old.record.suspension_message;
       }
     }
     entry.record = std::move(rec);
@@ -101,11 +104,14 @@ std::vector<AccountView> AccountPool::List() const {
     v.project_id = e.record.project_id;
     v.disabled = e.record.disabled;
     v.disabled_reason = e.record.disabled_reason;
+    v.suspended = e.record.suspended;
+    v.suspension_message = e.record.suspension_message;
     v.proxy_disabled = e.record.proxy_disabled;
     v.protected_models = e.record.protected_models;
     if (!e.record.access_token.empty()) v.token_expiry = e.record.access_expiry;
     if (e.last_used != absl::InfinitePast()) v.last_used = e.last_used;
     v.quotas = e.record.quotas;
+    v.buckets = e.record.buckets;
     v.quota_forbidden = e.record.quota_forbidden;
     v.bound_sessions = sessions_.CountFor(e.record.id);
     v.cooldowns = cooldowns_.List(e.record.id, now);
@@ -146,6 +152,31 @@ void AccountPool::Disable(const std::string& account_id, const std::string& reas
   runtime_disabled_[account_id] = reason;
 }
 
+bool AccountPool::Suspend(const std::string& account_id, const std::string& message) {
+  absl::MutexLock lock(&mu_);
+  auto it = index_.find(account_id);
+  if (it == index_.end()) return false;
+  AccountRecord& rec = entries_[it->second].record;
+  if (rec.suspended) return false;
+  rec.suspended = true;
+  rec.suspension_message = message;
+  rec.disabled = true;
+  rec.disabled_reason = SuspendedReason(message);
+  runtime_disabled_[account_id] = rec.disabled_reason;
+  return true;
+}
+
+void AccountPool::SetFamilies(std::shared_ptr<const FamilyMap> families) {
+  absl::MutexLock lock(&mu_);
+  quota_.set_families(std::move(families));
+  model_index_.clear();  // ranks read the families; rebuilt on next use
+}
+
+std::shared_ptr<const FamilyMap> AccountPool::families() const {
+  absl::ReaderMutexLock lock(&mu_);
+  return quota_.families_ptr();
+}
+
 std::vector<std::string> AccountPool::ExpiringBefore(absl::Time deadline) const {
   absl::ReaderMutexLock lock(&mu_);
   std::vector<std::string> out;
@@ -176,7 +207,13 @@ void AccountPool::UpdateQuota(const std::vector<QuotaObservation>& observations)
     if (it == index_.end()) continue;
     Entry& entry = entries_[it->second];
     const QuotaBook::Observed seen = quota_.Observe(entry.record, entry.quota, o);
-    if (seen.ends_quota_cooldown) cooldowns_.EndQuotaCooldown(entry.record.id, o.model);
+    if (seen.ends_quota_cooldown) {
+      if (o.bucket.empty()) {
+        cooldowns_.EndQuotaCooldown(entry.record.id, o.model);
+      } else {
+        cooldowns_.EndFamilyQuotaCooldown(entry.record.id, quota_.families().OfGroup(o.family));
+      }
+    }
     if (!seen.applied) continue;
     if (o.bucket.empty() && !o.model.empty()) {
       touched.emplace_back(&o.model, it->second);

@@ -39,11 +39,14 @@ struct AccountView {
   std::string project_id;
   bool disabled = false;
   std::string disabled_reason;
+  bool suspended = false;           // Google suspended it (Terms of Service); also disabled
+  std::string suspension_message;
   bool proxy_disabled = false;
   std::vector<std::string> protected_models;
   std::optional<absl::Time> token_expiry;
   std::optional<absl::Time> last_used;
   std::vector<ModelQuota> quotas;
+  std::vector<BucketQuota> buckets;  // per family and window, from the monitor
   bool quota_forbidden = false;
   int bound_sessions = 0;
   std::vector<CooldownView> cooldowns;
@@ -73,6 +76,7 @@ struct Outcome {
 struct OutcomeResult {
   std::string account_id;
   std::string model;
+  std::string family;  // the model's family (what a kFamily scope cools)
   CooldownScope scope = CooldownScope::kNone;
   absl::Time until = absl::InfinitePast();
   std::string reason;
@@ -172,6 +176,12 @@ class AccountPool : public SharedStateListener {
                 const std::optional<std::string>& refresh_token) ABSL_LOCKS_EXCLUDED(mu_);
   // Disables the account with `reason` (for example after invalid_grant).
   void Disable(const std::string& account_id, const std::string& reason) ABSL_LOCKS_EXCLUDED(mu_);
+  // Marks the account suspended by Google with the upstream's message (also disabled, with the
+  // reason SuspendedReason(message)). Returns false when it already was (or is unknown).
+  bool Suspend(const std::string& account_id, const std::string& message) ABSL_LOCKS_EXCLUDED(mu_);
+  // The model → family map selection, cooldowns and quota use (FamilyMap::Default until set).
+  void SetFamilies(std::shared_ptr<const FamilyMap> families) ABSL_LOCKS_EXCLUDED(mu_);
+  std::shared_ptr<const FamilyMap> families() const ABSL_LOCKS_EXCLUDED(mu_);
   // Undoes what reports or a refresh's invalid_grant did (an operator's call), here and, through
   // the shared state, on every replica. NOT_FOUND for an unknown account. Persisting an enable in
   // the account's file is the caller's (TokenManager::Enable).
@@ -290,9 +300,10 @@ class AccountPool : public SharedStateListener {
   // What an upstream answer on (entry i, model) does, reported here or by another replica: the
   // cooldown rules, and what the quota estimate learns. `lease_id` (may be empty) is the reported
   // lease, `issued_at` its issue time when it was issued here.
+  // `group` is the quota group the lease's request named.
   CooldownDecision ApplyOutcomeLocked(size_t i, const std::string& model, const UpstreamError& parsed,
-                                      const std::string& lease_id, std::optional<absl::Time> issued_at, absl::Time at)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+                                      const std::string& lease_id, std::optional<absl::Time> issued_at, absl::Time at,
+                                      const std::string& group = "") ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   ResetResult ResetLocked(size_t i, const std::string& model, bool enable) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void ExpireLeasesLocked(absl::Time now, Outbox& out) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void EndLeaseLocked(const Lease& lease) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

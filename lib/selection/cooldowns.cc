@@ -1,6 +1,7 @@
 #include "lib/selection/cooldowns.h"
 
 #include <algorithm>
+#include <tuple>
 
 #include "absl/strings/str_cat.h"
 
@@ -18,20 +19,35 @@ bool Cooldowns::SuccessCloses(const Entry& e, absl::Time now, absl::string_view 
   return !probe_out || (!lease_id.empty() && e.probe_lease == lease_id);
 }
 
-Cooldowns::Entry& Cooldowns::ModelEntry(PerAccount& acc, const std::string& model) {
-  if (auto it = acc.models.find(model); it != acc.models.end()) return it->second;
-  if (acc.models.size() >= kMaxModelsPerAccount) {
-    // Model names come from callers: the table stays bounded. What ends soonest is lost first
-    // (run-out entries end before any live one).
-    auto victim = std::min_element(acc.models.begin(), acc.models.end(),
+namespace {
+
+// The entry for `key` in `map`, made if missing; past `bound` entries, the one ending soonest makes
+// room (model names and quota groups come from callers: the tables stay bounded; run-out entries
+// end before any live one).
+template <typename Map>
+typename Map::mapped_type& BoundedEntry(Map& map, absl::string_view key, size_t bound) {
+  if (auto it = map.find(key); it != map.end()) return it->second;
+  if (map.size() >= bound) {
+    auto victim = std::min_element(map.begin(), map.end(),
                                    [](const auto& a, const auto& b) { return a.second.until < b.second.until; });
-    acc.models.erase(victim);
+    map.erase(victim);
   }
-  return acc.models[model];
+  return map[key];
+}
+
+}  // namespace
+
+Cooldowns::Entry& Cooldowns::ModelEntry(PerAccount& acc, const std::string& model) {
+  return BoundedEntry(acc.models, model, kMaxModelsPerAccount);
+}
+
+Cooldowns::Entry& Cooldowns::FamilyEntry(PerAccount& acc, absl::string_view family) {
+  return BoundedEntry(acc.families, family, kMaxFamiliesPerAccount);
 }
 
 CooldownDecision Cooldowns::Apply(const std::string& account, const std::string& model,
-                                  const UpstreamError& error, absl::Time now, absl::string_view lease_id) {
+                                  const UpstreamError& error, absl::Time now, absl::string_view lease_id,
+                                  FamilyRef family) {
   CooldownDecision d;
   PerAccount& acc = accounts_[account];
   const std::string summary = error.Summary();
@@ -49,13 +65,18 @@ CooldownDecision Cooldowns::Apply(const std::string& account, const std::string&
         acc.whole.reset();
         acc.validation_url.clear();
       }
+      for (absl::string_view f : {family.family, family.group}) {
+        if (auto it = acc.families.find(f); !f.empty() && it != acc.families.end() && SuccessCloses(it->second, now, lease_id)) {
+          acc.families.erase(it);
+        }
+      }
       d.reason = "success: failure streak reset";
-      if (std::optional<CooldownBlock> left = Check(account, model, now)) {
+      if (std::optional<CooldownBlock> left = Check(account, model, now, family)) {
         d.scope = left->scope;
         d.until = left->until;
         absl::StrAppend(&d.reason, "; a success never ends a live cooldown, this one stays: ", left->reason);
       }
-      if (!acc.whole && acc.models.empty() && acc.validation_url.empty()) accounts_.erase(account);
+      if (Empty(acc)) accounts_.erase(account);
       return d;
     }
     case FailureKind::kInvalidGrant:
@@ -75,7 +96,9 @@ CooldownDecision Cooldowns::Apply(const std::string& account, const std::string&
     case FailureKind::kQuotaExhausted:
     case FailureKind::kRateLimited:
       ++acc.streak;
-      d.scope = CooldownScope::kModel;
+      // A family-wide limit spends every model of the family on this account (and nothing of
+      // the other families).
+      d.scope = error.family_wide && !family.family.empty() ? CooldownScope::kFamily : CooldownScope::kModel;
       wait = error.delay ? *error.delay : Backoff(acc.streak);
       why = error.delay ? summary : absl::StrCat(summary, ", backoff step ", acc.streak);
       break;
@@ -104,6 +127,15 @@ CooldownDecision Cooldowns::Apply(const std::string& account, const std::string&
       if (!error.validation_url.empty()) acc.validation_url = error.validation_url;
       why = absl::StrCat(summary, acc.validation_url.empty() ? "" : ", verify at " + acc.validation_url);
       break;
+    case FailureKind::kSuspended:
+      // A caller's word is not Google's: blocked while the broker's own quota poll confirms.
+      ++acc.streak;
+      d.scope = CooldownScope::kAccount;
+      wait = policy_.suspension_block;
+      why = absl::StrCat(summary, " reported",
+                         error.message.empty() ? "" : absl::StrCat(" (\"", error.message, "\")"),
+                         ": blocked until the quota poll confirms or an operator resets it");
+      break;
     case FailureKind::kForbidden:
       ++acc.streak;
       d.scope = CooldownScope::kAccount;
@@ -112,24 +144,36 @@ CooldownDecision Cooldowns::Apply(const std::string& account, const std::string&
       break;
   }
 
-  std::optional<Entry>* slot_whole = d.scope == CooldownScope::kAccount ? &acc.whole : nullptr;
+  const bool quota = error.kind == FailureKind::kQuotaExhausted || error.kind == FailureKind::kRateLimited;
+  const absl::Time proposed = now + wait;
+  // A quota 429 on a request that named a quota group spends the group too (its models share quota,
+  // the caller said): the group is cooled alongside, never instead.
+  if (error.kind == FailureKind::kQuotaExhausted && !family.group.empty() && family.group != family.family &&
+      wait > absl::ZeroDuration()) {
+    Entry& g = FamilyEntry(acc, family.group);
+    g.probe_until.reset();
+    g.probe_lease.clear();
+    if (proposed > g.until) g = Entry{proposed, why, std::nullopt, "", true};
+  }
   Entry* existing = nullptr;
-  if (slot_whole != nullptr) {
-    if (*slot_whole) existing = &**slot_whole;
+  if (d.scope == CooldownScope::kAccount) {
+    if (acc.whole) existing = &*acc.whole;
+  } else if (d.scope == CooldownScope::kFamily) {
+    if (auto it = acc.families.find(family.family); it != acc.families.end()) existing = &it->second;
   } else if (auto it = acc.models.find(model); it != acc.models.end()) {
     existing = &it->second;
   }
-  const absl::Time proposed = now + wait;
   if (existing == nullptr && wait <= absl::ZeroDuration()) {
     d.until = now;
     d.reason = why;
     return d;
   }
   if (existing == nullptr) {
-    Entry fresh{proposed, why, std::nullopt, "",
-                error.kind == FailureKind::kQuotaExhausted || error.kind == FailureKind::kRateLimited};
-    if (slot_whole != nullptr) {
-      *slot_whole = fresh;
+    const Entry fresh{proposed, why, std::nullopt, "", quota};
+    if (d.scope == CooldownScope::kAccount) {
+      acc.whole = fresh;
+    } else if (d.scope == CooldownScope::kFamily) {
+      FamilyEntry(acc, family.family) = fresh;
     } else {
       ModelEntry(acc, model) = fresh;
     }
@@ -143,7 +187,7 @@ CooldownDecision Cooldowns::Apply(const std::string& account, const std::string&
   if (proposed > existing->until) {
     existing->until = proposed;
     existing->reason = why;
-    existing->quota = error.kind == FailureKind::kQuotaExhausted || error.kind == FailureKind::kRateLimited;
+    existing->quota = quota;
   }
   d.until = existing->until;
   d.reason = existing->reason;
@@ -160,20 +204,29 @@ std::optional<CooldownBlock> Cooldowns::BlockOf(const Entry& e, CooldownScope sc
 }
 
 std::optional<CooldownBlock> Cooldowns::Check(const std::string& account, const std::string& model,
-                                              absl::Time now) const {
+                                              absl::Time now, FamilyRef family) const {
   auto it = accounts_.find(account);
   if (it == accounts_.end()) return std::nullopt;
+  const PerAccount& acc = it->second;
   std::optional<CooldownBlock> block;
-  if (it->second.whole) block = BlockOf(*it->second.whole, CooldownScope::kAccount, now);
-  if (auto m = it->second.models.find(model); m != it->second.models.end()) {
-    std::optional<CooldownBlock> mb = BlockOf(m->second, CooldownScope::kModel, now);
-    if (mb && (!block || mb->until > block->until)) block = mb;
+  auto consider = [&](const Entry& e, CooldownScope scope) {
+    std::optional<CooldownBlock> b = BlockOf(e, scope, now);
+    if (b && (!block || b->until > block->until)) block = std::move(b);
+  };
+  if (acc.whole) consider(*acc.whole, CooldownScope::kAccount);
+  if (auto m = acc.models.find(model); m != acc.models.end()) consider(m->second, CooldownScope::kModel);
+  if (!acc.families.empty()) {
+    for (absl::string_view f : {family.family, family.group}) {
+      if (auto m = acc.families.find(f); !f.empty() && m != acc.families.end()) {
+        consider(m->second, CooldownScope::kFamily);
+      }
+    }
   }
   return block;
 }
 
 void Cooldowns::OnIssued(const std::string& account, const std::string& model, absl::Time now,
-                         absl::string_view lease_id) {
+                         absl::string_view lease_id, FamilyRef family) {
   auto it = accounts_.find(account);
   if (it == accounts_.end()) return;
   auto mark = [&](Entry& e) {
@@ -182,11 +235,16 @@ void Cooldowns::OnIssued(const std::string& account, const std::string& model, a
       e.probe_lease = std::string(lease_id);
     }
   };
-  if (it->second.whole) mark(*it->second.whole);
-  if (auto m = it->second.models.find(model); m != it->second.models.end()) mark(m->second);
+  PerAccount& acc = it->second;
+  if (acc.whole) mark(*acc.whole);
+  if (auto m = acc.models.find(model); m != acc.models.end()) mark(m->second);
+  for (absl::string_view f : {family.family, family.group}) {
+    if (auto m = acc.families.find(f); !f.empty() && m != acc.families.end()) mark(m->second);
+  }
 }
 
-void Cooldowns::OnLeaseEnded(const std::string& account, const std::string& model, absl::string_view lease_id) {
+void Cooldowns::OnLeaseEnded(const std::string& account, const std::string& model, absl::string_view lease_id,
+                             FamilyRef family) {
   if (lease_id.empty()) return;
   auto it = accounts_.find(account);
   if (it == accounts_.end()) return;
@@ -196,19 +254,27 @@ void Cooldowns::OnLeaseEnded(const std::string& account, const std::string& mode
       e.probe_lease.clear();
     }
   };
-  if (it->second.whole) release(*it->second.whole);
-  if (auto m = it->second.models.find(model); m != it->second.models.end()) release(m->second);
+  PerAccount& acc = it->second;
+  if (acc.whole) release(*acc.whole);
+  if (auto m = acc.models.find(model); m != acc.models.end()) release(m->second);
+  for (absl::string_view f : {family.family, family.group}) {
+    if (auto m = acc.families.find(f); !f.empty() && m != acc.families.end()) release(m->second);
+  }
 }
 
-bool Cooldowns::Lift(const std::string& account, const std::string& model) {
+bool Cooldowns::Lift(const std::string& account, const std::string& model, absl::string_view family) {
   auto it = accounts_.find(account);
   if (it == accounts_.end()) return false;
   if (model.empty()) {
     accounts_.erase(it);
     return true;
   }
-  const bool had = it->second.models.erase(model) > 0;
-  if (!it->second.whole && it->second.models.empty() && it->second.validation_url.empty()) {
+  bool had = it->second.models.erase(model) > 0;
+  if (auto f = it->second.families.find(family); !family.empty() && f != it->second.families.end()) {
+    it->second.families.erase(f);
+    had = true;
+  }
+  if (Empty(it->second)) {
     // Nothing left but the streak: the account starts afresh.
     accounts_.erase(it);
   }
@@ -221,6 +287,15 @@ bool Cooldowns::EndQuotaCooldown(const std::string& account, const std::string& 
   auto m = it->second.models.find(model);
   if (m == it->second.models.end() || !m->second.quota) return false;
   it->second.models.erase(m);
+  return true;
+}
+
+bool Cooldowns::EndFamilyQuotaCooldown(const std::string& account, absl::string_view family) {
+  auto it = accounts_.find(account);
+  if (it == accounts_.end()) return false;
+  auto f = it->second.families.find(family);
+  if (f == it->second.families.end() || !f->second.quota) return false;
+  it->second.families.erase(f);
   return true;
 }
 
@@ -239,10 +314,13 @@ std::vector<CooldownView> Cooldowns::List(const std::string& account, absl::Time
   auto it = accounts_.find(account);
   if (it == accounts_.end()) return out;
   if (it->second.whole) {
-    out.push_back({"", it->second.whole->until, it->second.whole->reason, it->second.whole->until <= now});
+    out.push_back({"", false, it->second.whole->until, it->second.whole->reason, it->second.whole->until <= now});
   }
-  for (const auto& [model, e] : it->second.models) out.push_back({model, e.until, e.reason, e.until <= now});
-  std::sort(out.begin(), out.end(), [](const CooldownView& a, const CooldownView& b) { return a.model < b.model; });
+  for (const auto& [model, e] : it->second.models) out.push_back({model, false, e.until, e.reason, e.until <= now});
+  for (const auto& [family, e] : it->second.families) out.push_back({family, true, e.until, e.reason, e.until <= now});
+  std::sort(out.begin(), out.end(), [](const CooldownView& a, const CooldownView& b) {
+    return std::tie(a.family, a.model) < std::tie(b.family, b.model);
+  });
   return out;
 }
 
@@ -255,6 +333,7 @@ std::optional<CooldownState> Cooldowns::Export(const std::string& account) const
   out.validation_url = acc.validation_url;
   if (acc.whole) out.items.push_back({"", acc.whole->until, acc.whole->reason, acc.whole->quota});
   for (const auto& [model, e] : acc.models) out.items.push_back({model, e.until, e.reason, e.quota});
+  for (const auto& [family, e] : acc.families) out.items.push_back({family, e.until, e.reason, e.quota, true});
   return out;
 }
 
@@ -263,26 +342,24 @@ void Cooldowns::Merge(const std::string& account, const CooldownState& state) {
   acc.streak = std::max(acc.streak, state.streak);
   if (!state.validation_url.empty()) acc.validation_url = state.validation_url;
   for (const CooldownState::Item& item : state.items) {
-    std::optional<Entry>* slot = nullptr;
-    std::optional<Entry> model_entry;
+    auto newer = [&](std::optional<Entry>& slot) {
+      if (!slot || slot->until < item.until) {
+        Entry e;
+        e.until = item.until;
+        e.reason = item.reason;
+        e.quota = item.quota;
+        slot = e;
+      }
+    };
     if (item.model.empty()) {
-      slot = &acc.whole;
-    } else if (auto m = acc.models.find(item.model); m != acc.models.end()) {
-      model_entry = m->second;
-      slot = &model_entry;
-    } else {
-      slot = &model_entry;
+      newer(acc.whole);
+      continue;
     }
-    if (!*slot || (*slot)->until < item.until) {
-      Entry e;
-      e.until = item.until;
-      e.reason = item.reason;
-      e.quota = item.quota;
-      *slot = e;
-    }
-    if (!item.model.empty()) {
-      ModelEntry(acc, item.model) = *model_entry;
-    }
+    auto& map = item.family ? acc.families : acc.models;
+    std::optional<Entry> entry;
+    if (auto m = map.find(item.model); m != map.end()) entry = m->second;
+    newer(entry);
+    (item.family ? FamilyEntry(acc, item.model) : ModelEntry(acc, item.model)) = *entry;
   }
 }
 

@@ -12,7 +12,15 @@
 
 namespace tokenbroker {
 
-enum class CooldownScope { kNone, kModel, kAccount };
+enum class CooldownScope { kNone, kModel, kAccount, kFamily };
+
+// What a request or a report is about besides its model: the model's quota family (the pool's
+// FamilyMap) and the quota group the request named (GetTokenRequest.quota_group; empty: none).
+// A family cooldown on either blocks the request.
+struct FamilyRef {
+  absl::string_view family;
+  absl::string_view group;
+};
 
 // How long each kind of failure cools an account when the upstream named no delay.
 struct CooldownPolicy {
@@ -23,6 +31,9 @@ struct CooldownPolicy {
   absl::Duration capacity = absl::Seconds(10);      // MODEL_CAPACITY_EXHAUSTED
   absl::Duration server_error = absl::Seconds(10);  // 5xx
   absl::Duration validation_block = absl::Hours(1); // 403 VALIDATION_REQUIRED
+  // A reported Terms-of-Service 403: the account is blocked this long (growing with the streak)
+  // while the broker's own quota poll confirms it; only a confirmed suspension is permanent.
+  absl::Duration suspension_block = absl::Hours(1);
   // After a cooldown ends, one request probes the account; others wait this long for its report.
   absl::Duration probe_timeout = absl::Seconds(60);
 };
@@ -47,7 +58,8 @@ struct CooldownBlock {
 
 // A live (or half-open) cooldown, for operators.
 struct CooldownView {
-  std::string model;  // empty for a whole-account cooldown
+  std::string model;  // empty for a whole-account cooldown; the family's name for a family one
+  bool family = false;
   absl::Time until;
   std::string reason;
   bool half_open = false;
@@ -56,10 +68,11 @@ struct CooldownView {
 // One account's cooldowns and streak as replicas share them (DESIGN §7).
 struct CooldownState {
   struct Item {
-    std::string model;  // empty: the whole account
+    std::string model;  // empty: the whole account; with `family`, the family's name
     absl::Time until;
     std::string reason;
     bool quota = false;
+    bool family = false;
   };
   std::vector<Item> items;
   int streak = 0;
@@ -68,7 +81,8 @@ struct CooldownState {
 
 // Cooldowns and failure streaks per account, with the rules of DESIGN §5: quota and capacity
 // errors cool (account, model); 401/403 cool the account; a new cooldown never shortens a live
-// one; a success ends the streak but never a live cooldown (only one that has run out, and while
+// one; a family-wide quota 429 cools (account, family) — every model of the family — and a quota 429
+// on a request that named a quota group also cools (account, group); a success ends the streak but never a live cooldown (only one that has run out, and while
 // a half-open probe is out, only the probe's own report closes it); once a cooldown has ended,
 // exactly one request at a time probes the account (half-open) until a report closes or reopens
 // it. Reports are untrusted: nothing here disables an account. At most kMaxModelsPerAccount
@@ -77,6 +91,7 @@ struct CooldownState {
 class Cooldowns {
  public:
   static constexpr size_t kMaxModelsPerAccount = 64;
+  static constexpr size_t kMaxFamiliesPerAccount = 16;  // families and caller-named quota groups
 
   explicit Cooldowns(CooldownPolicy policy) : policy_(std::move(policy)) {}
 
@@ -84,23 +99,26 @@ class Cooldowns {
   // (empty when it names none, or when the answer comes from another replica): a success closes
   // a half-open cooldown only when it is the probe's lease.
   CooldownDecision Apply(const std::string& account, const std::string& model, const UpstreamError& error,
-                         absl::Time now, absl::string_view lease_id = {});
+                         absl::Time now, absl::string_view lease_id = {}, FamilyRef family = {});
 
   // The block on (account, model) at `now`, if any: a live cooldown, or a probe in flight.
-  std::optional<CooldownBlock> Check(const std::string& account, const std::string& model, absl::Time now) const;
+  std::optional<CooldownBlock> Check(const std::string& account, const std::string& model, absl::Time now,
+                                     FamilyRef family = {}) const;
 
   // Records that (account, model) was handed out at `now` under `lease_id`: if a cooldown on it
   // has ended, this use is the probe, and others are held off until it reports or probe_timeout
   // passes.
   void OnIssued(const std::string& account, const std::string& model, absl::Time now,
-                absl::string_view lease_id = {});
+                absl::string_view lease_id = {}, FamilyRef family = {});
   // A lease ended without a report (released because its token could not be had or nobody was
   // there to take it, or timed out): if it was the probe, another request may probe at once.
-  void OnLeaseEnded(const std::string& account, const std::string& model, absl::string_view lease_id);
+  void OnLeaseEnded(const std::string& account, const std::string& model, absl::string_view lease_id,
+                    FamilyRef family = {});
   // An operator lifts what reports caused: the cooldown on (account, model), or with `model`
   // empty every cooldown of the account, its streak and validation URL. Returns whether there
   // was anything to lift.
-  bool Lift(const std::string& account, const std::string& model);
+  // A model's reset also lifts its family's cooldown (`family`).
+  bool Lift(const std::string& account, const std::string& model, absl::string_view family = {});
 
   int Streak(const std::string& account) const;
   // Whether the account has any cooldown, streak or validation URL on record.
@@ -110,6 +128,8 @@ class Cooldowns {
   // Ends a quota or rate-limit cooldown on (account, model): the monitor saw the quota come back.
   // Returns whether there was one.
   bool EndQuotaCooldown(const std::string& account, const std::string& model);
+  // The same for a family's quota cooldown: a bucket of the family was seen back.
+  bool EndFamilyQuotaCooldown(const std::string& account, absl::string_view family);
   // The account's cooldowns and streak; unset when it has none.
   std::optional<CooldownState> Export(const std::string& account) const;
   // Folds in what another replica knows: the later end of each cooldown and the longer streak win
@@ -129,6 +149,7 @@ class Cooldowns {
   struct PerAccount {
     std::optional<Entry> whole;
     absl::flat_hash_map<std::string, Entry> models;
+    absl::flat_hash_map<std::string, Entry> families;  // family or quota group → its cooldown
     int streak = 0;
     std::string validation_url;
   };
@@ -138,6 +159,10 @@ class Cooldowns {
   static bool SuccessCloses(const Entry& e, absl::Time now, absl::string_view lease_id);
   // The entry for `model`, made (room made first when the account tracks too many) if missing.
   static Entry& ModelEntry(PerAccount& acc, const std::string& model);
+  static Entry& FamilyEntry(PerAccount& acc, absl::string_view family);
+  bool Empty(const PerAccount& acc) const {
+    return !acc.whole && acc.models.empty() && acc.families.empty() && acc.validation_url.empty();
+  }
   static std::optional<CooldownBlock> BlockOf(const Entry& e, CooldownScope scope, absl::Time now);
 
   const CooldownPolicy policy_;

@@ -12,13 +12,30 @@ bool IsProtected(const AccountRecord& rec, const std::string& model) {
   return std::find(rec.protected_models.begin(), rec.protected_models.end(), model) != rec.protected_models.end();
 }
 
+std::string ScopeText(CooldownScope scope, absl::string_view family, absl::string_view group) {
+  switch (scope) {
+    case CooldownScope::kAccount: return "account";
+    case CooldownScope::kFamily:
+      return group.empty() ? absl::StrCat("model family ", family)
+                           : absl::StrCat("model family ", family, " or quota group ", group);
+    default: return "model";
+  }
+}
+
 }  // namespace
 
 Eligibility CheckEligibility(const AccountSnapshot& account, const EligibilityContext& ctx, bool explain) {
   const AccountRecord& rec = account.record;
   const SelectRequest& request = ctx.request;
   Eligibility out;
-  if (rec.disabled) {
+  if (rec.suspended) {
+    out.verdict = Verdict::kSuspended;
+    if (explain) {
+      out.detail = rec.suspension_message.empty()
+                       ? "suspended by Google (Terms of Service)"
+                       : absl::StrCat("suspended by Google (Terms of Service): ", rec.suspension_message);
+    }
+  } else if (rec.disabled) {
     out.verdict = Verdict::kDisabled;
     if (explain) out.detail = rec.disabled_reason.empty() ? "disabled" : absl::StrCat("disabled: ", rec.disabled_reason);
   } else if (rec.proxy_disabled) {
@@ -27,13 +44,14 @@ Eligibility CheckEligibility(const AccountSnapshot& account, const EligibilityCo
   } else if (IsProtected(rec, request.model)) {
     out.verdict = Verdict::kProtected;
     if (explain) out.detail = absl::StrCat("model ", request.model, " is in its protected_models");
-  } else if (std::optional<CooldownBlock> block = ctx.cooldowns.Check(rec.id, request.model, ctx.now)) {
+  } else if (std::optional<CooldownBlock> block =
+                 ctx.cooldowns.Check(rec.id, request.model, ctx.now, FamilyRef{ctx.family, request.quota_group})) {
     out.verdict = Verdict::kCooldown;
     if (explain) {
       out.available_at = block->until;
       out.detail = block->probe_in_flight
                        ? absl::StrCat(block->reason, " until ", FormatTimestamp(block->until))
-                       : absl::StrCat(block->scope == CooldownScope::kAccount ? "account" : "model",
+                       : absl::StrCat(ScopeText(block->scope, ctx.family, request.quota_group),
                                       " cooling down until ", FormatTimestamp(block->until), " (", block->reason,
                                       ")");
     }

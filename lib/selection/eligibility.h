@@ -30,6 +30,7 @@ struct EligibilityContext {
   const LeaseTable& leases;
   int max_inflight_per_account = 0;  // 0: no cap
   absl::Time now;
+  absl::string_view family;  // the request's model's family (the pool's FamilyMap)
 };
 
 struct Eligibility {
@@ -44,8 +45,8 @@ struct Eligibility {
   bool eligible() const { return verdict == Verdict::kRankedLower; }
 };
 
-// The one eligibility rule (docs/ARCHITECTURE.md §4), in order: disabled, proxy-disabled,
-// protected for the model, cooling down, at its lease cap, out of quota, excluded for this
+// The one eligibility rule (docs/ARCHITECTURE.md §4), in order: suspended, disabled, proxy-disabled,
+// protected for the model, cooling down (the account, the model, its family or quota group), at its lease cap, out of quota, excluded for this
 // request, or the account force_rotate moves away from. Selection calls it without `explain`
 // (no strings built); Explain and the no-account error with it.
 Eligibility CheckEligibility(const AccountSnapshot& account, const EligibilityContext& ctx, bool explain);

@@ -107,14 +107,14 @@ std::optional<absl::uint128> LeaseTable::KeyOf(absl::string_view id) const {
 }
 
 IssuedLease LeaseTable::Issue(const std::string& account, const std::string& model, absl::Time now,
-                              const std::string& caller) {
+                              const std::string& caller, const std::string& group) {
   while (prefix_ == 0) prefix_ = RandomBits();
   absl::uint128 key;
   do {
     key = absl::MakeUint128(RandomBits() & 0xffffffffu, RandomBits());
   } while (by_key_.contains(key));
   const absl::Time expires = now + timeout_;
-  by_key_.emplace(key, Slot{account, model, caller, expires});
+  by_key_.emplace(key, Slot{account, model, caller, expires, group});
   by_expiry_.emplace(expires, key);
   ++in_flight_[account];
   return IssuedLease{IdOf(key, caller), expires};
@@ -122,7 +122,7 @@ IssuedLease LeaseTable::Issue(const std::string& account, const std::string& mod
 
 Lease LeaseTable::Take(Map::iterator it) {
   Lease lease{IdOf(it->first, it->second.caller), std::move(it->second.account), std::move(it->second.model),
-              std::move(it->second.caller), it->second.expires};
+              std::move(it->second.caller), it->second.expires, std::move(it->second.group)};
   by_expiry_.erase({lease.expires, it->first});
   if (auto c = in_flight_.find(lease.account); c != in_flight_.end() && --c->second <= 0) in_flight_.erase(c);
   by_key_.erase(it);
@@ -133,7 +133,7 @@ std::optional<Lease> LeaseTable::Find(const std::string& id) const {
   std::optional<absl::uint128> key = KeyOf(id);
   if (!key) return std::nullopt;
   const Slot& s = by_key_.at(*key);
-  return Lease{id, s.account, s.model, s.caller, s.expires};
+  return Lease{id, s.account, s.model, s.caller, s.expires, s.group};
 }
 
 std::optional<Lease> LeaseTable::End(const std::string& id) {

@@ -21,6 +21,7 @@ struct Lease {
   std::string model;
   std::string caller;  // who the token was issued to ("-" when callers are not identified)
   absl::Time expires;
+  std::string group;   // the quota group the request named (empty: none)
 };
 
 // What Issue hands back: the new lease's id and when it times out.
@@ -48,7 +49,7 @@ class LeaseTable {
 
   // Issues a lease with a fresh id to `caller`.
   IssuedLease Issue(const std::string& account, const std::string& model, absl::Time now,
-                    const std::string& caller = "-");
+                    const std::string& caller = "-", const std::string& group = "");
   // The lease, if it is in flight (without ending it).
   std::optional<Lease> Find(const std::string& id) const;
   // Ends a lease; unset if it is unknown or already ended.
@@ -71,6 +72,7 @@ class LeaseTable {
     std::string model;
     std::string caller;
     absl::Time expires;
+    std::string group;
   };
   using Map = absl::flat_hash_map<absl::uint128, Slot>;
 

@@ -14,6 +14,7 @@ namespace {
 
 absl::string_view VerdictCountName(Verdict v) {
   switch (v) {
+    case Verdict::kSuspended: return "suspended";
     case Verdict::kDisabled: return "disabled";
     case Verdict::kProxyDisabled: return "proxy-disabled";
     case Verdict::kProtected: return "protected for this model";
@@ -39,7 +40,8 @@ std::optional<std::string> AccountPool::PreviousFor(const SelectRequest& request
 
 EligibilityContext AccountPool::ContextFor(const SelectRequest& request, const std::optional<std::string>& previous,
                                            absl::Time now) const {
-  return EligibilityContext{request, previous, cooldowns_, quota_, leases_, options_.max_inflight_per_account, now};
+  return EligibilityContext{request, previous, cooldowns_, quota_, leases_, options_.max_inflight_per_account, now,
+                            quota_.families().Of(request.model)};
 }
 
 Eligibility AccountPool::CheckLocked(size_t i, const EligibilityContext& ctx, bool explain) const {
@@ -113,6 +115,7 @@ AccountPool::Evaluation AccountPool::Evaluate(const SelectRequest& request, absl
     if (!qv.fresh) continue;
     ev.verdicts[i].observed_fraction = qv.estimate.observed;
     ev.verdicts[i].estimated_fraction = qv.estimate.estimated;
+    ev.verdicts[i].binding_quota = std::string(qv.cost_key);
   }
   for (size_t r = 0; r < ev.ranked.size(); ++r) {
     AccountVerdict& v = ev.verdicts[ev.ranked[r]];

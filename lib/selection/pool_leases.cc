@@ -83,13 +83,14 @@ absl::StatusOr<Selection> AccountPool::SelectLocked(const SelectRequest& request
   const QuotaView admitted = quota_.View(entry.record, entry.quota, request.model, now);
   quota_.RecordUsage(entry.quota, request.model, now, 1);
   ReindexLocked(*chosen, now);
-  IssuedLease lease = leases_.Issue(entry.record.id, request.model, now, request.caller);
+  IssuedLease lease = leases_.Issue(entry.record.id, request.model, now, request.caller, request.quota_group);
   if (out.active()) {
     out.Add([id = lease.id, account = entry.record.id, model = request.model](SharedState& s) {
       s.LeaseIssued(id, account, model);
     });
   }
-  cooldowns_.OnIssued(entry.record.id, request.model, now, lease.id);
+  cooldowns_.OnIssued(entry.record.id, request.model, now, lease.id,
+                      FamilyRef{quota_.families().Of(request.model), request.quota_group});
   // Models come from callers: past kMaxTrackedModels an arbitrary one is forgotten (it only loses
   // its fill_first / round_robin position).
   if (last_for_model_.size() >= kMaxTrackedModels && !last_for_model_.contains(request.model)) {
@@ -111,6 +112,7 @@ absl::StatusOr<Selection> AccountPool::SelectLocked(const SelectRequest& request
   sel.email = entry.record.email;
   sel.tier = entry.record.tier;
   sel.project_id = entry.record.project_id;
+  sel.model_family = std::string(quota_.families().Of(request.model));
   sel.from_session = from_session;
   sel.lease_id = std::move(lease.id);
   sel.quota_decision = admitted.decision;
@@ -142,7 +144,7 @@ Explanation AccountPool::Explain(const SelectRequest& request) {
 
 void AccountPool::EndLeaseLocked(const Lease& lease) {
   // A lease that ends without a report (released, timed out) frees the half-open probe it held.
-  cooldowns_.OnLeaseEnded(lease.account, lease.model, lease.id);
+  cooldowns_.OnLeaseEnded(lease.account, lease.model, lease.id, FamilyRef{quota_.families().Of(lease.model), lease.group});
   if (auto it = index_.find(lease.account); it != index_.end() && entries_[it->second].in_flight > 0) {
     --entries_[it->second].in_flight;
     ReindexLocked(it->second, clock_.Now());

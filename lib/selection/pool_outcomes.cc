@@ -68,6 +68,7 @@ absl::StatusOr<OutcomeResult> AccountPool::ReportOutcomeLocked(const Outcome& ou
   ExpireLeasesLocked(now, out);
   OutcomeResult result;
   std::optional<absl::Time> issued_at;  // of the reported lease, when it was issued here
+  std::string group;                    // the quota group the reported lease's request named
   if (!outcome.lease_id.empty()) {
     if (std::optional<Lease> mine = leases_.Find(outcome.lease_id);
         mine && !outcome.may_report_any_lease && mine->caller != outcome.caller) {
@@ -78,6 +79,7 @@ absl::StatusOr<OutcomeResult> AccountPool::ReportOutcomeLocked(const Outcome& ou
       out.Add([id = lease->id](SharedState& s) { s.LeaseEnded(id); });
       result.account_id = lease->account;
       result.model = lease->model;
+      group = lease->group;
       issued_at = lease->expires - options_.lease_timeout;
     } else if (outcome.account_id.empty()) {
       return absl::NotFoundError(absl::StrCat(
@@ -100,12 +102,14 @@ absl::StatusOr<OutcomeResult> AccountPool::ReportOutcomeLocked(const Outcome& ou
   UpstreamError parsed = ParseUpstreamError(outcome.http_status, outcome.retry_after, outcome.error_body, now);
   // A success on an account with nothing on record changes nothing anywhere: not shared.
   const bool share = out.active() && (parsed.kind != FailureKind::kSuccess || cooldowns_.Has(id));
-  const CooldownDecision d = ApplyOutcomeLocked(it->second, result.model, parsed, outcome.lease_id, issued_at, now);
+  const CooldownDecision d =
+      ApplyOutcomeLocked(it->second, result.model, parsed, outcome.lease_id, issued_at, now, group);
   if (share) {
     out.Add([o = SharedOutcome{id, result.model, outcome.http_status, outcome.retry_after, outcome.error_body, now},
              state = cooldowns_.Export(id)](SharedState& s) { s.OutcomeApplied(o, state); });
     if (d.invalidate_token) out.Add([id](SharedState& s) { s.TokenDropped(id); });
   }
+  result.family = std::string(quota_.families().Of(result.model));
   result.scope = d.scope;
   result.until = d.until;
   result.reason = d.reason;
@@ -114,9 +118,13 @@ absl::StatusOr<OutcomeResult> AccountPool::ReportOutcomeLocked(const Outcome& ou
 
 CooldownDecision AccountPool::ApplyOutcomeLocked(size_t i, const std::string& model, const UpstreamError& parsed,
                                                  const std::string& lease_id, std::optional<absl::Time> issued_at,
-                                                 absl::Time at) {
+                                                 absl::Time at, const std::string& group) {
   Entry& e = entries_[i];
-  CooldownDecision d = cooldowns_.Apply(e.record.id, model, parsed, at, lease_id);
+  const absl::string_view family = quota_.families().Of(model);
+  CooldownDecision d = cooldowns_.Apply(e.record.id, model, parsed, at, lease_id, FamilyRef{family, group});
+  if (d.scope == CooldownScope::kFamily) {
+    absl::StrAppend(&d.reason, "; cools every model of family ", family, " on this account");
+  }
   if (quota_.LearnFromOutcome(e.record, e.quota, model, parsed, issued_at, at)) ReindexLocked(i, at);
   if (d.invalidate_token) {
     e.record.access_token.clear();
@@ -129,12 +137,14 @@ ResetResult AccountPool::ResetLocked(size_t i, const std::string& model, bool en
   Entry& e = entries_[i];
   AccountRecord& rec = e.record;
   ResetResult out;
-  out.cooldown_lifted = cooldowns_.Lift(rec.id, model);
+  out.cooldown_lifted = cooldowns_.Lift(rec.id, model, model.empty() ? "" : quota_.families().Of(model));
   quota_.ForgetReported(rec, e.quota, model);
   ReindexLocked(i, clock_.Now());
-  if (enable && rec.disabled) {
+  if (enable && (rec.disabled || rec.suspended)) {
     rec.disabled = false;
     rec.disabled_reason.clear();
+    rec.suspended = false;
+    rec.suspension_message.clear();
     out.enabled = true;
   }
   if (enable) runtime_disabled_.erase(rec.id);

@@ -35,6 +35,10 @@ void AccountPool::OnRemoteDisable(const std::string& account, const std::string&
     rec.disabled = true;
     rec.disabled_reason = reason;
   }
+  if (std::optional<std::string> message = SuspensionMessageOf(reason)) {
+    rec.suspended = true;
+    rec.suspension_message = *std::move(message);
+  }
   runtime_disabled_[account] = reason;
 }
 

@@ -23,12 +23,16 @@ enum class Verdict {
   kExhausted,
   kLeaseCap,
   kRotatedAway,
+  kSuspended,  // Google suspended the account (Terms of Service): never handed out again
 };
 
 struct SelectRequest {
   std::string model;       // validated by the caller
   std::string session_id;  // empty: no session
   bool force_rotate = false;
+  // The quota group the caller says the model belongs to (validated; empty: none): family
+  // cooldowns of the group block the request too, and a quota 429 on its lease cools the group.
+  std::string quota_group;
   // Accounts to leave out of this one selection (e.g. whose token refresh just failed).
   absl::flat_hash_set<std::string> exclude;
   // Who asks (recorded with the lease: only this caller may report it). "-" when callers are not
@@ -41,6 +45,7 @@ struct Selection {
   std::string email;
   Tier tier = Tier::kUnknown;
   std::string project_id;
+  std::string model_family;  // the family the pool's map gives the model
   bool from_session = false;  // the session's existing binding was kept
   QuotaDecision quota_decision = QuotaDecision::kUnknown;
   std::optional<double> remaining_fraction;
@@ -60,6 +65,7 @@ struct AccountVerdict {
   // estimate after the leases issued since (predictive admission).
   std::optional<double> observed_fraction;
   std::optional<double> estimated_fraction;
+  std::string binding_quota;  // the bucket id or family whose estimate binds (with fresh data)
 };
 
 struct Explanation {

@@ -76,7 +76,9 @@ std::string Ms(absl::Duration d) { return absl::StrCat(std::max<int64_t>(1, absl
 json CooldownsToJson(const CooldownState& s) {
   json items = json::array();
   for (const CooldownState::Item& i : s.items) {
-    items.push_back({{"m", i.model}, {"u", Millis(i.until)}, {"why", i.reason}, {"q", i.quota}});
+    json item = {{"m", i.model}, {"u", Millis(i.until)}, {"why", i.reason}, {"q", i.quota}};
+    if (i.family) item["f"] = true;  // a family's cooldown: "m" names the family
+    items.push_back(std::move(item));
   }
   return {{"items", items}, {"streak", s.streak}, {"vu", s.validation_url}};
 }
@@ -90,8 +92,8 @@ std::optional<CooldownState> CooldownsFromJson(const json& j) {
     s.validation_url = j.value("vu", "");
     for (const json& i : j.value("items", json::array())) {
       if (!i.is_object()) continue;
-      s.items.push_back(
-          {i.value("m", ""), FromMillis(i.value("u", int64_t{0})), i.value("why", ""), i.value("q", false)});
+      s.items.push_back({i.value("m", ""), FromMillis(i.value("u", int64_t{0})), i.value("why", ""),
+                         i.value("q", false), i.value("f", false)});
     }
     return s;
   } catch (const json::exception&) {

@@ -216,6 +216,14 @@ absl::StatusOr<AccountRecord> ParseAccountJson(const std::string& id, absl::stri
       !s.ok()) {
     return s;
   }
+  if (absl::Status s = OptBool(doc, "suspended", &rec.suspended); !s.ok()) return s;
+  if (rec.suspended) {
+    // A suspended account is disabled whatever the file's "disabled" says; the message is the
+    // reason's tail (SuspendedReason).
+    rec.disabled = true;
+    rec.suspension_message = SuspensionMessageOf(rec.disabled_reason).value_or(rec.disabled_reason);
+    if (rec.disabled_reason.empty()) rec.disabled_reason = SuspendedReason("");
+  }
   if (absl::Status s = OptBool(doc, "proxy_disabled", &rec.proxy_disabled); !s.ok()) return s;
   if (auto pm = doc.find("protected_models"); pm != doc.end() && !pm->is_null()) {
     if (!pm->is_array()) return FieldError("protected_models", "an array of strings");
@@ -337,10 +345,12 @@ absl::Status AccountStore::Update(const std::string& id, const AccountUpdate& up
     doc["disabled"] = true;
     doc["disabled_reason"] = *update.disabled_reason;
     doc["disabled_at"] = absl::ToUnixSeconds(update.disabled_at);
+    if (update.suspended) doc["suspended"] = true;
   } else if (update.enable) {
     doc["disabled"] = false;
     doc["disabled_reason"] = nullptr;  // as Antigravity-Manager writes an enabled account
     doc.erase("disabled_at");
+    doc.erase("suspended");
   }
   return WriteFileAtomic(dir_, path, doc.dump(2) + "\n");
 }

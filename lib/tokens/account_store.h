@@ -32,7 +32,8 @@ struct AccountUpdate {
   std::optional<std::string> refresh_token;  // set when the token endpoint rotated it
   std::optional<std::string> disabled_reason;  // set: disabled=true with this reason and disabled_at
   absl::Time disabled_at = absl::UnixEpoch();
-  bool enable = false;  // disabled=false, and the reason and time of a disable removed
+  bool suspended = false;  // with disabled_reason: Google suspended it ("suspended": true)
+  bool enable = false;  // disabled=false, and the reason, time and suspension of a disable removed  // disabled=false, and the reason and time of a disable removed
 };
 
 // Parses one account file's JSON text in Antigravity-Manager's format. `id` becomes the record's

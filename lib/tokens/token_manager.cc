@@ -355,6 +355,31 @@ void TokenManager::Disable(const std::string& account_id, const std::string& rea
   WriteBack(account_id, update);
 }
 
+void TokenManager::ApplyObservations(const std::vector<QuotaObservation>& observations) {
+  for (const QuotaObservation& o : observations) {
+    if (!o.suspended || !pool_.Suspend(o.account_id, o.suspension_message)) continue;
+    const std::string reason = SuspendedReason(o.suspension_message);
+    {
+      absl::MutexLock lock(&mu_);
+      ++counts_["suspended"];
+    }
+    if (shared_ != nullptr) shared_->AccountDisabled(o.account_id, reason);
+    spdlog::error("account {} {}; it is not handed out again until an operator enables it "
+                  "(ResetAccount with enable, tbctl reset --enable)", o.account_id, reason);
+    AccountUpdate update;
+    update.disabled_reason = reason;
+    update.disabled_at = clock_.Now();
+    update.suspended = true;
+    WriteBack(o.account_id, update);
+  }
+}
+
+int64_t TokenManager::suspensions() const {
+  absl::MutexLock lock(&mu_);
+  auto it = counts_.find("suspended");
+  return it == counts_.end() ? 0 : it->second;
+}
+
 void TokenManager::Enable(const std::string& account_id) {
   {
     absl::MutexLock lock(&mu_);

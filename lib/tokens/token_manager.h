@@ -113,6 +113,13 @@ class TokenManager {
   // invalid_grant). A file that cannot be written is logged once; the pool keeps the state.
   void Disable(const std::string& account_id, const std::string& reason);
 
+  // Applies what the quota poll saw of accounts' standing (monitor or embedded poller): an account
+  // Google suspended (Terms of Service) is suspended in the pool, in the shared state and,
+  // persistently, in its file — logged once; an account already suspended changes nothing.
+  void ApplyObservations(const std::vector<QuotaObservation>& observations);
+  // Accounts suspended by this process so far.
+  int64_t suspensions() const ABSL_LOCKS_EXCLUDED(mu_);
+
   // Enables an account an operator re-enabled (after AccountPool::Reset): its file's disable is
   // cleared and its refresh back-off forgotten. A file that cannot be written is logged once.
   void Enable(const std::string& account_id);

@@ -20,6 +20,7 @@ std::string StringAt(const Json& obj, const char* key) {
 }
 
 constexpr char kRetryDelayPayload[] = "tokenbroker/retry-delay-ms";
+constexpr char kSuspendedPayload[] = "tokenbroker/suspended";
 
 absl::Status StatusForHttp(long status, const std::string& method) {
   std::string what = absl::StrCat("Cloud Code ", method, " answered HTTP ", status);
@@ -36,10 +37,17 @@ absl::Status StatusForResponse(const HttpResponse& resp, const std::string& meth
   absl::Status s = StatusForHttp(resp.status, method);
   UpstreamError parsed = ParseUpstreamError(static_cast<int>(resp.status), resp.retry_after, resp.body, now);
   if (parsed.delay) s.SetPayload(kRetryDelayPayload, absl::Cord(absl::StrCat(absl::ToInt64Milliseconds(*parsed.delay))));
+  if (parsed.kind == FailureKind::kSuspended) s.SetPayload(kSuspendedPayload, absl::Cord(parsed.message));
   return s;
 }
 
 }  // namespace
+
+std::optional<std::string> SuspensionOf(const absl::Status& status) {
+  const auto payload = status.GetPayload(kSuspendedPayload);
+  if (!payload) return std::nullopt;
+  return std::string(*payload);
+}
 
 std::optional<absl::Duration> RetryDelayOf(const absl::Status& status) {
   const auto payload = status.GetPayload(kRetryDelayPayload);

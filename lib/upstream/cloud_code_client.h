@@ -46,6 +46,9 @@ absl::StatusOr<std::vector<QuotaBucketInfo>> ParseQuotaSummary(absl::string_view
 // The delay a Cloud Code error answer asked for (Retry-After, RetryInfo, quotaResetDelay, ...), as
 // carried by the statuses CloudCodeClient returns; unset when it named none.
 std::optional<absl::Duration> RetryDelayOf(const absl::Status& status);
+// For an error status of CloudCodeClient: when the answer said Google suspended the account
+// (Terms of Service), its message (SafeText).
+std::optional<std::string> SuspensionOf(const absl::Status& status);
 
 // Cloud Code's v1internal API. Tries each base URL in turn when one answers 429, 5xx or cannot be
 // reached. Thread-safe; blocking (call from worker threads). `http` must outlive it.

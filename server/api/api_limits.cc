@@ -48,7 +48,8 @@ absl::Status ValidateReportOutcome(const v1::ReportOutcomeRequest& request) {
 
 absl::Status ValidateExplainSelection(const v1::ExplainSelectionRequest& request) {
   for (const absl::Status& s : {ValidateModel("model", request.model(), /*required=*/true),
-                                ValidateSessionId("session_id", request.session_id())}) {
+                                ValidateSessionId("session_id", request.session_id()),
+                                ValidateModel("quota_group", request.quota_group(), /*required=*/false)}) {
     if (!s.ok()) return s;
   }
   return absl::OkStatus();

@@ -15,6 +15,16 @@
 namespace tokenbroker {
 namespace {
 
+// A cooldown scope as the audit log and the logs name it; empty for none.
+absl::string_view ScopeName(CooldownScope scope) {
+  switch (scope) {
+    case CooldownScope::kModel: return "model";
+    case CooldownScope::kAccount: return "account";
+    case CooldownScope::kFamily: return "family";
+    case CooldownScope::kNone: break;
+  }
+  return "";
+}
 
 // The result label of a refused report (metrics and audit).
 std::string ReportResultName(const absl::Status& status) {
@@ -177,22 +187,23 @@ grpc::ServerUnaryReactor* BrokerService::ReportOutcome(grpc::CallbackServerConte
   response->set_scope(ToProto(result->scope));
   response->set_reason(result->reason);
   response->set_account_disabled(false);  // a report never disables (DESIGN §5); kept for old clients
+  response->set_family(result->family);
   if (result->scope != CooldownScope::kNone && result->until != absl::InfiniteFuture()) {
     ToProto(result->until, response->mutable_cooldown_until());
   }
   audit.account_id = result->account_id;
   audit.model = result->model;
-  audit.result = result->scope == CooldownScope::kNone ? "no_cooldown"
-                 : result->scope == CooldownScope::kAccount ? "account_cooldown"
-                                                            : "model_cooldown";
-  audit.scope = result->scope == CooldownScope::kNone ? "" : result->scope == CooldownScope::kAccount ? "account" : "model";
+  const absl::string_view scope = ScopeName(result->scope);
+  audit.result = scope.empty() ? "no_cooldown" : absl::StrCat(scope, "_cooldown");
+  audit.scope = std::string(scope);
   if (result->scope != CooldownScope::kNone) audit.until = result->until;
   audit.detail = result->reason;
   CountReport(*caller, audit.result);
   if (audit_ != nullptr) audit_->Reported(audit, clock_.Now());
   if (result->scope != CooldownScope::kNone) {
     spdlog::info("account {} {}: HTTP {} -> {} cooldown until {} ({})", result->account_id, result->model,
-                 request->http_status(), result->scope == CooldownScope::kAccount ? "account" : "model",
+                 request->http_status(),
+                 result->scope == CooldownScope::kFamily ? absl::StrCat("family ", result->family) : std::string(scope),
                  FormatTimestamp(result->until), result->reason);
   }
   // A success or an ended lease may free an account that waiting calls want.
@@ -278,6 +289,7 @@ grpc::ServerUnaryReactor* BrokerService::ExplainSelection(grpc::CallbackServerCo
   select.model = request->model();
   select.session_id = request->session_id();
   select.force_rotate = request->force_rotate();
+  select.quota_group = request->quota_group();
   ToProto(pool_.Explain(select), response);
   return FinishNow(context, absl::OkStatus());
 }

@@ -1,5 +1,8 @@
 #include "server/api/proto_convert.h"
 
+#include "lib/common/safe_text.h"
+#include "lib/common/upstream_error.h"
+
 namespace tokenbroker {
 
 v1::Tier ToProto(Tier tier) {
@@ -23,6 +26,7 @@ v1::Verdict ToProto(Verdict verdict) {
     case Verdict::kExhausted: return v1::VERDICT_EXHAUSTED;
     case Verdict::kLeaseCap: return v1::VERDICT_LEASE_CAP;
     case Verdict::kRotatedAway: return v1::VERDICT_ROTATED_AWAY;
+    case Verdict::kSuspended: return v1::VERDICT_SUSPENDED;
   }
   return v1::VERDICT_UNSPECIFIED;
 }
@@ -64,6 +68,7 @@ IssueRequest FromProto(const v1::GetTokenRequest& request) {
   issue.select.model = request.model();
   issue.select.session_id = request.session_id();
   issue.select.force_rotate = request.force_rotate();
+  issue.select.quota_group = request.quota_group();
   if (request.has_max_wait()) issue.max_wait = FromProto(request.max_wait());
   return issue;
 }
@@ -80,6 +85,7 @@ void ToProto(const Issued& issued, v1::GetTokenResponse* out) {
   out->set_quota_decision(ToProto(selection.quota_decision));
   if (selection.remaining_fraction) out->set_remaining_fraction(*selection.remaining_fraction);
   out->set_below_min_token_ttl(issued.token.below_min_ttl);
+  out->set_model_family(selection.model_family);
 }
 
 namespace {
@@ -110,6 +116,8 @@ void ToProto(const QuotaObservation& o, v1::QuotaObservation* p) {
   p->set_forbidden(o.forbidden);
   p->set_bucket_id(o.bucket);
   p->set_family(o.family);
+  p->set_suspended(o.suspended);
+  p->set_suspension_message(o.suspension_message);
   switch (o.source) {
     case QuotaSource::kAvailableModels: p->set_source(v1::QUOTA_SOURCE_AVAILABLE_MODELS); break;
     case QuotaSource::kQuotaSummary: p->set_source(v1::QUOTA_SOURCE_QUOTA_SUMMARY); break;
@@ -129,6 +137,9 @@ QuotaObservation FromProto(const v1::QuotaObservation& p) {
   o.forbidden = p.forbidden();
   o.bucket = p.bucket_id();
   o.family = p.family();
+  o.suspended = p.suspended();
+  // A monitor's words: bounded and escaped like any upstream text.
+  o.suspension_message = SafeText(p.suspension_message(), 2 * kMaxUpstreamField);
   switch (p.source()) {
     case v1::QUOTA_SOURCE_AVAILABLE_MODELS: o.source = QuotaSource::kAvailableModels; break;
     case v1::QUOTA_SOURCE_QUOTA_SUMMARY: o.source = QuotaSource::kQuotaSummary; break;
@@ -142,7 +153,8 @@ void ToProto(const AccountView& view, v1::Account* out) {
   out->set_email(view.email);
   out->set_tier(ToProto(view.tier));
   out->set_project_id(view.project_id);
-  out->set_state(view.disabled         ? v1::ACCOUNT_STATE_DISABLED
+  out->set_state(view.suspended        ? v1::ACCOUNT_STATE_SUSPENDED
+                 : view.disabled       ? v1::ACCOUNT_STATE_DISABLED
                  : view.proxy_disabled ? v1::ACCOUNT_STATE_PROXY_DISABLED
                                        : v1::ACCOUNT_STATE_ENABLED);
   out->set_disabled_reason(view.disabled_reason);
@@ -155,10 +167,23 @@ void ToProto(const AccountView& view, v1::Account* out) {
     mq->set_remaining_fraction(q.remaining_fraction);
     if (q.reset_time) ToProto(*q.reset_time, mq->mutable_reset_time());
   }
+  for (const BucketQuota& b : view.buckets) {
+    v1::QuotaBucket* pb = out->add_buckets();
+    pb->set_bucket_id(b.bucket);
+    pb->set_family(b.family);
+    pb->set_remaining_fraction(b.remaining_fraction);
+    if (b.reset_time) ToProto(*b.reset_time, pb->mutable_reset_time());
+    ToProto(b.observed, pb->mutable_observed_time());
+  }
+  out->set_suspension_message(view.suspension_message);
   out->set_bound_sessions(view.bound_sessions);
   for (const CooldownView& c : view.cooldowns) {
     v1::Cooldown* pc = out->add_cooldowns();
-    pc->set_model(c.model);
+    if (c.family) {
+      pc->set_family(c.model);
+    } else {
+      pc->set_model(c.model);
+    }
     ToProto(c.until, pc->mutable_end_time());
     pc->set_reason(c.reason);
     pc->set_half_open(c.half_open);
@@ -182,6 +207,7 @@ v1::CooldownScope ToProto(CooldownScope scope) {
   switch (scope) {
     case CooldownScope::kModel: return v1::COOLDOWN_SCOPE_MODEL;
     case CooldownScope::kAccount: return v1::COOLDOWN_SCOPE_ACCOUNT;
+    case CooldownScope::kFamily: return v1::COOLDOWN_SCOPE_FAMILY;
     case CooldownScope::kNone: break;
   }
   return v1::COOLDOWN_SCOPE_UNSPECIFIED;
@@ -202,6 +228,7 @@ void ToProto(const Explanation& explanation, v1::ExplainSelectionResponse* out) 
     if (v.available_at) ToProto(*v.available_at, pv->mutable_available_time());
     if (v.observed_fraction) pv->set_observed_fraction(*v.observed_fraction);
     if (v.estimated_fraction) pv->set_estimated_fraction(*v.estimated_fraction);
+    pv->set_binding_quota(v.binding_quota);
   }
 }
 

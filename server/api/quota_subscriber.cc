@@ -88,6 +88,7 @@ void QuotaSubscriber::Loop() {
       batch.reserve(message.observations_size());
       for (const v1::QuotaObservation& p : message.observations()) batch.push_back(FromProto(p));
       pool_.UpdateQuota(batch);
+      if (then_) then_(batch);
       if (message.snapshot()) {
         absl::MutexLock lock(&mu_);
         if (generation != generation_) continue;  // replaced meanwhile: the stream is being cancelled

@@ -2,7 +2,9 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <functional>
 #include <memory>
+#include <vector>
 #include <string>
 #include <thread>
 
@@ -19,7 +21,10 @@ namespace tokenbroker {
 // called on gRPC callback threads). Thread-safe. `pool` must outlive it.
 class QuotaSubscriber {
  public:
-  explicit QuotaSubscriber(AccountPool& pool) : pool_(pool) {}
+  // `then`, when set, sees every batch after the pool (e.g. to persist suspensions).
+  explicit QuotaSubscriber(AccountPool& pool,
+                           std::function<void(const std::vector<QuotaObservation>&)> then = nullptr)
+      : pool_(pool), then_(std::move(then)) {}
   ~QuotaSubscriber();  // Stop()s
 
   // Streams from `target` ("host:port" or "unix:path"), replacing any current stream (which is
@@ -42,6 +47,7 @@ class QuotaSubscriber {
   void ChangedLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   AccountPool& pool_;
+  const std::function<void(const std::vector<QuotaObservation>&)> then_;
   mutable absl::Mutex mu_;
   std::string target_ ABSL_GUARDED_BY(mu_);  // empty: disconnected
   uint64_t generation_ ABSL_GUARDED_BY(mu_) = 0;  // bumped by every Connect and Disconnect

@@ -78,6 +78,7 @@ absl::Status BrokerApp::Start() {
   const BrokerConfig& c = config_;
   pool_ = std::make_unique<AccountPool>(c.pool, Clock::Real());
   pool_->SetQuotaSettings(c.quota);
+  if (c.families) pool_->SetFamilies(c.families);
   loader_ = std::make_unique<AccountLoader>(*store_, *pool_);
   loader_->Load();
 
@@ -102,13 +103,19 @@ absl::Status BrokerApp::Start() {
   cloud_code_ = std::make_unique<CloudCodeClient>(c.cloudcode_base_urls, *http_);
   if (c.embedded_monitor) {
     AccountPool& pool = *pool_;
+    TokenManager& tokens = *tokens_;
     poller_ = std::make_unique<QuotaPoller>(
         c.poller, pool, *tokens_, *cloud_code_,
-        [&pool](const std::vector<QuotaObservation>& o) { pool.UpdateQuota(o); }, Clock::Real());
+        [&pool, &tokens](const std::vector<QuotaObservation>& o) {
+          pool.UpdateQuota(o);
+          tokens.ApplyObservations(o);
+        },
+        Clock::Real());
     poller_->Start();
     spdlog::info("quota validation on, polling in this process every {}", absl::FormatDuration(c.poller.interval));
   }
-  subscriber_ = std::make_unique<QuotaSubscriber>(*pool_);
+  subscriber_ = std::make_unique<QuotaSubscriber>(
+      *pool_, [&tokens = *tokens_](const std::vector<QuotaObservation>& o) { tokens.ApplyObservations(o); });
   if (!c.quota_monitor.empty()) {
     subscriber_->Connect(c.quota_monitor);
     spdlog::info("quota validation on, streaming from the monitor at {}", c.quota_monitor);

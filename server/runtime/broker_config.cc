@@ -32,6 +32,9 @@ ABSL_FLAG(double, quota_call_cost_prior, 0.05,
           "another of its tier) has learned its own from successive observations. Cautious: high rather than low.");
 ABSL_FLAG(absl::Duration, quota_max_lag, absl::Seconds(60),
           "Longest the quota API is believed to lag behind; the lag learned from its answers never exceeds it.");
+ABSL_FLAG(std::string, model_families_file, "",
+          "File of \"<model glob> <family>\" lines, one a line, that put models in quota families before the "
+          "built-in rules (gemini*, claude*/gpt* as 3p, *image* as image); see README \"Quota families\".");
 ABSL_FLAG(double, quota_low_threshold, 0.10, "Remaining fraction below which an account is LOW for a model.");
 ABSL_FLAG(double, quota_exhausted_threshold, 0.05,
           "Remaining fraction below which an account is EXHAUSTED for a model and skipped.");
@@ -99,6 +102,12 @@ absl::StatusOr<BrokerConfig> BrokerConfigFromFlags() {
   quota.max_lag = absl::GetFlag(FLAGS_quota_max_lag);
   if (absl::Status s = ValidateQuotaSettings(quota); !s.ok()) {
     return absl::InvalidArgumentError(absl::StrCat("--quota_", s.message()));
+  }
+  config.families = FamilyMap::Default();
+  if (const std::string path = absl::GetFlag(FLAGS_model_families_file); !path.empty()) {
+    absl::StatusOr<std::shared_ptr<const FamilyMap>> families = FamilyMap::Load(path);
+    if (!families.ok()) return families.status();
+    config.families = *std::move(families);
   }
   config.poller.interval = absl::GetFlag(FLAGS_poll_interval);
   config.poller.max_in_flight = absl::GetFlag(FLAGS_poll_concurrency);

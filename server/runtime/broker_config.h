@@ -23,6 +23,7 @@ struct BrokerConfig {
   std::string accounts_dir;                // --accounts_dir
   PoolOptions pool;                        // --policy, --session_ttl, --max_sessions, leases, cooldowns
   QuotaSettings quota;                     // --quota_*; enabled with a monitor or the embedded poller
+  std::shared_ptr<const FamilyMap> families;  // --model_families_file over the built-in rules
   std::string quota_monitor;               // --quota_monitor; empty: none at start
   bool embedded_monitor = false;           // --embedded_monitor
   QuotaPollerOptions poller;               // --poll_interval, --poll_concurrency (embedded monitor)

@@ -69,18 +69,20 @@ class StateCollector final : public prometheus::Collectable {
     auto fractions = Family("tokenbroker_quota_remaining_fraction",
                             "Last known remaining quota fraction per account and model.", MetricType::Gauge);
     auto inflight = Family("tokenbroker_inflight_leases", "Leases handed out and not yet reported.", MetricType::Gauge);
-    std::map<std::string, int> by_state = {{"enabled", 0}, {"disabled", 0}, {"proxy_disabled", 0}, {"cooling", 0}};
+    std::map<std::string, int> by_state = {
+        {"enabled", 0}, {"disabled", 0}, {"suspended", 0}, {"proxy_disabled", 0}, {"cooling", 0}};
     int model_cooldowns = 0;
     int account_cooldowns = 0;
+    int family_cooldowns = 0;
     int leases = 0;
     for (const AccountView& a : accounts) {
       bool cooling = false;
       for (const CooldownView& c : a.cooldowns) {
         if (c.until <= now) continue;
-        (c.model.empty() ? account_cooldowns : model_cooldowns)++;
+        (c.family ? family_cooldowns : c.model.empty() ? account_cooldowns : model_cooldowns)++;
         cooling |= c.model.empty();
       }
-      ++by_state[a.disabled ? "disabled" : a.proxy_disabled ? "proxy_disabled" : cooling ? "cooling" : "enabled"];
+      ++by_state[a.suspended ? "suspended" : a.disabled ? "disabled" : a.proxy_disabled ? "proxy_disabled" : cooling ? "cooling" : "enabled"];
       for (const ModelQuota& q : a.quotas) {
         fractions.metric.push_back(Value(q.remaining_fraction, {{"account_id", a.account_id}, {"model", q.model}}, false));
       }
@@ -89,6 +91,7 @@ class StateCollector final : public prometheus::Collectable {
     for (const auto& [state, n] : by_state) states.metric.push_back(Value(n, {{"state", state}}, false));
     cooldowns.metric.push_back(Value(model_cooldowns, {{"scope", "model"}}, false));
     cooldowns.metric.push_back(Value(account_cooldowns, {{"scope", "account"}}, false));
+    cooldowns.metric.push_back(Value(family_cooldowns, {{"scope", "family"}}, false));
     inflight.metric.push_back(Value(leases, {}, false));
 
     auto refreshes = Family("tokenbroker_token_refreshes_total", "Token refreshes by result.", MetricType::Counter);

@@ -290,6 +290,9 @@ FakeUpstream::Response FakeUpstream::HandleCloudCode(const std::string& path,
     if (auto p = profiles_.find(account); p != profiles_.end()) profile = p->second;
   }
   const AccountQuotaProfile quota_profile{std::string(TierName(ParseTier(profile.tier_id))), profile.budgets};
+  if (profile.suspended) {
+    return Response{403, R"({"error":{"code":403,"status":"PERMISSION_DENIED","message":"This service has been disabled in this account for violation of Terms of Service. If you believe this is an error, contact support."}})"};
+  }
   if (path == "/v1internal:loadCodeAssist") {
     Json out = {{"currentTier", {{"id", profile.tier_id}, {"name", profile.tier_id}}},
                 {"allowedTiers", Json::array({{{"id", "free-tier"}, {"isDefault", true}}})}};
@@ -320,6 +323,7 @@ FakeUpstream::Response FakeUpstream::HandleCloudCode(const std::string& path,
   }
   if (path == "/v1internal:retrieveUserQuotaSummary") {
     if (auto summary = quota_.QuotaSummaryJson(account, quota_profile)) return Response{200, *std::move(summary)};
+    if (!profile.summary_json.empty()) return Response{200, profile.summary_json};
     return Response{200, R"({"groups":[]})"};
   }
   return Response{404, R"({"error":{"code":404,"message":"not found","status":"NOT_FOUND"}})"};
@@ -355,6 +359,8 @@ FakeUpstream::Response FakeUpstream::HandleAdmin(const std::string& path, const 
     p.project = req.value("project", "");
     p.tier_id = req.value("tier", "free-tier");
     if (auto m = req.find("models"); m != req.end()) p.models_json = m->dump();
+    if (auto q = req.find("summary"); q != req.end()) p.summary_json = q->dump();
+    p.suspended = req.value("suspended", false);
     if (auto b = req.find("budgets"); b != req.end()) {
       absl::StatusOr<FamilyBudgets> budgets = ParseFamilyBudgets(b->dump());
       if (!budgets.ok()) return Response{400, Json{{"error", std::string(budgets.status().message())}}.dump()};

@@ -32,6 +32,10 @@ struct AccountProfile {
   std::string tier_id = "free-tier";
   std::string models_json = "{}";  // the "models" object of fetchAvailableModels
   FamilyBudgets budgets;  // with quota accounting on: overrides the tier's budgets per family
+  // With quota accounting off: retrieveUserQuotaSummary's answer as it is (empty: no groups).
+  std::string summary_json;
+  // Google suspended the account: every Cloud Code call answers 403 "violation of Terms of Service".
+  bool suspended = false;
 };
 
 // A real HTTP/1.1 server on loopback that answers like Google's OAuth token endpoint

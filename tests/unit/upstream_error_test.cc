@@ -252,3 +252,60 @@ TEST(ParseUpstreamError, GarbageNeverCrashes) {
 
 }  // namespace
 }  // namespace tokenbroker
+
+namespace tokenbroker {
+namespace {
+
+// Issue 13: the 2026 bodies (shapes in ../shared/reference/upstream-formats.md).
+TEST(ParseUpstreamError, TermsOfServiceSuspension) {
+  UpstreamError e = ParseUpstreamError(403, "", R"({"error":{"code":403,"status":"PERMISSION_DENIED",
+    "message":"This service has been disabled in this account for violation of Terms of Service. Contact support."}})",
+                                       kNow);
+  EXPECT_EQ(e.kind, FailureKind::kSuspended);
+  EXPECT_EQ(e.message, "This service has been disabled in this account for violation of Terms of Service. Contact support.");
+  EXPECT_EQ(e.Summary(), "suspended (Terms of Service)");
+  // Plain text, and a token in the text is never kept.
+  UpstreamError text = ParseUpstreamError(403, "", "violation of Terms of Service ya29.a0AfB_secretsecretsecret", kNow);
+  EXPECT_EQ(text.kind, FailureKind::kSuspended);
+  EXPECT_EQ(text.message.find("ya29.a0AfB_secret"), std::string::npos);
+  // Another 403 stays a plain forbidden; a 429 that mentions the terms is not a suspension.
+  EXPECT_EQ(ParseUpstreamError(403, "", R"({"error":{"code":403,"message":"Permission denied on project"}})", kNow).kind,
+            FailureKind::kForbidden);
+  EXPECT_EQ(ParseUpstreamError(429, "", "terms of service", kNow).kind, FailureKind::kRateLimited);
+}
+
+TEST(ParseUpstreamError, FamilyWideWeeklyLimit) {
+  UpstreamError e = ParseUpstreamError(429, "", R"({"error": {"code": 429, "status": "RESOURCE_EXHAUSTED",
+  "message": "Individual quota reached for claude models. Resets in 108h48m29s.",
+  "details": [
+    {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "QUOTA_EXHAUSTED",
+     "domain": "cloudcode-pa.googleapis.com",
+     "metadata": {"model": "claude-sonnet-4-6", "quotaResetDelay": "108h48m29s",
+                  "quotaResetTimeStamp": "2026-12-06T06:00:00Z", "uiMessage": "true"}},
+    {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "391709s"}]}})",
+                                       kNow);
+  EXPECT_EQ(e.kind, FailureKind::kQuotaExhausted);
+  EXPECT_TRUE(e.family_wide);
+  EXPECT_EQ(e.model, "claude-sonnet-4-6");
+  ASSERT_TRUE(e.delay.has_value());
+  EXPECT_GE(*e.delay, absl::Hours(108));
+  // The message alone names both the family limit and the delay.
+  UpstreamError text = ParseUpstreamError(429, "", "Individual quota reached for claude models. Resets in 2h1m.", kNow);
+  EXPECT_EQ(text.kind, FailureKind::kQuotaExhausted);
+  EXPECT_TRUE(text.family_wide);
+  ASSERT_TRUE(text.delay.has_value());
+  EXPECT_EQ(*text.delay, absl::Hours(2) + absl::Minutes(1));
+  // A weekly quota id.
+  EXPECT_TRUE(ParseUpstreamError(429, "", R"({"error":{"code":429,"details":[
+    {"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{"quotaId":"GenerateRequestsPerWeekPerUser-Weekly"}]},
+    {"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"QUOTA_EXHAUSTED"}]}})", kNow).family_wide);
+  // A model's own quota is not family-wide.
+  UpstreamError model = ParseUpstreamError(429, "", R"({"error":{"code":429,"message":"You have exhausted your capacity on this model.",
+    "details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"QUOTA_EXHAUSTED","metadata":{"model":"gemini-3-pro-high"}}]}})",
+                                           kNow);
+  EXPECT_EQ(model.kind, FailureKind::kQuotaExhausted);
+  EXPECT_FALSE(model.family_wide);
+}
+
+}  // namespace
+}  // namespace tokenbroker
