@@ -28,15 +28,7 @@ SelectRequest Req(const std::string& model, const std::string& group = "") {
 
 QuotaObservation Bucket(const std::string& account, const std::string& group, const std::string& bucket,
                         double fraction, absl::Time observed, absl::Time reset) {
-  QuotaObservation o;
-  o.account_id = account;
-  o.family = group;
-  o.bucket = bucket;
-  o.remaining_fraction = fraction;
-  o.observed = observed;
-  o.reset_time = reset;
-  o.source = QuotaSource::kQuotaSummary;
-  return o;
+  return testing::BucketObservation(account, group, bucket, fraction, observed, reset);
 }
 
 QuotaObservation ModelObs(const std::string& account, const std::string& model, double fraction, absl::Time observed,

@@ -337,17 +337,9 @@ TEST(StaleObservations, ObservationsWithinTheLearnedLagOfThe429DoNotCount) {
   EXPECT_EQ(pool.Select(Req("m"))->account_id, "a");
 }
 
-QuotaObservation Bucket(const std::string& account, const std::string& family, const std::string& bucket,
+QuotaObservation Bucket(const std::string& account, const std::string& group, const std::string& bucket,
                         double fraction, absl::Time observed, absl::Time reset) {
-  QuotaObservation o;
-  o.account_id = account;
-  o.family = family;
-  o.bucket = bucket;
-  o.remaining_fraction = fraction;
-  o.observed = observed;
-  o.reset_time = reset;
-  o.source = QuotaSource::kQuotaSummary;
-  return o;
+  return testing::BucketObservation(account, group, bucket, fraction, observed, reset);
 }
 
 TEST(PredictiveAdmission, StateFromCallerModelNamesIsBounded) {

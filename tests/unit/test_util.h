@@ -12,6 +12,7 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "lib/common/account.h"
+#include "lib/quota/quota.h"
 
 namespace tokenbroker::testing {
 
@@ -55,6 +56,21 @@ class TempDir {
  private:
   std::string path_;
 };
+
+// One bucket of retrieveUserQuotaSummary as the monitor streams it.
+inline QuotaObservation BucketObservation(const std::string& account, const std::string& group,
+                                          const std::string& bucket, double fraction, absl::Time observed,
+                                          absl::Time reset) {
+  QuotaObservation o;
+  o.account_id = account;
+  o.family = group;
+  o.bucket = bucket;
+  o.remaining_fraction = fraction;
+  o.observed = observed;
+  o.reset_time = reset;
+  o.source = QuotaSource::kQuotaSummary;
+  return o;
+}
 
 inline void WriteText(const std::string& path, const std::string& text) {
   std::ofstream(path, std::ios::binary | std::ios::trunc) << text;
