@@ -40,6 +40,11 @@ struct UpstreamError {
   std::string quota_id;        // QuotaFailure.violations[].quotaId
   std::string validation_url;  // for kValidationRequired, when the answer carried one
   std::string model;           // ErrorInfo.metadata.model, when present
+  // The answer says the account's Google One AI credits are spent (reason
+  // INSUFFICIENT_G1_CREDITS_BALANCE in a 429 or 403): the request asked for credits (enabledCreditTypes)
+  // and there are none, which says nothing of the account's normal quota. Such an answer is a
+  // kClientError (it cools nothing); `delay`, when set, is when the credits come back.
+  bool credits_exhausted = false;
   // Something operators should know about how the answer was read, e.g. that the Retry-After
   // date was in the past (so it named no delay). Empty usually.
   std::string note;

@@ -45,7 +45,7 @@ struct Eligibility {
 };
 
 // The one eligibility rule (docs/ARCHITECTURE.md §4), in order: disabled, proxy-disabled,
-// protected for the model, cooling down, at its lease cap, out of quota, excluded for this
+// without a Cloud Code project while the monitor onboards it (as cooling down), protected for the model, cooling down, at its lease cap, out of quota, excluded for this
 // request, or the account force_rotate moves away from. Selection calls it without `explain`
 // (no strings built); Explain and the no-account error with it.
 Eligibility CheckEligibility(const AccountSnapshot& account, const EligibilityContext& ctx, bool explain);

@@ -1,5 +1,7 @@
 #include "server/api/proto_convert.h"
 
+#include "lib/common/safe_text.h"
+
 namespace tokenbroker {
 
 v1::Tier ToProto(Tier tier) {
@@ -80,6 +82,10 @@ void ToProto(const Issued& issued, v1::GetTokenResponse* out) {
   out->set_quota_decision(ToProto(selection.quota_decision));
   if (selection.remaining_fraction) out->set_remaining_fraction(*selection.remaining_fraction);
   out->set_below_min_token_ttl(issued.token.below_min_ttl);
+  if (selection.credits_exhausted_until) {
+    out->set_credits_exhausted(true);
+    ToProto(*selection.credits_exhausted_until, out->mutable_credits_exhausted_until());
+  }
 }
 
 namespace {
@@ -110,9 +116,11 @@ void ToProto(const QuotaObservation& o, v1::QuotaObservation* p) {
   p->set_forbidden(o.forbidden);
   p->set_bucket_id(o.bucket);
   p->set_family(o.family);
+  p->set_no_project_reason(o.no_project_reason);
   switch (o.source) {
     case QuotaSource::kAvailableModels: p->set_source(v1::QUOTA_SOURCE_AVAILABLE_MODELS); break;
     case QuotaSource::kQuotaSummary: p->set_source(v1::QUOTA_SOURCE_QUOTA_SUMMARY); break;
+    case QuotaSource::kUserQuota: p->set_source(v1::QUOTA_SOURCE_USER_QUOTA); break;
     case QuotaSource::kUnspecified: p->set_source(v1::QUOTA_SOURCE_UNSPECIFIED); break;
   }
 }
@@ -129,9 +137,12 @@ QuotaObservation FromProto(const v1::QuotaObservation& p) {
   o.forbidden = p.forbidden();
   o.bucket = p.bucket_id();
   o.family = p.family();
+  // The monitor's text, shown to operators: bounded and escaped like any text from outside.
+  o.no_project_reason = SafeText(p.no_project_reason(), 256);
   switch (p.source()) {
     case v1::QUOTA_SOURCE_AVAILABLE_MODELS: o.source = QuotaSource::kAvailableModels; break;
     case v1::QUOTA_SOURCE_QUOTA_SUMMARY: o.source = QuotaSource::kQuotaSummary; break;
+    case v1::QUOTA_SOURCE_USER_QUOTA: o.source = QuotaSource::kUserQuota; break;
     default: o.source = QuotaSource::kUnspecified; break;
   }
   return o;
@@ -166,6 +177,7 @@ void ToProto(const AccountView& view, v1::Account* out) {
   out->set_validation_url(view.validation_url);
   out->set_inflight_leases(view.in_flight);
   out->set_failure_streak(view.failure_streak);
+  if (view.credits_exhausted_until) ToProto(*view.credits_exhausted_until, out->mutable_credits_exhausted_until());
 }
 
 v1::QuotaDecision ToProto(QuotaDecision decision) {

@@ -102,8 +102,10 @@ absl::Status BrokerApp::Start() {
   cloud_code_ = std::make_unique<CloudCodeClient>(c.cloudcode_base_urls, *http_);
   if (c.embedded_monitor) {
     AccountPool& pool = *pool_;
+    QuotaPollerOptions poller_options = c.poller;
+    PersistOnboardedProjects(*store_, poller_options);
     poller_ = std::make_unique<QuotaPoller>(
-        c.poller, pool, *tokens_, *cloud_code_,
+        poller_options, pool, *tokens_, *cloud_code_,
         [&pool](const std::vector<QuotaObservation>& o) { pool.UpdateQuota(o); }, Clock::Real());
     poller_->Start();
     spdlog::info("quota validation on, polling in this process every {}", absl::FormatDuration(c.poller.interval));
