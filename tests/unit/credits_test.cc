@@ -103,6 +103,18 @@ TEST(Credits, AnotherCallersLeaseCannotBeMarked) {
   for (const AccountView& v : pool.List()) EXPECT_FALSE(v.credits_exhausted_until.has_value()) << v.account_id;
 }
 
+TEST(Credits, AReplicaAppliesTheOutcomeAnotherOnePublished) {
+  // What RedisState delivers to every other replica: the outcome, applied by the same function.
+  FakeClock clock;
+  AccountPool replica(PoolOptions(), clock);
+  replica.Load({testing::MakeAccount("a")});
+  replica.OnRemoteOutcome(SharedOutcome{"a", "m", 429, "", CreditsBody("30m"), clock.Now()});
+  absl::StatusOr<Selection> s = replica.Select(Req("m"));
+  ASSERT_TRUE(s.ok()) << s.status();  // not cooled
+  ASSERT_TRUE(s->credits_exhausted_until.has_value());
+  EXPECT_EQ(*s->credits_exhausted_until, clock.Now() + absl::Minutes(30));
+}
+
 TEST(NoProject, NotServedUntilAnObservationCarriesItsProject) {
   FakeClock clock;
   AccountPool pool(PoolOptions(), clock);
