@@ -235,9 +235,13 @@ void QuotaPoller::Poll(const std::string& account_id) {
     absl::MutexLock lock(&mu_);
     user_quota = no_summary_.contains(account_id) && !no_user_quota_.contains(account_id);
   }
-  if (user_quota && summary_error.ok()) summary_error = ReadUserQuota(account_id, token->token, account_level, out);
+  const char* failed = "retrieveUserQuotaSummary";
+  if (user_quota && summary_error.ok()) {
+    summary_error = ReadUserQuota(account_id, token->token, account_level, out);
+    failed = "retrieveUserQuota";
+  }
   sink_(out);
-  if (!summary_error.ok()) return on_error(summary_error, "retrieveUserQuotaSummary");
+  if (!summary_error.ok()) return on_error(summary_error, failed);
   absl::MutexLock lock(&mu_);
   backoff_.erase(account_id);
 }

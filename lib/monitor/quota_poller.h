@@ -101,7 +101,8 @@ class QuotaPoller {
   absl::flat_hash_set<std::string> no_summary_ ABSL_GUARDED_BY(mu_);
   // ... and to retrieveUserQuota too: per-model quota from fetchAvailableModels alone.
   absl::flat_hash_set<std::string> no_user_quota_ ABSL_GUARDED_BY(mu_);
-  // Accounts whose file (or an earlier onboarding) names a project: never onboarded.
+  // Accounts whose record in the pool names a project (from its file; rebuilt every tick): never
+  // onboarded. An account onboarded here keeps its project in code_assist_.
   absl::flat_hash_set<std::string> has_project_ ABSL_GUARDED_BY(mu_);
   Onboarding onboarding_;
   int64_t polls_ ABSL_GUARDED_BY(mu_) = 0;
