@@ -3,11 +3,12 @@ onboarded (onboardUser, its long-running operation polled) by the real tokenbrok
 the broker's embedded poller, and served with the project once they have one, never before; a
 failing or hanging onboardUser keeps the account out with the reason; an
 INSUFFICIENT_G1_CREDITS_BALANCE answer marks only the reporting caller's leased account's credits
-exhausted, which GetToken then says, without cooling the account."""
+exhausted, which GetToken then says, without cooling the account, on every replica sharing a Redis."""
 import calendar
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -240,6 +241,66 @@ class EmbeddedPollerAndCredits(unittest.TestCase):
 
     def test_4_no_secret_in_the_logs(self):
         assert_no_secret(self, self.cluster.broker_logs())
+
+
+CREDITS_BODY = json.dumps({"error": {
+    "code": 429, "status": "RESOURCE_EXHAUSTED", "message": "Insufficient Google One AI credits.",
+    "details": [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "INSUFFICIENT_G1_CREDITS_BALANCE",
+                 "domain": "cloudcode-pa.googleapis.com", "metadata": {"quotaResetDelay": "1800s"}}]}})
+
+
+class CreditsOverRedis(unittest.TestCase):
+    """Two replicas on one real redis-server: credits reported to one are known to the other."""
+
+    @classmethod
+    def setUpClass(cls):
+        c = cls.cluster = harness.Cluster(BUILD)
+        c.write_account("acct-a", harness.account_json("a@example.com", "1//rt-a", "PRO"))
+        c.start_upstream()
+        port = harness.free_port()
+        cls.redis_log = open(os.path.join(c.dir, "redis.log"), "ab")
+        cls.redis = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", c.dir,
+                                      "--save", "", "--appendonly", "no", "--protected-mode", "no"],
+                                     stdout=cls.redis_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+        def pong():
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+                    conn.sendall(b"PING\r\n")
+                    return conn.recv(16).startswith(b"+PONG")
+            except OSError:
+                return False
+        harness.wait_for(pong, what="redis-server to answer PING")
+        flags = ("--state_backend", f"redis://127.0.0.1:{port}", "--state_prefix", "onboard-e2e:")
+        c.start_broker(*flags)
+        cls.b1 = Broker(c.target)
+        c.start_broker(*flags)
+        cls.b2 = Broker(c.target)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.b1.close()
+        cls.b2.close()
+        try:
+            cls.cluster.close()
+        finally:
+            cls.redis.kill()
+            cls.redis.wait()
+            cls.redis_log.close()
+
+    def test_a_credits_report_reaches_the_other_replica(self):
+        got = pb_fields(self.b1.call("GetToken", harness_get_token()))
+        self.assertFalse(first(got, 11, 0))
+        r = self.b1.report(lease=first(got, 7).decode(), status=429, body=CREDITS_BODY)
+        until = seconds(first(r, 8))
+
+        def flagged_on_b2():
+            t = pb_fields(self.b2.call("GetToken", harness_get_token()))
+            self.b2.report(lease=first(t, 7).decode(), status=200)
+            return t if first(t, 11, 0) else None
+        t = harness.wait_for(flagged_on_b2, what="replica 2 to know the credits are exhausted")
+        self.assertEqual(first(t, 2).decode(), "acct-a")  # served: credits are not a cooldown
+        self.assertEqual(seconds(first(t, 12)), until)
 
 
 class BadFlags(unittest.TestCase):
