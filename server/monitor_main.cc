@@ -35,6 +35,9 @@ int Run() {
   config.cloudcode_base_urls = CloudCodeBaseUrls();
   config.poller.interval = absl::GetFlag(FLAGS_poll_interval);
   config.poller.max_in_flight = absl::GetFlag(FLAGS_poll_concurrency);
+  absl::StatusOr<OnboardingOptions> onboarding = OnboardingOptionsFromFlags();
+  if (!onboarding.ok()) return FailStartup(kProgram, std::string(onboarding.status().message()));
+  config.poller.onboarding = *onboarding;
   config.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
   config.metrics_port_file = absl::GetFlag(FLAGS_metrics_port_file);
   config.reload_interval = absl::GetFlag(FLAGS_reload_interval);

@@ -62,6 +62,9 @@ struct AccountRecord {
   std::vector<ModelQuota> quotas;
   std::vector<BucketQuota> buckets;  // from the monitor only (never in the file); at most kMaxBuckets
   static constexpr size_t kMaxBuckets = 16;
+  // The monitor found no Cloud Code project for it (loadCodeAssist named none): why, while
+  // onboarding runs or after it failed. Not handed out while set; never in the file.
+  std::string no_project_reason;
   bool quota_forbidden = false;  // the quota API answered 403 for it
   absl::Time quota_forbidden_observed = absl::InfinitePast();
 };

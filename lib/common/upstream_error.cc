@@ -18,6 +18,8 @@ namespace {
 
 using Json = nlohmann::json;
 
+constexpr absl::string_view kCreditsReason = "INSUFFICIENT_G1_CREDITS_BALANCE";
+
 struct Candidate {
   absl::Duration delay;
   std::string source;
@@ -238,6 +240,7 @@ UpstreamError ParseUpstreamError(int http_status, absl::string_view retry_after,
   if (!doc.is_discarded() && doc.is_array() && !doc.empty()) doc = doc[0];
   std::string message;
   bool invalid_grant = false;
+  bool credits = false;  // an ErrorInfo.reason said INSUFFICIENT_G1_CREDITS_BALANCE
   if (!doc.is_discarded() && doc.is_object()) {
     auto err = doc.find("error");
     if (err != doc.end() && err->is_string()) {
@@ -255,6 +258,7 @@ UpstreamError ParseUpstreamError(int http_status, absl::string_view retry_after,
             if (auto rd = d.find("retryDelay"); rd != d.end()) add(DurationFromJson(*rd, &negative), "RetryInfo");
           } else if (type == "google.rpc.ErrorInfo") {
             if (out.reason.empty()) out.reason = StringAt(d, "reason");
+            credits |= StringAt(d, "reason") == kCreditsReason;
             if (auto md = d.find("metadata"); md != d.end() && md->is_object()) {
               if (auto q = md->find("quotaResetDelay"); q != md->end()) {
                 add(DurationFromJson(*q, &negative), "quotaResetDelay");
@@ -305,8 +309,13 @@ UpstreamError ParseUpstreamError(int http_status, absl::string_view retry_after,
   }
 
   // What kind of failure it is.
+  out.credits_exhausted = (http_status == 429 || http_status == 403) &&
+                          (credits || absl::StrContains(message, kCreditsReason));
   if (http_status >= 200 && http_status < 300) {
     out.kind = FailureKind::kSuccess;
+  } else if (out.credits_exhausted) {
+    // The request drew on credits there are none of; the account itself is fine (no cooldown).
+    out.kind = FailureKind::kClientError;
   } else if (invalid_grant) {
     out.kind = FailureKind::kInvalidGrant;
   } else if (out.reason == "MODEL_CAPACITY_EXHAUSTED") {
@@ -368,6 +377,7 @@ UpstreamError ParseUpstreamError(int http_status, absl::string_view retry_after,
 std::string UpstreamError::Summary() const {
   std::string s(FailureKindName(kind));
   if (!reason.empty()) absl::StrAppend(&s, " (", reason, ")");
+  if (credits_exhausted) absl::StrAppend(&s, ", AI credits exhausted (normal quota unaffected)");
   if (!quota_id.empty()) absl::StrAppend(&s, ", quota ", quota_id);
   if (family_wide) absl::StrAppend(&s, ", family-wide");
   if (delay) {

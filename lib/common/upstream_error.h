@@ -47,6 +47,11 @@ struct UpstreamError {
   // A quota 429 that names a limit of the model's whole family rather than of the model: "Individual
   // quota reached for claude models", a weekly quota ("...Weekly..." quota id or message).
   bool family_wide = false;
+  // The answer says the account's Google One AI credits are spent (reason
+  // INSUFFICIENT_G1_CREDITS_BALANCE in a 429 or 403): the request asked for credits (enabledCreditTypes)
+  // and there are none, which says nothing of the account's normal quota. Such an answer is a
+  // kClientError (it cools nothing); `delay`, when set, is when the credits come back.
+  bool credits_exhausted = false;
   // Something operators should know about how the answer was read, e.g. that the Retry-After
   // date was in the past (so it named no delay). Empty usually.
   std::string note;

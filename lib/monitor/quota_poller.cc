@@ -14,7 +14,8 @@ QuotaPoller::QuotaPoller(QuotaPollerOptions options, AccountPool& pool, TokenMan
       tokens_(tokens),
       cloud_code_(cloud_code),
       sink_(std::move(sink)),
-      clock_(clock) {}
+      clock_(clock),
+      onboarding_(options_.onboarding, cloud_code, clock) {}
 
 QuotaPoller::~QuotaPoller() { Stop(); }
 
@@ -54,9 +55,11 @@ void QuotaPoller::SchedulerLoop() {
     absl::MutexLock lock(&mu_);
     if (stopping_) return;
     absl::flat_hash_set<std::string> usable;
+    has_project_.clear();
     for (const AccountView& a : accounts) {
       if (a.disabled || a.proxy_disabled) continue;
       usable.insert(a.account_id);
+      if (!a.project_id.empty()) has_project_.insert(a.account_id);
       if (!next_due_.contains(a.account_id)) {
         // New accounts are polled at once (the concurrency bound spreads them out); the jittered
         // interval takes over from then on.
@@ -80,6 +83,8 @@ void QuotaPoller::SchedulerLoop() {
         no_summary_.erase(it++);
       }
     }
+    absl::erase_if(no_user_quota_, [&](const std::string& id) { return !usable.contains(id); });
+    onboarding_.Retain(usable);
     for (auto& [id, due] : next_due_) {
       if (due <= now && !busy_.contains(id)) {
         busy_.insert(id);
@@ -172,11 +177,20 @@ void QuotaPoller::Poll(const std::string& account_id) {
     info = *loaded;
     absl::MutexLock lock(&mu_);
     code_assist_[account_id] = *info;
-    if (info->project_id.empty() && reported_no_project_.insert(account_id).second) {
-      spdlog::warn("account {} has no Cloud Code project (loadCodeAssist named none); its quota is read without one",
-                   account_id);
+    if (info->project_id.empty() && has_project_.contains(account_id)) {
+      // The file's project stands (the broker keeps it); quota is read without one.
+      if (reported_no_project_.insert(account_id).second) {
+        spdlog::warn("account {}: loadCodeAssist names no Cloud Code project; the one in its file is kept", account_id);
+      }
     }
   }
+  // Neither loadCodeAssist nor the file names a project: onboard it (never make one up).
+  bool needs_project = false;
+  {
+    absl::MutexLock lock(&mu_);
+    needs_project = info->project_id.empty() && !has_project_.contains(account_id);
+  }
+  if (needs_project && !Onboard(account_id, token->token, *info)) return;
   absl::StatusOr<std::vector<ModelQuotaInfo>> models = cloud_code_.FetchAvailableModels(token->token, info->project_id);
   if (!models.ok()) return on_error(models.status(), "fetchAvailableModels");
   const absl::Time observed = clock_.Now();
@@ -222,16 +236,82 @@ void QuotaPoller::Poll(const std::string& account_id) {
       absl::MutexLock lock(&mu_);
       if (no_summary_.insert(account_id).second) {
         spdlog::info("account {}: the quota API offers no retrieveUserQuotaSummary; its quota is read from "
-                     "fetchAvailableModels alone", account_id);
+                     "retrieveUserQuota and fetchAvailableModels", account_id);
       }
     } else {
       summary_error = buckets.status();
     }
   }
+  bool user_quota = false;
+  {
+    absl::MutexLock lock(&mu_);
+    user_quota = no_summary_.contains(account_id) && !no_user_quota_.contains(account_id);
+  }
+  const char* failed = "retrieveUserQuotaSummary";
+  if (user_quota && summary_error.ok()) {
+    summary_error = ReadUserQuota(account_id, token->token, account_level, out);
+    failed = "retrieveUserQuota";
+  }
   sink_(out);
-  if (!summary_error.ok()) return on_error(summary_error, "retrieveUserQuotaSummary");
+  if (!summary_error.ok()) return on_error(summary_error, failed);
   absl::MutexLock lock(&mu_);
   backoff_.erase(account_id);
+}
+
+bool QuotaPoller::Onboard(const std::string& account_id, const std::string& access_token, CodeAssistInfo& info) {
+  const OnboardingStep step = onboarding_.Step(account_id, access_token, info.default_tier_id);
+  if (!step.project_id.empty()) {
+    info.project_id = step.project_id;
+    {
+      absl::MutexLock lock(&mu_);
+      code_assist_[account_id] = info;
+      has_project_.insert(account_id);
+    }
+    spdlog::info("account {} onboarded: Cloud Code project {}", account_id, step.project_id);
+    if (options_.on_onboarded) options_.on_onboarded(account_id, step.project_id);
+    return true;
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    // Come back when the onboarding has something to do (a poll of its operation), not later.
+    if (auto due = next_due_.find(account_id); due != next_due_.end() && step.next) {
+      due->second = std::min(due->second, *step.next);
+    }
+  }
+  // Until it has a project the account is not served: no quota to read, only why.
+  QuotaObservation why;
+  why.account_id = account_id;
+  why.observed = clock_.Now();
+  why.tier = info.tier;
+  why.no_project_reason = step.reason;
+  sink_({why});
+  spdlog::debug("account {} has no Cloud Code project: {}", account_id, step.reason);
+  return false;
+}
+
+absl::Status QuotaPoller::ReadUserQuota(const std::string& account_id, const std::string& access_token,
+                                        const QuotaObservation& account_level, std::vector<QuotaObservation>& out) {
+  absl::StatusOr<std::vector<ModelQuotaInfo>> models = cloud_code_.RetrieveUserQuota(access_token, account_level.project_id);
+  if (absl::IsNotFound(models.status())) {
+    absl::MutexLock lock(&mu_);
+    if (no_user_quota_.insert(account_id).second) {
+      spdlog::info("account {}: the quota API offers no retrieveUserQuota either; its quota is read from "
+                   "fetchAvailableModels alone", account_id);
+    }
+    return absl::OkStatus();
+  }
+  if (!models.ok()) return models.status();
+  const absl::Time observed = clock_.Now();
+  for (const ModelQuotaInfo& m : *models) {
+    QuotaObservation o = account_level;
+    o.observed = observed;
+    o.source = QuotaSource::kUserQuota;
+    o.model = m.model;
+    o.remaining_fraction = m.remaining_fraction;
+    o.reset_time = m.reset_time;
+    out.push_back(std::move(o));
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace tokenbroker

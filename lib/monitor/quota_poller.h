@@ -14,6 +14,7 @@
 #include "absl/random/random.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "lib/monitor/onboarding.h"
 #include "lib/selection/account_pool.h"
 #include "lib/upstream/cloud_code_client.h"
 #include "lib/common/clock.h"
@@ -31,14 +32,21 @@ struct QuotaPollerOptions {
   // the max. Other accounts are polled on schedule.
   absl::Duration rate_limit_backoff = absl::Seconds(30);
   absl::Duration max_rate_limit_backoff = absl::Minutes(10);
+  // Accounts loadCodeAssist names no project for (and whose file names none) are onboarded.
+  OnboardingOptions onboarding;
+  // Called (on a poller thread) with an account onboarded and its new project, e.g. to write it
+  // into the account's file. May be empty.
+  std::function<void(const std::string& account_id, const std::string& project_id)> on_onboarded;
 };
 
 // Where observations go: the monitor's QuotaHub, or (embedded mode) the broker's own pool.
 using QuotaSink = std::function<void(const std::vector<QuotaObservation>&)>;
 
 // Polls every usable account's quota from Cloud Code: loadCodeAssist once per account (project
-// and tier, cached), then fetchAvailableModels and retrieveUserQuotaSummary (buckets per model
-// family and window; not asked again of an account once it answered 404) every interval, with at most max_in_flight
+// and tier, cached; an account without a project, there or in its file, is onboarded (Onboarding)
+// and, until it has one, only an account-level observation saying why is sent), then
+// fetchAvailableModels and retrieveUserQuotaSummary (buckets per model family and window; after a
+// 404, retrieveUserQuota per model instead) every interval, with at most max_in_flight
 // requests at a time. A 429 from the quota API defers that account's next poll (its RetryInfo, or
 // backoff); a 403 reports the account as forbidden. Observations are stamped with the time the
 // answer came and their source (kAvailableModels). Thread-safe. All references must outlive the poller.
@@ -53,11 +61,23 @@ class QuotaPoller {
 
   // Completed polls (successful or not) since start.
   int64_t PollCount() const;
+  // Accounts being onboarded or whose onboarding failed, and onboardUser requests made.
+  size_t OnboardingAccounts() const { return onboarding_.size(); }
+  int64_t OnboardingAttempts() const { return onboarding_.attempts(); }
 
  private:
   void SchedulerLoop();
   void WorkerLoop();
   void Poll(const std::string& account_id);
+  // For an account neither loadCodeAssist nor its file names a project for: one onboarding step.
+  // True when it is onboarded (info.project_id set, on_onboarded called); false when it still has
+  // no project (the account-level observation saying why has been sent, its next poll moved to
+  // the onboarding's next step).
+  bool Onboard(const std::string& account_id, const std::string& access_token, CodeAssistInfo& info);
+  // Per-model quota from retrieveUserQuota, where retrieveUserQuotaSummary is not offered (appended
+  // to `out`); an error other than 404 is returned.
+  absl::Status ReadUserQuota(const std::string& account_id, const std::string& access_token,
+                             const QuotaObservation& account_level, std::vector<QuotaObservation>& out);
   absl::Duration NextInterval() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const QuotaPollerOptions options_;
@@ -79,6 +99,12 @@ class QuotaPoller {
   absl::flat_hash_set<std::string> reported_no_project_ ABSL_GUARDED_BY(mu_);
   // Accounts whose quota API answered 404 to retrieveUserQuotaSummary: not asked again.
   absl::flat_hash_set<std::string> no_summary_ ABSL_GUARDED_BY(mu_);
+  // ... and to retrieveUserQuota too: per-model quota from fetchAvailableModels alone.
+  absl::flat_hash_set<std::string> no_user_quota_ ABSL_GUARDED_BY(mu_);
+  // Accounts whose record in the pool names a project (from its file; rebuilt every tick): never
+  // onboarded. An account onboarded here keeps its project in code_assist_.
+  absl::flat_hash_set<std::string> has_project_ ABSL_GUARDED_BY(mu_);
+  Onboarding onboarding_;
   int64_t polls_ ABSL_GUARDED_BY(mu_) = 0;
   absl::BitGen rng_ ABSL_GUARDED_BY(mu_);
   std::vector<std::thread> threads_;

@@ -34,7 +34,8 @@ absl::Status ValidateQuotaSettings(const QuotaSettings& settings);
 
 // Where an observation comes from. fetchAvailableModels is known to lie about third-party
 // (Claude/GPT) models: it reports ≈ 1.0 whatever is left.
-enum class QuotaSource { kUnspecified, kAvailableModels, kQuotaSummary };
+// retrieveUserQuota (kUserQuota) is per model, read when retrieveUserQuotaSummary is not offered.
+enum class QuotaSource { kUnspecified, kAvailableModels, kQuotaSummary, kUserQuota };
 
 // Whether `source` is known to overstate what is left of `model`: such an observation never ends
 // an exhaustion.
@@ -59,6 +60,9 @@ struct QuotaObservation {
   // (Terms of Service), with its message (SafeText).
   bool suspended = false;
   std::string suspension_message;
+  // loadCodeAssist named no project: why the account has none yet (onboarding in progress, or how
+  // it failed). Brokers do not hand the account out while an observation says so.
+  std::string no_project_reason;
 };
 
 // The decision for data observed at `observed`. Unknown when validation is off, when the data is

@@ -178,6 +178,7 @@ QuotaBook::Observed QuotaBook::Observe(AccountRecord& rec, AccountQuota& quota, 
   Observed out;
   if (o.tier != Tier::kUnknown) rec.tier = o.tier;
   if (!o.project_id.empty()) rec.project_id = o.project_id;
+  rec.no_project_reason = o.project_id.empty() ? o.no_project_reason : "";
   rec.quota_forbidden = o.forbidden;
   rec.quota_forbidden_observed = o.observed;
   // A reset time before the moment the answer was taken means the answer is at least that old.

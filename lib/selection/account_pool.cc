@@ -31,6 +31,7 @@ void AccountPool::Load(std::vector<AccountRecord> records) {
       entry.last_used = old.last_used;
       entry.in_flight = old.in_flight;
       entry.quota = old.quota;
+      entry.credits_until = old.credits_until;
       // A token refreshed in memory is newer than what an unwritable file still holds.
       if (old.record.access_expiry > rec.access_expiry && old.record.refresh_token == rec.refresh_token) {
         rec.access_token = old.record.access_token;
@@ -53,6 +54,8 @@ void AccountPool::Load(std::vector<AccountRecord> records) {
       }
       if (rec.tier == Tier::kUnknown) rec.tier = old.record.tier;
       if (rec.project_id.empty()) rec.project_id = old.record.project_id;
+      // Until the monitor's onboarding finds a project (the file may have been given one since).
+      if (rec.project_id.empty()) rec.no_project_reason = old.record.no_project_reason;
       // A disable decided at run time stands even if the file could not record it.
       if (old.record.disabled && !rec.disabled) {
         rec.disabled = true;
@@ -118,6 +121,8 @@ std::vector<AccountView> AccountPool::List() const {
     v.validation_url = cooldowns_.ValidationUrl(e.record.id);
     v.in_flight = e.in_flight;
     v.failure_streak = cooldowns_.Streak(e.record.id);
+    if (e.credits_until > now) v.credits_exhausted_until = e.credits_until;
+    v.no_project_reason = e.record.no_project_reason;
     out.push_back(std::move(v));
   }
   return out;

@@ -53,6 +53,11 @@ struct AccountView {
   std::string validation_url;  // set after a 403 VALIDATION_REQUIRED
   int in_flight = 0;           // leases not yet reported
   int failure_streak = 0;
+  // Until when its AI credits are taken to be exhausted; unset when they are not (or no longer).
+  std::optional<absl::Time> credits_exhausted_until;
+  // Why it has no Cloud Code project (the monitor's onboarding); empty when it has one or nothing
+  // is known.
+  std::string no_project_reason;
 };
 
 // What a proxy reports after using a token. Name the account by lease_id, or by account_id+model.
@@ -80,6 +85,8 @@ struct OutcomeResult {
   CooldownScope scope = CooldownScope::kNone;
   absl::Time until = absl::InfinitePast();
   std::string reason;
+  // Set when the answer said the account's AI credits are exhausted: until when (no cooldown).
+  std::optional<absl::Time> credits_exhausted_until;
 };
 
 // What the token refresher needs of an account. Holds secrets.
@@ -112,6 +119,9 @@ struct PoolOptions {
   int max_inflight_per_account = 0;
   // A lease not reported within this long ends by itself.
   absl::Duration lease_timeout = absl::Minutes(10);
+  // How long an INSUFFICIENT_G1_CREDITS_BALANCE answer that names no reset marks the account's
+  // AI credits exhausted.
+  absl::Duration credits_exhausted_ttl = absl::Hours(5);
   CooldownPolicy cooldowns;
 };
 
@@ -225,6 +235,9 @@ class AccountPool : public SharedStateListener {
     absl::Time last_used = absl::InfinitePast();
     int in_flight = 0;
     AccountQuota quota;  // leases counted against its quota, learned cost, cooldown yardsticks
+    // An INSUFFICIENT_G1_CREDITS_BALANCE answer: its AI credits are spent until then (its normal
+    // quota is not). Replicated with the outcome that set it.
+    absl::Time credits_until = absl::InfinitePast();
   };
   // Writes to the shared state decided under mu_ and sent after it is released: mu_ is never held
   // across a SharedState call. Collects nothing without a shared state.

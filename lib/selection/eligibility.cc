@@ -41,6 +41,11 @@ Eligibility CheckEligibility(const AccountSnapshot& account, const EligibilityCo
   } else if (rec.proxy_disabled) {
     out.verdict = Verdict::kProxyDisabled;
     if (explain) out.detail = "proxy_disabled is set in its account file";
+  } else if (!rec.no_project_reason.empty()) {
+    // The monitor found no Cloud Code project: a token without one fails upstream (and a made-up
+    // project is worse), so the account waits for its onboarding.
+    out.verdict = Verdict::kCooldown;
+    if (explain) out.detail = absl::StrCat("no Cloud Code project: ", rec.no_project_reason);
   } else if (IsProtected(rec, request.model)) {
     out.verdict = Verdict::kProtected;
     if (explain) out.detail = absl::StrCat("model ", request.model, " is in its protected_models");

@@ -46,7 +46,8 @@ struct Eligibility {
 };
 
 // The one eligibility rule (docs/ARCHITECTURE.md §4), in order: suspended, disabled, proxy-disabled,
-// protected for the model, cooling down (the account, the model, its family or quota group), at its lease cap, out of quota, excluded for this
+// without a Cloud Code project while the monitor onboards it (as cooling down), protected for the
+// model, cooling down (the account, the model, its family or quota group), at its lease cap, out of quota, excluded for this
 // request, or the account force_rotate moves away from. Selection calls it without `explain`
 // (no strings built); Explain and the no-account error with it.
 Eligibility CheckEligibility(const AccountSnapshot& account, const EligibilityContext& ctx, bool explain);

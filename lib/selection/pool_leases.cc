@@ -117,6 +117,7 @@ absl::StatusOr<Selection> AccountPool::SelectLocked(const SelectRequest& request
   sel.lease_id = std::move(lease.id);
   sel.quota_decision = admitted.decision;
   sel.remaining_fraction = admitted.fraction;
+  if (entry.credits_until > now) sel.credits_exhausted_until = entry.credits_until;
   return sel;
 }
 

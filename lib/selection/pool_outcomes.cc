@@ -1,3 +1,5 @@
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 #include "lib/common/errors.h"
 #include "lib/common/safe_text.h"
@@ -113,6 +115,7 @@ absl::StatusOr<OutcomeResult> AccountPool::ReportOutcomeLocked(const Outcome& ou
   result.scope = d.scope;
   result.until = d.until;
   result.reason = d.reason;
+  if (parsed.credits_exhausted) result.credits_exhausted_until = entries_[it->second].credits_until;
   return result;
 }
 
@@ -120,6 +123,11 @@ CooldownDecision AccountPool::ApplyOutcomeLocked(size_t i, const std::string& mo
                                                  const std::string& lease_id, std::optional<absl::Time> issued_at,
                                                  absl::Time at, const std::string& group) {
   Entry& e = entries_[i];
+  if (parsed.credits_exhausted) {
+    // Credits, not quota: the account stays in service for requests that do not ask for credits
+    // (the parser made it a client error, which cools nothing). Never shortened by a later answer.
+    e.credits_until = std::max(e.credits_until, at + parsed.delay.value_or(options_.credits_exhausted_ttl));
+  }
   const absl::string_view family = quota_.families().Of(model);
   CooldownDecision d = cooldowns_.Apply(e.record.id, model, parsed, at, lease_id, FamilyRef{family, group});
   if (d.scope == CooldownScope::kFamily) {
@@ -148,6 +156,10 @@ ResetResult AccountPool::ResetLocked(size_t i, const std::string& model, bool en
     out.enabled = true;
   }
   if (enable) runtime_disabled_.erase(rec.id);
+  if (model.empty() && e.credits_until != absl::InfinitePast()) {
+    e.credits_until = absl::InfinitePast();  // what a report said of the credits goes with it
+    out.cooldown_lifted = true;
+  }
   return out;
 }
 

@@ -50,6 +50,8 @@ struct Selection {
   QuotaDecision quota_decision = QuotaDecision::kUnknown;
   std::optional<double> remaining_fraction;
   std::string lease_id;  // ends at ReportOutcome, ReleaseLease or the lease timeout
+  // Set while the account's AI credits are known to be exhausted: until when.
+  std::optional<absl::Time> credits_exhausted_until;
 };
 
 struct AccountVerdict {

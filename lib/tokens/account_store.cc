@@ -341,6 +341,7 @@ absl::Status AccountStore::Update(const std::string& id, const AccountUpdate& up
     token["expiry_timestamp"] = absl::ToUnixSeconds(*update.access_expiry);
   }
   if (update.refresh_token) token["refresh_token"] = *update.refresh_token;
+  if (update.project_id) token["project_id"] = *update.project_id;
   if (update.disabled_reason) {
     doc["disabled"] = true;
     doc["disabled_reason"] = *update.disabled_reason;

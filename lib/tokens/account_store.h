@@ -30,6 +30,7 @@ struct AccountUpdate {
   std::optional<std::string> access_token;
   std::optional<absl::Time> access_expiry;
   std::optional<std::string> refresh_token;  // set when the token endpoint rotated it
+  std::optional<std::string> project_id;     // token.project_id, set when onboarding found one
   std::optional<std::string> disabled_reason;  // set: disabled=true with this reason and disabled_at
   absl::Time disabled_at = absl::UnixEpoch();
   bool suspended = false;  // with disabled_reason: Google suspended it ("suspended": true)

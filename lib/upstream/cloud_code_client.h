@@ -17,6 +17,16 @@ namespace tokenbroker {
 struct CodeAssistInfo {
   std::string project_id;
   Tier tier = Tier::kUnknown;
+  // The allowedTiers[] id marked isDefault (else the first one): the tier onboardUser asks for.
+  std::string default_tier_id;
+};
+
+// onboardUser's long-running operation, as onboardUser or a poll of it answers.
+struct OnboardOperation {
+  std::string name;        // e.g. "operations/abc123"; polled at GET {base}/v1internal/<name>
+  bool done = false;
+  std::string project_id;  // done and succeeded: response.cloudaicompanionProject.id
+  std::string error;       // done and failed: the operation's error (code and message, SafeText)
 };
 
 // One model of fetchAvailableModels. A model without remainingFraction is at 0.
@@ -42,6 +52,15 @@ struct QuotaBucketInfo {
 absl::StatusOr<CodeAssistInfo> ParseLoadCodeAssist(absl::string_view body);
 absl::StatusOr<std::vector<ModelQuotaInfo>> ParseAvailableModels(absl::string_view body);
 absl::StatusOr<std::vector<QuotaBucketInfo>> ParseQuotaSummary(absl::string_view body);
+// retrieveUserQuota: `buckets[{modelId, tokenType, remainingFraction, resetTime}]`, one entry per
+// model (its lowest fraction over token types), sorted by model; entries without a modelId are
+// skipped, at most 64 models kept.
+absl::StatusOr<std::vector<ModelQuotaInfo>> ParseUserQuota(absl::string_view body);
+// onboardUser's answer or a poll of its operation. INVALID_ARGUMENT for a body that is not a JSON
+// object, for an operation name that is not a safe URL path ([A-Za-z0-9/_.-], at most 256, no
+// ".."), and for an operation that is done without a project or an error, or not done and
+// nameless (it could never be polled).
+absl::StatusOr<OnboardOperation> ParseOnboardOperation(absl::string_view body);
 
 // The delay a Cloud Code error answer asked for (Retry-After, RetryInfo, quotaResetDelay, ...), as
 // carried by the statuses CloudCodeClient returns; unset when it named none.
@@ -68,10 +87,26 @@ class CloudCodeClient {
   // the errors of LoadCodeAssist.
   absl::StatusOr<std::vector<QuotaBucketInfo>> RetrieveUserQuotaSummary(const std::string& access_token,
                                                                         const std::string& project_id) const;
+  // Quota per model (retrieveUserQuota); errors as RetrieveUserQuotaSummary.
+  absl::StatusOr<std::vector<ModelQuotaInfo>> RetrieveUserQuota(const std::string& access_token,
+                                                                const std::string& project_id) const;
+
+  // Starts onboarding an account without a project: POST onboardUser {"tierId": tier_id, ...}.
+  // Answers the operation (possibly already done). Each request waits at most `timeout` (capped
+  // by the client's). Errors as LoadCodeAssist; DEADLINE_EXCEEDED when the upstream hangs.
+  absl::StatusOr<OnboardOperation> OnboardUser(const std::string& access_token, const std::string& tier_id,
+                                               absl::Duration timeout) const;
+  // One poll of an onboardUser operation: GET {base}/v1internal/<operation name>. Errors as
+  // OnboardUser. Polling it with back-off and a deadline is the caller's (Onboarding,
+  // lib/monitor/onboarding.h), so no thread sleeps here.
+  absl::StatusOr<OnboardOperation> GetOperation(const std::string& access_token, const std::string& name,
+                                                absl::Duration timeout) const;
 
  private:
+  // POSTs {base}/v1internal:<method> (or, with `get_path`, GETs {base}/v1internal/<get_path>).
   absl::StatusOr<HttpResponse> Call(const std::string& method, const std::string& access_token,
-                                    const std::string& body) const;
+                                    const std::string& body, absl::Duration timeout,
+                                    const std::string& get_path = "") const;
 
   const std::vector<std::string> base_urls_;
   const HttpClient& http_;

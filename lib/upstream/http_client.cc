@@ -40,7 +40,11 @@ HttpClient::HttpClient() {
   (void)initialised;
 }
 
-absl::StatusOr<HttpResponse> HttpClient::Post(const HttpRequest& request) const {
+absl::StatusOr<HttpResponse> HttpClient::Post(const HttpRequest& request) const { return Perform(request, "POST"); }
+
+absl::StatusOr<HttpResponse> HttpClient::Get(const HttpRequest& request) const { return Perform(request, "GET"); }
+
+absl::StatusOr<HttpResponse> HttpClient::Perform(const HttpRequest& request, absl::string_view verb) const {
   std::unique_ptr<CURL, CurlDeleter> curl(curl_easy_init());
   if (!curl) return absl::InternalError("curl_easy_init failed");
   std::unique_ptr<curl_slist, SlistDeleter> headers;
@@ -54,9 +58,13 @@ absl::StatusOr<HttpResponse> HttpClient::Post(const HttpRequest& request) const 
   HttpResponse response;
   CURL* c = curl.get();
   curl_easy_setopt(c, CURLOPT_URL, request.url.c_str());
-  curl_easy_setopt(c, CURLOPT_POST, 1L);
-  curl_easy_setopt(c, CURLOPT_POSTFIELDS, request.body.data());
-  curl_easy_setopt(c, CURLOPT_POSTFIELDSIZE_LARGE, static_cast<curl_off_t>(request.body.size()));
+  if (verb == "GET") {
+    curl_easy_setopt(c, CURLOPT_HTTPGET, 1L);
+  } else {
+    curl_easy_setopt(c, CURLOPT_POST, 1L);
+    curl_easy_setopt(c, CURLOPT_POSTFIELDS, request.body.data());
+    curl_easy_setopt(c, CURLOPT_POSTFIELDSIZE_LARGE, static_cast<curl_off_t>(request.body.size()));
+  }
   curl_easy_setopt(c, CURLOPT_HTTPHEADER, headers.get());
   curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, static_cast<long>(absl::ToInt64Milliseconds(request.timeout)));
   curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
@@ -66,11 +74,11 @@ absl::StatusOr<HttpResponse> HttpClient::Post(const HttpRequest& request) const 
   curl_easy_setopt(c, CURLOPT_HEADERDATA, &response.retry_after);
   CURLcode rc = curl_easy_perform(c);
   if (rc == CURLE_OPERATION_TIMEDOUT) {
-    return absl::DeadlineExceededError(absl::StrCat("POST ", request.url, " timed out after ",
+    return absl::DeadlineExceededError(absl::StrCat(verb, " ", request.url, " timed out after ",
                                                     absl::FormatDuration(request.timeout)));
   }
   if (rc != CURLE_OK) {
-    return absl::UnavailableError(absl::StrCat("POST ", request.url, " failed: ", curl_easy_strerror(rc)));
+    return absl::UnavailableError(absl::StrCat(verb, " ", request.url, " failed: ", curl_easy_strerror(rc)));
   }
   curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &response.status);
   return response;

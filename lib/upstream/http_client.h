@@ -24,13 +24,17 @@ struct HttpResponse {
   std::string retry_after;  // the Retry-After header, if any
 };
 
-// POSTs over HTTP(S) with libcurl. Thread-safe: every call uses its own handle. Any HTTP status
+// POSTs (and GETs: `body` is then ignored) over HTTP(S) with libcurl. Thread-safe: every call uses its own handle. Any HTTP status
 // is a successful call; transport failures are UNAVAILABLE (connection) or DEADLINE_EXCEEDED
 // (timeout), and their messages never include headers or bodies.
 class HttpClient {
  public:
   HttpClient();
   absl::StatusOr<HttpResponse> Post(const HttpRequest& request) const;
+  absl::StatusOr<HttpResponse> Get(const HttpRequest& request) const;
+
+ private:
+  absl::StatusOr<HttpResponse> Perform(const HttpRequest& request, absl::string_view verb) const;
 };
 
 // application/x-www-form-urlencoded encoding of one value.

@@ -191,6 +191,9 @@ grpc::ServerUnaryReactor* BrokerService::ReportOutcome(grpc::CallbackServerConte
   if (result->scope != CooldownScope::kNone && result->until != absl::InfiniteFuture()) {
     ToProto(result->until, response->mutable_cooldown_until());
   }
+  if (result->credits_exhausted_until) {
+    ToProto(*result->credits_exhausted_until, response->mutable_credits_exhausted_until());
+  }
   audit.account_id = result->account_id;
   audit.model = result->model;
   const absl::string_view scope = ScopeName(result->scope);

@@ -86,6 +86,10 @@ void ToProto(const Issued& issued, v1::GetTokenResponse* out) {
   if (selection.remaining_fraction) out->set_remaining_fraction(*selection.remaining_fraction);
   out->set_below_min_token_ttl(issued.token.below_min_ttl);
   out->set_model_family(selection.model_family);
+  if (selection.credits_exhausted_until) {
+    out->set_credits_exhausted(true);
+    ToProto(*selection.credits_exhausted_until, out->mutable_credits_exhausted_until());
+  }
 }
 
 namespace {
@@ -118,9 +122,11 @@ void ToProto(const QuotaObservation& o, v1::QuotaObservation* p) {
   p->set_family(o.family);
   p->set_suspended(o.suspended);
   p->set_suspension_message(o.suspension_message);
+  p->set_no_project_reason(o.no_project_reason);
   switch (o.source) {
     case QuotaSource::kAvailableModels: p->set_source(v1::QUOTA_SOURCE_AVAILABLE_MODELS); break;
     case QuotaSource::kQuotaSummary: p->set_source(v1::QUOTA_SOURCE_QUOTA_SUMMARY); break;
+    case QuotaSource::kUserQuota: p->set_source(v1::QUOTA_SOURCE_USER_QUOTA); break;
     case QuotaSource::kUnspecified: p->set_source(v1::QUOTA_SOURCE_UNSPECIFIED); break;
   }
 }
@@ -140,9 +146,12 @@ QuotaObservation FromProto(const v1::QuotaObservation& p) {
   o.suspended = p.suspended();
   // A monitor's words: bounded and escaped like any upstream text.
   o.suspension_message = SafeText(p.suspension_message(), 2 * kMaxUpstreamField);
+  // The monitor's text, shown to operators: bounded and escaped like any text from outside.
+  o.no_project_reason = SafeText(p.no_project_reason(), 256);
   switch (p.source()) {
     case v1::QUOTA_SOURCE_AVAILABLE_MODELS: o.source = QuotaSource::kAvailableModels; break;
     case v1::QUOTA_SOURCE_QUOTA_SUMMARY: o.source = QuotaSource::kQuotaSummary; break;
+    case v1::QUOTA_SOURCE_USER_QUOTA: o.source = QuotaSource::kUserQuota; break;
     default: o.source = QuotaSource::kUnspecified; break;
   }
   return o;
@@ -191,6 +200,7 @@ void ToProto(const AccountView& view, v1::Account* out) {
   out->set_validation_url(view.validation_url);
   out->set_inflight_leases(view.in_flight);
   out->set_failure_streak(view.failure_streak);
+  if (view.credits_exhausted_until) ToProto(*view.credits_exhausted_until, out->mutable_credits_exhausted_until());
 }
 
 v1::QuotaDecision ToProto(QuotaDecision decision) {

@@ -104,8 +104,10 @@ absl::Status BrokerApp::Start() {
   if (c.embedded_monitor) {
     AccountPool& pool = *pool_;
     TokenManager& tokens = *tokens_;
+    QuotaPollerOptions poller_options = c.poller;
+    PersistOnboardedProjects(*store_, poller_options);
     poller_ = std::make_unique<QuotaPoller>(
-        c.poller, pool, *tokens_, *cloud_code_,
+        poller_options, pool, *tokens_, *cloud_code_,
         [&pool, &tokens](const std::vector<QuotaObservation>& o) {
           pool.UpdateQuota(o);
           tokens.ApplyObservations(o);

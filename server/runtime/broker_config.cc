@@ -19,6 +19,9 @@ ABSL_FLAG(absl::Duration, probe_timeout, absl::Seconds(60),
           "After a cooldown ends, how long the single probe request may take to report before another is allowed.");
 ABSL_FLAG(absl::Duration, validation_block, absl::Hours(1),
           "How long a 403 VALIDATION_REQUIRED blocks an account when the upstream names no delay.");
+ABSL_FLAG(absl::Duration, credits_exhausted_ttl, absl::Hours(5),
+          "How long an INSUFFICIENT_G1_CREDITS_BALANCE answer that names no reset marks the account's AI credits "
+          "exhausted (GetToken's credits_exhausted); between 1m and 7 days.");
 ABSL_FLAG(std::string, quota_monitor, "",
           "gRPC target of a tokenbroker-monitor (host:port or unix:path): turns quota validation on at start.");
 ABSL_FLAG(bool, embedded_monitor, false,
@@ -88,6 +91,11 @@ absl::StatusOr<BrokerConfig> BrokerConfigFromFlags() {
   if (absl::GetFlag(FLAGS_poll_concurrency) < 1) {
     return absl::InvalidArgumentError("--poll_concurrency must be at least 1");
   }
+  const absl::Duration credits_ttl = absl::GetFlag(FLAGS_credits_exhausted_ttl);
+  if (credits_ttl < absl::Minutes(1) || credits_ttl > absl::Hours(24 * 7)) {
+    return absl::InvalidArgumentError(absl::StrCat("--credits_exhausted_ttl must be between 1m and 168h, not ",
+                                                   absl::FormatDuration(credits_ttl)));
+  }
   config.embedded_monitor = absl::GetFlag(FLAGS_embedded_monitor);
   config.quota_monitor = absl::GetFlag(FLAGS_quota_monitor);
   if (config.embedded_monitor && !config.quota_monitor.empty()) {
@@ -111,6 +119,9 @@ absl::StatusOr<BrokerConfig> BrokerConfigFromFlags() {
   }
   config.poller.interval = absl::GetFlag(FLAGS_poll_interval);
   config.poller.max_in_flight = absl::GetFlag(FLAGS_poll_concurrency);
+  absl::StatusOr<OnboardingOptions> onboarding = OnboardingOptionsFromFlags();
+  if (!onboarding.ok()) return onboarding.status();
+  config.poller.onboarding = *onboarding;
   // Data must outlive the wait for the next poll (jitter included), or exhausted accounts read
   // as unknown, and are handed out, just before each poll.
   if (config.embedded_monitor && config.poller.interval * 1.1 + absl::Seconds(5) > quota.cache_ttl) {
@@ -146,6 +157,7 @@ absl::StatusOr<BrokerConfig> BrokerConfigFromFlags() {
   pool.max_sessions = static_cast<size_t>(absl::GetFlag(FLAGS_max_sessions));
   pool.max_inflight_per_account = absl::GetFlag(FLAGS_max_inflight_per_account);
   pool.lease_timeout = absl::GetFlag(FLAGS_lease_timeout);
+  pool.credits_exhausted_ttl = credits_ttl;
   pool.cooldowns.probe_timeout = absl::GetFlag(FLAGS_probe_timeout);
   pool.cooldowns.validation_block = absl::GetFlag(FLAGS_validation_block);
   config.addresses = ServerAddressesFromFlags();

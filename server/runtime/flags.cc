@@ -3,6 +3,8 @@
 #include <cstdlib>
 #include <iostream>
 
+#include <algorithm>
+
 #include "absl/flags/flag.h"
 #include "absl/strings/str_split.h"
 #include "server/runtime/logging.h"
@@ -37,6 +39,12 @@ ABSL_FLAG(absl::Duration, reload_interval, absl::Seconds(5),
           "How often the accounts folder is checked for added, removed or changed files.");
 ABSL_FLAG(absl::Duration, drain_timeout, absl::Seconds(10),
           "On SIGTERM, how long in-flight RPCs may take before they are cancelled.");
+ABSL_FLAG(absl::Duration, onboard_timeout, absl::Minutes(2),
+          "Quota polling: how long onboarding an account without a Cloud Code project (onboardUser and "
+          "polls of its operation) may take before it counts as failed.");
+ABSL_FLAG(absl::Duration, onboard_retry, absl::Minutes(10),
+          "Quota polling: after a failed onboarding, the account's next attempt waits this long, doubling "
+          "per failure in a row up to 6h.");
 ABSL_FLAG(std::string, log_format, "text", "Log format: text or json (one object per line).");
 ABSL_FLAG(std::string, log_level, "info", "Log level: trace, debug, info, warn, error, off.");
 
@@ -50,6 +58,28 @@ std::string FlagOrEnv(const std::string& flag_value, const char* env) {
 }
 
 }  // namespace
+
+absl::StatusOr<OnboardingOptions> OnboardingOptionsFromFlags() {
+  OnboardingOptions o;
+  o.timeout = absl::GetFlag(FLAGS_onboard_timeout);
+  o.retry = absl::GetFlag(FLAGS_onboard_retry);
+  o.max_check = std::min(o.max_check, o.timeout);
+  o.first_check = std::min(o.first_check, o.max_check);
+  if (absl::Status s = ValidateOnboardingOptions(o); !s.ok()) return s;
+  return o;
+}
+
+void PersistOnboardedProjects(const AccountStore& store, QuotaPollerOptions& poller) {
+  poller.on_onboarded = [&store](const std::string& account_id, const std::string& project_id) {
+    AccountUpdate update;
+    update.project_id = project_id;
+    if (absl::Status s = store.Update(account_id, update); !s.ok()) {
+      // A read-only folder (a mounted Secret): the project lives in memory (and in the stream).
+      spdlog::warn("account {}: its new project could not be written to its file: {}", account_id,
+                   std::string(s.message()));
+    }
+  };
+}
 
 int FailStartup(const std::string& program, const std::string& message) {
   std::cerr << program << ": " << message << "\n";

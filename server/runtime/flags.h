@@ -9,6 +9,8 @@
 #include "absl/flags/declare.h"
 #include "absl/status/status.h"
 #include "absl/time/time.h"
+#include "lib/monitor/quota_poller.h"
+#include "lib/tokens/account_store.h"
 #include "lib/upstream/oauth_client.h"
 #include "lib/tokens/token_manager.h"
 #include "server/runtime/servers.h"
@@ -51,6 +53,12 @@ void WarnIfNoOAuthClient(const OAuthOptions& options);
 TokenManagerOptions TokenManagerOptionsFromFlags();
 // --cloudcode_base_url, comma-separated, tried in order.
 std::vector<std::string> CloudCodeBaseUrls();
+
+// --onboard_timeout and --onboard_retry (quota polling); INVALID_ARGUMENT naming the flag.
+absl::StatusOr<OnboardingOptions> OnboardingOptionsFromFlags();
+// Makes `poller` write each account it onboards into its file in `store` (must outlive the
+// poller); a file that cannot be written is logged, the project kept in memory.
+void PersistOnboardedProjects(const AccountStore& store, QuotaPollerOptions& poller);
 
 // --listen and --health_listen.
 ServerAddresses ServerAddressesFromFlags();

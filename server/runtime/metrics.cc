@@ -183,8 +183,17 @@ class MonitorCollector final : public prometheus::Collectable {
     auto backlog = Family("tokenbroker_monitor_max_pending",
                           "Quota entries the slowest WatchQuota stream has not read yet.", MetricType::Gauge);
     backlog.metric.push_back(Value(static_cast<double>(hub_.MaxPending()), {}, false));
+    auto onboarding = Family("tokenbroker_monitor_onboarding_accounts",
+                             "Accounts without a Cloud Code project being onboarded or whose onboarding failed.",
+                             MetricType::Gauge);
+    onboarding.metric.push_back(Value(static_cast<double>(poller_.OnboardingAccounts()), {}, false));
+    auto onboard_calls = Family("tokenbroker_monitor_onboard_requests_total", "onboardUser requests made.",
+                                MetricType::Counter);
+    onboard_calls.metric.push_back(Value(static_cast<double>(poller_.OnboardingAttempts()), {}, true));
     std::vector<prometheus::MetricFamily> out;
-    for (auto* f : {&states, &refreshes, &polls, &subscribers, &known, &backlog}) out.push_back(std::move(*f));
+    for (auto* f : {&states, &refreshes, &polls, &subscribers, &known, &backlog, &onboarding, &onboard_calls}) {
+      out.push_back(std::move(*f));
+    }
     return out;
   }
 

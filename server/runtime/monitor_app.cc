@@ -39,8 +39,10 @@ absl::Status MonitorApp::Start() {
   cloud_code_ = std::make_unique<CloudCodeClient>(c.cloudcode_base_urls, *http_);
   hub_ = std::make_unique<QuotaHub>();
   QuotaHub& hub = *hub_;
+  QuotaPollerOptions poller_options = c.poller;
+  PersistOnboardedProjects(*store_, poller_options);
   poller_ = std::make_unique<QuotaPoller>(
-      c.poller, *pool_, *tokens_, *cloud_code_, [&hub](const std::vector<QuotaObservation>& o) { hub.Publish(o); },
+      poller_options, *pool_, *tokens_, *cloud_code_, [&hub](const std::vector<QuotaObservation>& o) { hub.Publish(o); },
       Clock::Real());
   poller_->Start();
 

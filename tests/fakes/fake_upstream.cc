@@ -22,6 +22,8 @@
 namespace tokenbroker::testing {
 namespace {
 
+constexpr absl::string_view kOperationsKey = "/v1internal/operations";
+
 using Json = nlohmann::json;
 
 std::string UrlDecode(absl::string_view in) {
@@ -226,15 +228,17 @@ FakeUpstream::Response FakeUpstream::Handle(const std::string& method, const std
     if (auto a = access_to_refresh_.find(bearer); a != access_to_refresh_.end()) account = a->second;
   }
 
+  // Every operation's polls count (and are scripted) under one key.
+  const std::string key = absl::StartsWith(path, "/v1internal/operations/") ? std::string(kOperationsKey) : path;
   std::optional<ScriptedReply> scripted;
   {
     absl::MutexLock lock(&mu_);
-    ++calls_[path];
-    int64_t now_in_flight = ++in_flight_[path];
-    max_in_flight_[path] = std::max(max_in_flight_[path], now_in_flight);
-    if (path == "/token") ++token_calls_[account];
-    ++account_calls_[path][account];
-    auto& scripts = scripts_[path];
+    ++calls_[key];
+    int64_t now_in_flight = ++in_flight_[key];
+    max_in_flight_[key] = std::max(max_in_flight_[key], now_in_flight);
+    if (key == "/token") ++token_calls_[account];
+    ++account_calls_[key][account];
+    auto& scripts = scripts_[key];
     for (auto it = scripts.begin(); it != scripts.end(); ++it) {
       if (!it->match.empty() && it->match != account) continue;
       scripted = *it;
@@ -246,6 +250,8 @@ FakeUpstream::Response FakeUpstream::Handle(const std::string& method, const std
   if (scripted) {
     if (scripted->delay > absl::ZeroDuration()) absl::SleepFor(scripted->delay);
     resp = Response{scripted->status, scripted->body};
+  } else if (method == "GET" && key == kOperationsKey) {
+    resp = HandleCloudCode(path, headers, body);
   } else if (method != "POST") {
     resp = Response{404, R"({"error":{"code":404,"message":"not found"}})"};
   } else if (path == "/token") {
@@ -254,7 +260,7 @@ FakeUpstream::Response FakeUpstream::Handle(const std::string& method, const std
     resp = HandleCloudCode(path, headers, body);
   }
   absl::MutexLock lock(&mu_);
-  --in_flight_[path];
+  --in_flight_[key];
   return resp;
 }
 
@@ -300,7 +306,25 @@ FakeUpstream::Response FakeUpstream::HandleCloudCode(const std::string& path,
     if (profile.tier_id != "free-tier") out["paidTier"] = {{"id", profile.tier_id}, {"name", profile.tier_id}};
     return Response{200, out.dump()};
   }
+  if (path == "/v1internal:onboardUser") return HandleOnboard(account, profile, body);
+  if (absl::StartsWith(path, "/v1internal/operations/")) return HandleOperation(account, path);
+  if (path == "/v1internal:retrieveUserQuota") {
+    if (profile.user_quota_json.empty()) {
+      return Response{404, R"({"error":{"code":404,"message":"not found","status":"NOT_FOUND"}})"};
+    }
+    return Response{200, absl::StrCat(R"({"buckets":)", profile.user_quota_json, "}")};
+  }
   if (path == "/v1internal:generateContent") {
+    if (profile.credits_exhausted) {
+      Json req = Json::parse(body, nullptr, false);
+      if (req.is_object() && req.contains("enabledCreditTypes")) {
+        return Response{429, absl::StrCat(
+            R"({"error":{"code":429,"status":"RESOURCE_EXHAUSTED","message":"Insufficient Google One AI credits.",)",
+            R"("details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"INSUFFICIENT_G1_CREDITS_BALANCE",)",
+            R"("domain":"cloudcode-pa.googleapis.com","metadata":{"quotaResetDelay":")", profile.credits_reset_s,
+            R"(s"}}]}})")};
+      }
+    }
     if (quota_.enabled()) {
       Json req = Json::parse(body, nullptr, false);
       if (req.is_discarded() || !req.is_object() || !req.contains("model") || !req["model"].is_string() ||
@@ -322,11 +346,54 @@ FakeUpstream::Response FakeUpstream::HandleCloudCode(const std::string& path,
     return Response{200, Json{{"models", models}}.dump()};
   }
   if (path == "/v1internal:retrieveUserQuotaSummary") {
+    if (!profile.quota_summary) {
+      return Response{404, R"({"error":{"code":404,"message":"not found","status":"NOT_FOUND"}})"};
+    }
     if (auto summary = quota_.QuotaSummaryJson(account, quota_profile)) return Response{200, *std::move(summary)};
     if (!profile.summary_json.empty()) return Response{200, profile.summary_json};
     return Response{200, R"({"groups":[]})"};
   }
   return Response{404, R"({"error":{"code":404,"message":"not found","status":"NOT_FOUND"}})"};
+}
+
+FakeUpstream::Response FakeUpstream::HandleOnboard(const std::string& account, const AccountProfile& profile,
+                                                   const std::string& body) {
+  Json req = Json::parse(body, nullptr, false);
+  if (req.is_discarded() || !req.is_object() || !req.contains("tierId") || !req["tierId"].is_string()) {
+    return Response{400, R"({"error":{"code":400,"message":"tierId is required.","status":"INVALID_ARGUMENT"}})"};
+  }
+  absl::MutexLock lock(&mu_);
+  if (operations_.size() >= 1000) operations_.erase(operations_.begin());
+  const std::string name = absl::StrCat("operations/onboard-", next_operation_++);
+  Operation op{account, profile.onboard_polls, profile.onboard_project, profile.onboard_error};
+  if (op.project.empty()) op.project = absl::StrCat("onboarded-", next_operation_ - 1);
+  operations_[name] = op;
+  if (op.polls_left > 0) return Response{200, Json{{"name", name}, {"done", false}}.dump()};
+  return FinishOperationLocked(name);
+}
+
+FakeUpstream::Response FakeUpstream::HandleOperation(const std::string& account, const std::string& path) {
+  const std::string name(absl::StripPrefix(path, "/v1internal/"));
+  absl::MutexLock lock(&mu_);
+  auto it = operations_.find(name);
+  if (it == operations_.end() || it->second.account != account) {
+    return Response{404, R"({"error":{"code":404,"message":"operation not found","status":"NOT_FOUND"}})"};
+  }
+  if (--it->second.polls_left > 0) return Response{200, Json{{"name", name}, {"done", false}}.dump()};
+  return FinishOperationLocked(name);
+}
+
+FakeUpstream::Response FakeUpstream::FinishOperationLocked(const std::string& name) {
+  const Operation& op = operations_[name];
+  if (!op.error.empty()) {
+    return Response{200, Json{{"name", name}, {"done", true},
+                              {"error", {{"code", 9}, {"message", op.error}}}}.dump()};
+  }
+  // From now on loadCodeAssist names the project.
+  profiles_[op.account].project = op.project;
+  return Response{200, Json{{"name", name}, {"done", true},
+                            {"response", {{"@type", "type.googleapis.com/google.internal.cloud.code.v1internal.OnboardUserResponse"},
+                                          {"cloudaicompanionProject", {{"id", op.project}, {"name", op.project}}}}}}.dump()};
 }
 
 FakeUpstream::Response FakeUpstream::HandleAdmin(const std::string& path, const std::string& body) {
@@ -358,6 +425,13 @@ FakeUpstream::Response FakeUpstream::HandleAdmin(const std::string& path, const 
     AccountProfile p;
     p.project = req.value("project", "");
     p.tier_id = req.value("tier", "free-tier");
+    p.onboard_project = req.value("onboard_project", "");
+    p.onboard_polls = req.value("onboard_polls", 0);
+    p.onboard_error = req.value("onboard_error", "");
+    p.quota_summary = req.value("quota_summary", true);
+    if (auto u = req.find("user_quota"); u != req.end()) p.user_quota_json = u->dump();
+    p.credits_exhausted = req.value("credits_exhausted", false);
+    p.credits_reset_s = req.value("credits_reset_s", 3600);
     if (auto m = req.find("models"); m != req.end()) p.models_json = m->dump();
     if (auto q = req.find("summary"); q != req.end()) p.summary_json = q->dump();
     p.suspended = req.value("suspended", false);

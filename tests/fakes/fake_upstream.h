@@ -36,11 +36,27 @@ struct AccountProfile {
   std::string summary_json;
   // Google suspended the account: every Cloud Code call answers 403 "violation of Terms of Service".
   bool suspended = false;
+  // Onboarding (for an account without `project`): onboardUser starts an operation that is done
+  // after `onboard_polls` polls of it (GET /v1internal/operations/...; 0: done at once) and yields
+  // `onboard_project` (default "onboarded-<n>"), which loadCodeAssist names from then on; with
+  // `onboard_error` set the operation ends in that error instead.
+  std::string onboard_project;
+  int onboard_polls = 0;
+  std::string onboard_error;
+  // false: retrieveUserQuotaSummary answers 404 (not offered).
+  bool quota_summary = true;
+  // The "buckets" array retrieveUserQuota answers; empty: 404 (not offered).
+  std::string user_quota_json;
+  // generateContent asking for credits (enabledCreditTypes) answers 429
+  // INSUFFICIENT_G1_CREDITS_BALANCE, naming a reset credits_reset_s seconds away.
+  bool credits_exhausted = false;
+  int credits_reset_s = 3600;
 };
 
 // A real HTTP/1.1 server on loopback that answers like Google's OAuth token endpoint
 // (POST /token) and Cloud Code (POST /v1internal:loadCodeAssist, /v1internal:fetchAvailableModels,
-// /v1internal:retrieveUserQuotaSummary, and /v1internal:generateContent for example proxies).
+// /v1internal:retrieveUserQuotaSummary, /v1internal:retrieveUserQuota, /v1internal:onboardUser with
+// GET /v1internal/operations/<id>, and /v1internal:generateContent for example proxies).
 // Every refresh token is accepted unless a reply is scripted. Tests script failures and read call
 // counts through the methods here, or over HTTP through /__fake/* (see fake_upstream_main.cc).
 // Quota accounting (FakeQuota) is off until ConfigureQuota: every generateContent answers 200 and
@@ -93,6 +109,15 @@ class FakeUpstream {
   Response HandleCloudCode(const std::string& path, const std::map<std::string, std::string>& headers,
                            const std::string& body);
   Response HandleAdmin(const std::string& path, const std::string& body);
+  Response HandleOnboard(const std::string& account, const AccountProfile& profile, const std::string& body);
+  Response HandleOperation(const std::string& account, const std::string& path);
+  Response FinishOperationLocked(const std::string& name) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  struct Operation {
+    std::string account;  // the refresh token that started it
+    int polls_left = 0;
+    std::string project;
+    std::string error;
+  };
 
   const Options options_;
   const int listen_fd_;
@@ -117,6 +142,8 @@ class FakeUpstream {
   std::vector<std::string> issued_ ABSL_GUARDED_BY(mu_);
   int expires_in_ ABSL_GUARDED_BY(mu_);
   int64_t next_token_ ABSL_GUARDED_BY(mu_) = 1;
+  std::map<std::string, Operation> operations_ ABSL_GUARDED_BY(mu_);  // onboardUser's, at most 1000
+  int64_t next_operation_ ABSL_GUARDED_BY(mu_) = 1;
 };
 
 }  // namespace tokenbroker::testing

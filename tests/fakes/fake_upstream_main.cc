@@ -6,7 +6,10 @@
 //   POST /__fake/profile     {"refresh_token":"...","project":"p","tier":"g1-ultra-tier","models":{...},
 //                             "budgets":{"gemini":{"short":20,"long":50}},   (budgets: optional, per family)
 //                             "summary":{"groups":[...]},  (retrieveUserQuotaSummary's answer, accounting off)
-//                             "suspended":true}            (every Cloud Code call: 403 Terms of Service)
+//                             "suspended":true,            (every Cloud Code call: 403 Terms of Service)
+//                             "onboard_project":"p","onboard_polls":2,"onboard_error":"...",
+//                             "quota_summary":false,"user_quota":[{"modelId":...}],
+//                             "credits_exhausted":true,"credits_reset_s":3600}   (all optional; AccountProfile)
 //   GET  /__fake/stats       call counts per path and per refresh token, issued access tokens
 //   POST /__fake/quota       quota accounting on (or {"enabled":false}: off, the default), afresh:
 //                            {"short_window_s":3, "long_window_s":9, "lag_ms":0,

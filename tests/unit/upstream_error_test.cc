@@ -250,6 +250,39 @@ TEST(ParseUpstreamError, GarbageNeverCrashes) {
   }
 }
 
+TEST(ParseUpstreamError, InsufficientCreditsIsCreditsExhaustedNotACooldown) {
+  const absl::Time now = absl::FromUnixSeconds(1'800'000'000);
+  const std::string body = R"({"error":{"code":429,"status":"RESOURCE_EXHAUSTED","message":"Insufficient credits.",
+    "details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"INSUFFICIENT_G1_CREDITS_BALANCE",
+                "domain":"cloudcode-pa.googleapis.com","metadata":{"quotaResetDelay":"3h"}}]}})";
+  for (int status : {429, 403}) {
+    UpstreamError e = ParseUpstreamError(status, "", body, now);
+    EXPECT_TRUE(e.credits_exhausted) << status;
+    EXPECT_EQ(e.kind, FailureKind::kClientError) << status;  // the account is fine for normal use
+    ASSERT_TRUE(e.delay.has_value());
+    EXPECT_EQ(*e.delay, absl::Hours(3));
+    EXPECT_THAT(e.Summary(), ::testing::HasSubstr("AI credits exhausted"));
+  }
+  // The reason in a later ErrorInfo, and in the message only, count too.
+  UpstreamError second = ParseUpstreamError(
+      403, "",
+      R"({"error":{"code":403,"details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"OTHER"},
+          {"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"INSUFFICIENT_G1_CREDITS_BALANCE"}]}})",
+      now);
+  EXPECT_TRUE(second.credits_exhausted);
+  EXPECT_FALSE(second.delay.has_value());
+  EXPECT_TRUE(ParseUpstreamError(429, "", "INSUFFICIENT_G1_CREDITS_BALANCE", now).credits_exhausted);
+  // Other statuses, and ordinary quota answers, are not about credits.
+  EXPECT_FALSE(ParseUpstreamError(400, "", body, now).credits_exhausted);
+  EXPECT_FALSE(ParseUpstreamError(200, "", body, now).credits_exhausted);
+  UpstreamError quota = ParseUpstreamError(
+      429, "",
+      R"({"error":{"code":429,"details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"QUOTA_EXHAUSTED"}]}})",
+      now);
+  EXPECT_FALSE(quota.credits_exhausted);
+  EXPECT_EQ(quota.kind, FailureKind::kQuotaExhausted);
+}
+
 }  // namespace
 }  // namespace tokenbroker
 
