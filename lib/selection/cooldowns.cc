@@ -15,7 +15,8 @@ absl::Duration Cooldowns::Backoff(int streak) const {
 bool Cooldowns::SuccessCloses(const Entry& e, absl::Time now, absl::string_view lease_id) {
   if (e.until > now) return false;  // live: a success elsewhere says nothing about this quota
   const bool probe_out = e.probe_until && now < *e.probe_until;
-  return !probe_out || (!lease_id.empty() && e.probe_lease == lease_id);
+  // Another replica's probe reports through the shared state without a lease id.
+  return !probe_out || (!lease_id.empty() && e.probe_lease == lease_id) || (lease_id.empty() && e.probe_remote);
 }
 
 Cooldowns::Entry& Cooldowns::ModelEntry(PerAccount& acc, const std::string& model) {
@@ -140,6 +141,7 @@ CooldownDecision Cooldowns::Apply(const std::string& account, const std::string&
   // A failure ends any probe; a new cooldown never shortens a live one.
   existing->probe_until.reset();
   existing->probe_lease.clear();
+  existing->probe_remote = false;
   if (proposed > existing->until) {
     existing->until = proposed;
     existing->reason = why;
@@ -180,10 +182,48 @@ void Cooldowns::OnIssued(const std::string& account, const std::string& model, a
     if (e.until <= now) {
       e.probe_until = now + policy_.probe_timeout;
       e.probe_lease = std::string(lease_id);
+      e.probe_remote = false;
     }
   };
   if (it->second.whole) mark(*it->second.whole);
   if (auto m = it->second.models.find(model); m != it->second.models.end()) mark(m->second);
+}
+
+std::vector<std::string> Cooldowns::ProbeScopes(const std::string& account, const std::string& model,
+                                                absl::Time now) const {
+  std::vector<std::string> out;
+  auto it = accounts_.find(account);
+  if (it == accounts_.end()) return out;
+  auto half_open = [&](const Entry& e) { return e.until <= now && !(e.probe_until && now < *e.probe_until); };
+  if (it->second.whole && half_open(*it->second.whole)) out.emplace_back();
+  if (auto m = it->second.models.find(model); m != it->second.models.end() && half_open(m->second)) {
+    out.push_back(model);
+  }
+  return out;
+}
+
+void Cooldowns::ProbeElsewhere(const std::string& account, const std::string& model, absl::Time now,
+                               absl::Time until) {
+  auto it = accounts_.find(account);
+  if (it == accounts_.end()) return;
+  auto mark = [&](Entry& e) {
+    if (e.until <= now && !(e.probe_until && now < *e.probe_until)) {
+      e.probe_until = until;
+      e.probe_lease.clear();
+      e.probe_remote = true;
+    }
+  };
+  if (it->second.whole) mark(*it->second.whole);
+  if (auto m = it->second.models.find(model); m != it->second.models.end()) mark(m->second);
+}
+
+bool Cooldowns::IsProbe(const std::string& account, const std::string& model, absl::string_view lease_id) const {
+  auto it = accounts_.find(account);
+  if (it == accounts_.end() || lease_id.empty()) return false;
+  auto holds = [&](const Entry& e) { return e.probe_until && e.probe_lease == lease_id; };
+  if (it->second.whole && holds(*it->second.whole)) return true;
+  auto m = it->second.models.find(model);
+  return m != it->second.models.end() && holds(m->second);
 }
 
 void Cooldowns::OnLeaseEnded(const std::string& account, const std::string& model, absl::string_view lease_id) {
@@ -194,6 +234,7 @@ void Cooldowns::OnLeaseEnded(const std::string& account, const std::string& mode
     if (e.probe_until && e.probe_lease == lease_id) {
       e.probe_until.reset();
       e.probe_lease.clear();
+      e.probe_remote = false;
     }
   };
   if (it->second.whole) release(*it->second.whole);
