@@ -234,6 +234,8 @@ FakeUpstream::Response FakeUpstream::Handle(const std::string& method, const std
     max_in_flight_[path] = std::max(max_in_flight_[path], now_in_flight);
     if (path == "/token") ++token_calls_[account];
     ++account_calls_[path][account];
+    int64_t& mine = account_max_in_flight_[path][account];
+    mine = std::max(mine, ++account_in_flight_[path][account]);
     auto& scripts = scripts_[path];
     for (auto it = scripts.begin(); it != scripts.end(); ++it) {
       if (!it->match.empty() && it->match != account) continue;
@@ -255,6 +257,7 @@ FakeUpstream::Response FakeUpstream::Handle(const std::string& method, const std
   }
   absl::MutexLock lock(&mu_);
   --in_flight_[path];
+  --account_in_flight_[path][account];
   return resp;
 }
 
@@ -411,6 +414,14 @@ int64_t FakeUpstream::MaxInFlight(const std::string& path) const {
   return it == max_in_flight_.end() ? 0 : it->second;
 }
 
+int64_t FakeUpstream::MaxInFlightFor(const std::string& path, const std::string& refresh_token) const {
+  absl::MutexLock lock(&mu_);
+  auto p = account_max_in_flight_.find(path);
+  if (p == account_max_in_flight_.end()) return 0;
+  auto it = p->second.find(refresh_token);
+  return it == p->second.end() ? 0 : it->second;
+}
+
 std::vector<std::string> FakeUpstream::IssuedAccessTokens() const {
   absl::MutexLock lock(&mu_);
   return issued_;
@@ -420,6 +431,7 @@ std::string FakeUpstream::StatsJson() const {
   absl::MutexLock lock(&mu_);
   Json out = {{"calls", calls_}, {"token_calls", token_calls_}, {"max_in_flight", max_in_flight_},
               {"calls_by_account", account_calls_}, {"in_flight", in_flight_},
+              {"max_in_flight_by_account", account_max_in_flight_},
               {"issued_access_tokens", issued_}};
   return out.dump();
 }

@@ -5,7 +5,8 @@
 //   POST /__fake/expires_in  {"seconds":3599}
 //   POST /__fake/profile     {"refresh_token":"...","project":"p","tier":"g1-ultra-tier","models":{...},
 //                             "budgets":{"gemini":{"short":20,"long":50}}}   (budgets: optional, per family)
-//   GET  /__fake/stats       call counts per path and per refresh token, issued access tokens
+//   GET  /__fake/stats       call counts per path and per refresh token, requests in flight and the most
+//                            at once (per path, and per path and refresh token), issued access tokens
 //   POST /__fake/quota       quota accounting on (or {"enabled":false}: off, the default), afresh:
 //                            {"short_window_s":3, "long_window_s":9, "lag_ms":0,
 //                             "models":["gemini-3-pro-high","claude-sonnet-4-6-thinking",...],
