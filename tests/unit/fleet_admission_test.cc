@@ -205,6 +205,24 @@ TEST(FleetAdmissionTest, RedisDownFallsBackToTheLocalCountAndSaysSo) {
   EXPECT_GE(r2.pool.AdmissionFallbacks(), 2);
 }
 
+TEST(FleetAdmissionTest, AHungRedisCostsOneBoundedWaitThenTheLocalCountDecides) {
+  RedisProcess redis;
+  FakeClock clock;
+  Replica r(redis.address(), clock, Capped(2));
+  ASSERT_TRUE(r.pool.Select(Req()).ok());
+  redis.Pause();
+  // The reservation's round trip waits out the command timeout (50 ms), no more; the call is
+  // answered from the local count.
+  const absl::Time asked = absl::Now();
+  EXPECT_TRUE(r.pool.Select(Req()).ok());
+  EXPECT_LT(absl::Now() - asked, absl::Seconds(1));
+  EXPECT_FALSE(r.state.Up());
+  EXPECT_EQ(r.state.stats().admissions_unanswered, 1);
+  EXPECT_EQ(r.pool.AdmissionFallbacks(), 1);
+  EXPECT_TRUE(absl::IsResourceExhausted(r.pool.Select(Req()).status()));  // its own two
+  redis.Resume();
+}
+
 TEST(FleetAdmissionTest, AfterACooldownOneReplicaProbesForTheFleet) {
   RedisProcess redis;
   FakeClock clock;
