@@ -140,7 +140,8 @@ IssuedLease LeaseTable::IssueAs(const std::string& id, const std::string& accoun
     high = ParseHex(v.substr(26, 8));
     low = ParseHex(v.substr(34, 16));
   }
-  if (prefix_ == 0 || !prefix || *prefix != prefix_ || !high || !low || absl::string_view(id).substr(18, 8) != CallerTag(caller)) {
+  if (prefix_ == 0 || !prefix || *prefix != prefix_ || !high || !low ||
+      absl::string_view(id).substr(18, 8) != CallerTag(caller)) {
     return Issue(account, model, now, caller);
   }
   const absl::uint128 key = absl::MakeUint128(*high, *low);

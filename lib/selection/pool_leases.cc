@@ -21,7 +21,9 @@ absl::StatusOr<Selection> AccountPool::Select(const SelectRequest& request) {
     Claim claim;
     absl::StatusOr<Selection> sel = SelectOnce(req, &claim);
     if (!sel.ok()) {
-      if (refusals.at_cap > 0 && absl::IsResourceExhausted(sel.status())) return FleetCapError(req, refusals, sel.status());
+      if (refusals.at_cap > 0 && absl::IsResourceExhausted(sel.status())) {
+        return FleetCapError(req, refusals, sel.status());
+      }
       return sel;
     }
     if (!claim.needed && !claim.admit) return sel;
@@ -190,7 +192,8 @@ Explanation AccountPool::Explain(const SelectRequest& request) {
 void AccountPool::EndLeaseLocked(const Lease& lease, Outbox& out) {
   // Its fleet-wide reservation and probe token (issue 16) go with it; a probe is released whether
   // or not a cap is set.
-  if (out.active() && (options_.max_inflight_per_account > 0 || cooldowns_.IsProbe(lease.account, lease.model, lease.id))) {
+  if (out.active() &&
+      (options_.max_inflight_per_account > 0 || cooldowns_.IsProbe(lease.account, lease.model, lease.id))) {
     out.Add([account = lease.account, model = lease.model, id = lease.id](SharedState& s) {
       s.ReleaseAdmission(account, model, id);
     });

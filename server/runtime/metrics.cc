@@ -141,7 +141,8 @@ class StateCollector final : public prometheus::Collectable {
       // Fleet-wide admission (issue 16): reservations under --max_inflight_per_account and half-open
       // probe tokens, by answer; "local" leases were decided by this replica's own count (Redis down).
       auto admissions = Family("tokenbroker_fleet_admissions_total",
-                               "Fleet-wide admissions (in-flight cap, half-open probe) by result.", MetricType::Counter);
+                               "Fleet-wide admissions (in-flight cap, half-open probe) by result.",
+                               MetricType::Counter);
       admissions.metric.push_back(Value(static_cast<double>(st.admissions), {{"result", "admitted"}}, true));
       admissions.metric.push_back(Value(static_cast<double>(st.admissions_at_cap), {{"result", "at_cap"}}, true));
       admissions.metric.push_back(

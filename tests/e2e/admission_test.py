@@ -44,7 +44,9 @@ class Admission(unittest.TestCase):
         c.start_upstream()
         cls.redis = harness.RedisServer(c.dir)
         c.extra.append(cls.redis)
-        cls.replicas = [cls.start_replica() for _ in range(3)]
+        cls.metrics_port_file = os.path.join(c.dir, "metrics.port")
+        cls.replicas = [cls.start_replica("--metrics_listen=127.0.0.1:0", f"--metrics_port_file={cls.metrics_port_file}")]
+        cls.replicas += [cls.start_replica() for _ in range(2)]
         cls.channels, cls.stubs = [], []
         for p in cls.replicas:
             ch, stub = cls.connect(p)
@@ -79,6 +81,16 @@ class Admission(unittest.TestCase):
         for ch in cls.channels:
             ch.close()
         cls.cluster.close()
+
+    def admissions(self, result):
+        """tokenbroker_fleet_admissions_total{result=...} of replica 0."""
+        with open(self.metrics_port_file) as f:
+            port = f.read().strip()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            for line in resp.read().decode().splitlines():
+                if line.startswith(f'tokenbroker_fleet_admissions_total{{result="{result}"}} '):
+                    return float(line.split()[1])
+        return None
 
     def stats(self):
         return self.cluster.upstream_call("/__fake/stats")
@@ -183,6 +195,9 @@ class Admission(unittest.TestCase):
         # The load did press on the cap: 12 proxies on 2 accounts x 2, each call held 150 ms.
         self.assertEqual(max(most.get(rt(a), 0) for a in ACCOUNTS), CAP, most)
         self.assertGreater(max(waits), 0.1)
+        self.assertGreater(self.admissions("admitted"), 0)
+        self.assertGreater(self.admissions("at_cap"), 0)
+        self.assertEqual(self.admissions("local"), 0)
         print(f"\n72 calls in {elapsed:.2f}s; the most in flight per account at the upstream: {most}; "
               f"GetToken waits max {max(waits) * 1000:.0f} ms", file=sys.stderr)
 
@@ -213,7 +228,8 @@ class Admission(unittest.TestCase):
         self.redis.kill()
         for ch in self.channels:
             harness.wait_for(lambda ch=ch: not self.state_serving(ch), what="the replicas to notice")
-        # Each replica alone now holds up to the cap per account: four leases each, none fails.
+        # Each replica alone now holds up to the cap per account: four leases each, none fails, and
+        # the metric counts the leases decided locally.
         for i in range(3):
             got = [self.get_token(i, "gemini-3-flash") for _ in range(4)]
             self.assertEqual(sorted(r.account_id for r in got), ["acct-1", "acct-1", "acct-2", "acct-2"])
@@ -224,6 +240,7 @@ class Admission(unittest.TestCase):
             for r in got:
                 self.stubs[i].ReportOutcome(broker_pb2.ReportOutcomeRequest(lease_id=r.lease_id, http_status=200),
                                             timeout=10)
+        self.assertGreaterEqual(self.admissions("local"), 4)
 
 
 if __name__ == "__main__":
