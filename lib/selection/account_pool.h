@@ -300,7 +300,8 @@ class AccountPool : public SharedStateListener {
   // (`req` then excludes a candidate at the fleet's cap; a probe held elsewhere is marked here).
   std::optional<absl::StatusOr<Selection>> AdmitAndCommit(SharedState& shared, SelectRequest& req, const Claim& claim,
                                                           Refusals& refusals) ABSL_LOCKS_EXCLUDED(mu_);
-  // RESOURCE_EXHAUSTED after refusals at the fleet's cap, with `local` (what is left here) as detail.
+  // RESOURCE_EXHAUSTED after refusals at the fleet's cap (RetryInfo: at most kFleetRecheck, or
+  // `local`'s delay when sooner: what was left here with the refused accounts left out).
   absl::Status FleetCapError(const SelectRequest& request, const Refusals& refusals, const absl::Status& local) const;
   // The account force_rotate moves away from: the session's binding, or the model's last choice.
   std::optional<std::string> PreviousFor(const SelectRequest& request, const std::optional<std::string>& bound) const

@@ -93,12 +93,16 @@ absl::Status AccountPool::FleetCapError(const SelectRequest& request, const Refu
                                         const absl::Status& local) const {
   absl::Duration retry = kFleetRecheck;
   if (refusals.frees) retry = std::clamp(*refusals.frees - clock_.Now(), absl::ZeroDuration(), kFleetRecheck);
-  std::string message =
+  // What is left here (`local`) was chosen with the refused accounts left out: its own counts would
+  // name them "excluded", so only its delay is kept when it is sooner.
+  if (std::optional<absl::Duration> sooner = RetryDelay(local); sooner && *sooner < retry) retry = *sooner;
+  return NoAccountAvailableError(
       absl::StrCat("no account can serve model ", request.model, " now: ", refusals.at_cap,
-                   " at the fleet-wide lease cap (max_inflight_per_account=", options_.max_inflight_per_account,
-                   " across every replica)");
-  if (!local.ok()) absl::StrAppend(&message, "; the others: ", local.message());
-  return NoAccountAvailableError(message, request.model, retry);
+                   refusals.at_cap == 1 ? " account" : " accounts", " tried at the fleet-wide lease cap",
+                   " (max_inflight_per_account=", options_.max_inflight_per_account,
+                   " across every replica), no other eligible here; a report on any replica frees a place: try "
+                   "again in ", absl::FormatDuration(absl::Ceil(retry, absl::Milliseconds(1)))),
+      request.model, retry);
 }
 
 }  // namespace tokenbroker
