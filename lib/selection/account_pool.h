@@ -115,7 +115,9 @@ struct PoolOptions {
   Policy policy = Policy::kBalance;
   absl::Duration session_idle_ttl = absl::Hours(1);
   size_t max_sessions = 100'000;
-  // Leases in flight per account beyond which it is skipped; 0 means no cap.
+  // Leases in flight per account beyond which it is skipped; 0 means no cap. With a shared state
+  // that is up, the cap counts every replica's leases (an atomic reservation per lease, issue 16);
+  // while it is down, this replica's own.
   int max_inflight_per_account = 0;
   // A lease not reported within this long ends by itself.
   absl::Duration lease_timeout = absl::Minutes(10);
@@ -214,6 +216,10 @@ class AccountPool : public SharedStateListener {
   // Models whose last chosen account is remembered (bounded: caller input).
   size_t TrackedModels() const ABSL_LOCKS_EXCLUDED(mu_);
 
+  // Leases issued under a fleet-wide cap without a fleet-wide reservation (the shared state was
+  // down or did not answer: the local count decided).
+  int64_t AdmissionFallbacks() const { return admission_fallbacks_.load(std::memory_order_relaxed); }
+
   // Session rebinds since start, by reason ("new", "force_rotate", "ineligible", "expired").
   std::map<std::string, int64_t> RebindCounts() const ABSL_LOCKS_EXCLUDED(mu_);
 
@@ -270,14 +276,56 @@ class AccountPool : public SharedStateListener {
     std::string expected;   // the binding it replaces ("" for none)
     std::string candidate;  // the account chosen here
     std::string reason;     // "new", "force_rotate" or "ineligible"
+    // Fleet-wide admission (pool_admission.cc): the candidate needs a reservation under the fleet's
+    // in-flight cap and/or the fleet's half-open probe tokens of these scopes before it is used.
+    bool admit = false;
+    std::vector<std::string> probe_scopes;
   };
+  // A candidate the shared state admitted, to be committed under the reserved lease id.
+  struct Admitted {
+    std::string account;
+    std::string lease_id;
+  };
+  // Why a selection asked the shared state and was refused (the error when nothing else is left).
+  struct Refusals {
+    int at_cap = 0;
+    std::optional<absl::Time> frees;  // the earliest refused reservation's expiry
+  };
+  // How many rounds Select makes (session claims and admissions) before it answers.
+  static constexpr int kMaxSelectRounds = 6;
 
   // --- selection (pool_selection.cc) ---
   // One selection under the lock. With `claim` set, a choice that would bind the session anew is
   // not committed: it is described in *claim and an empty Selection is returned.
-  absl::StatusOr<Selection> SelectOnce(const SelectRequest& request, Claim* claim) ABSL_LOCKS_EXCLUDED(mu_);
-  absl::StatusOr<Selection> SelectLocked(const SelectRequest& request, Claim* claim, absl::Time now, Outbox& out)
+  // With `admitted`, commits that account under its reserved lease id, or ABORTED (nothing
+  // committed) when it is no longer eligible here.
+  absl::StatusOr<Selection> SelectOnce(const SelectRequest& request, Claim* claim,
+                                       const Admitted* admitted = nullptr) ABSL_LOCKS_EXCLUDED(mu_);
+  absl::StatusOr<Selection> SelectLocked(const SelectRequest& request, Claim* claim, absl::Time now, Outbox& out,
+                                         const Admitted* admitted) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Records the choice of entry `chosen`: last use, a lease (under admitted->lease_id when given),
+  // the session binding, the probe.
+  absl::StatusOr<Selection> CommitLocked(const SelectRequest& request, size_t chosen, bool from_session,
+                                         const std::optional<std::string>& bound, absl::Time previous_use,
+                                         absl::Time now, Outbox& out, const Admitted* admitted)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // --- fleet-wide admission (pool_admission.cc) ---
+  // Whether the candidate must be admitted by the shared state before use; fills claim->admit.
+  bool NeedsAdmissionLocked(size_t i, const SelectRequest& request, absl::Time now, Claim* claim)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The chosen account when committing an admitted one: its index, or unset when it is no longer
+  // eligible here (or the session moved meanwhile).
+  std::optional<size_t> AdmittedChoiceLocked(const SelectRequest& request, const Admitted& admitted,
+                                             const std::optional<std::string>& bound, absl::Time now,
+                                             bool* from_session) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Asks the shared state to admit claim.candidate and commits it. Unset when the backend did not
+  // answer (decide locally); otherwise the selection, or ABORTED to go on with the next candidate
+  // (`req` then excludes a candidate at the fleet's cap; a probe held elsewhere is marked here).
+  std::optional<absl::StatusOr<Selection>> AdmitAndCommit(SharedState& shared, SelectRequest& req, const Claim& claim,
+                                                          Refusals& refusals) ABSL_LOCKS_EXCLUDED(mu_);
+  // RESOURCE_EXHAUSTED after refusals at the fleet's cap (RetryInfo: at most kFleetRecheck, or
+  // `local`'s delay when sooner: what was left here with the refused accounts left out).
+  absl::Status FleetCapError(const SelectRequest& request, const Refusals& refusals, const absl::Status& local) const;
   // The account force_rotate moves away from: the session's binding, or the model's last choice.
   std::optional<std::string> PreviousFor(const SelectRequest& request, const std::optional<std::string>& bound) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
@@ -319,7 +367,8 @@ class AccountPool : public SharedStateListener {
                                       const std::string& group = "") ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   ResetResult ResetLocked(size_t i, const std::string& model, bool enable) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void ExpireLeasesLocked(absl::Time now, Outbox& out) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void EndLeaseLocked(const Lease& lease) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Ends a lease's effects here; its fleet-wide reservation and probe token go through `out`.
+  void EndLeaseLocked(const Lease& lease, Outbox& out) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const PoolOptions options_;
   const Clock& clock_;
@@ -340,6 +389,7 @@ class AccountPool : public SharedStateListener {
   // Accounts disabled while running (not by their file): shared with other replicas.
   absl::flat_hash_map<std::string, std::string> runtime_disabled_ ABSL_GUARDED_BY(mu_);
   std::atomic<SharedState*> shared_{nullptr};
+  std::atomic<int64_t> admission_fallbacks_{0};
 };
 
 }  // namespace tokenbroker

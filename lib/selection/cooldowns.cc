@@ -16,7 +16,8 @@ absl::Duration Cooldowns::Backoff(int streak) const {
 bool Cooldowns::SuccessCloses(const Entry& e, absl::Time now, absl::string_view lease_id) {
   if (e.until > now) return false;  // live: a success elsewhere says nothing about this quota
   const bool probe_out = e.probe_until && now < *e.probe_until;
-  return !probe_out || (!lease_id.empty() && e.probe_lease == lease_id);
+  // Another replica's probe reports through the shared state without a lease id.
+  return !probe_out || (!lease_id.empty() && e.probe_lease == lease_id) || (lease_id.empty() && e.probe_remote);
 }
 
 namespace {
@@ -153,7 +154,7 @@ CooldownDecision Cooldowns::Apply(const std::string& account, const std::string&
     Entry& g = FamilyEntry(acc, family.group);
     g.probe_until.reset();
     g.probe_lease.clear();
-    if (proposed > g.until) g = Entry{proposed, why, std::nullopt, "", true};
+    if (proposed > g.until) g = Entry{.until = proposed, .reason = why, .quota = true};
   }
   Entry* existing = nullptr;
   if (d.scope == CooldownScope::kAccount) {
@@ -169,7 +170,7 @@ CooldownDecision Cooldowns::Apply(const std::string& account, const std::string&
     return d;
   }
   if (existing == nullptr) {
-    const Entry fresh{proposed, why, std::nullopt, "", quota};
+    const Entry fresh{.until = proposed, .reason = why, .quota = quota};
     if (d.scope == CooldownScope::kAccount) {
       acc.whole = fresh;
     } else if (d.scope == CooldownScope::kFamily) {
@@ -184,6 +185,7 @@ CooldownDecision Cooldowns::Apply(const std::string& account, const std::string&
   // A failure ends any probe; a new cooldown never shortens a live one.
   existing->probe_until.reset();
   existing->probe_lease.clear();
+  existing->probe_remote = false;
   if (proposed > existing->until) {
     existing->until = proposed;
     existing->reason = why;
@@ -233,6 +235,7 @@ void Cooldowns::OnIssued(const std::string& account, const std::string& model, a
     if (e.until <= now) {
       e.probe_until = now + policy_.probe_timeout;
       e.probe_lease = std::string(lease_id);
+      e.probe_remote = false;
     }
   };
   PerAccount& acc = it->second;
@@ -241,6 +244,57 @@ void Cooldowns::OnIssued(const std::string& account, const std::string& model, a
   for (absl::string_view f : {family.family, family.group}) {
     if (auto m = acc.families.find(f); !f.empty() && m != acc.families.end()) mark(m->second);
   }
+}
+
+std::vector<std::string> Cooldowns::ProbeScopes(const std::string& account, const std::string& model,
+                                                absl::Time now, FamilyRef family) const {
+  std::vector<std::string> out;
+  auto it = accounts_.find(account);
+  if (it == accounts_.end()) return out;
+  auto half_open = [&](const Entry& e) { return e.until <= now && !(e.probe_until && now < *e.probe_until); };
+  if (it->second.whole && half_open(*it->second.whole)) out.emplace_back();
+  if (auto m = it->second.models.find(model); m != it->second.models.end() && half_open(m->second)) {
+    out.push_back(model);
+  }
+  for (absl::string_view f : {family.family, family.group}) {
+    if (auto m = it->second.families.find(f); !f.empty() && m != it->second.families.end() && half_open(m->second)) {
+      out.push_back(absl::StrCat("@", f));
+    }
+  }
+  return out;
+}
+
+void Cooldowns::ProbeElsewhere(const std::string& account, const std::string& model, absl::Time now,
+                               absl::Time until, FamilyRef family) {
+  auto it = accounts_.find(account);
+  if (it == accounts_.end()) return;
+  auto mark = [&](Entry& e) {
+    if (e.until <= now && !(e.probe_until && now < *e.probe_until)) {
+      e.probe_until = until;
+      e.probe_lease.clear();
+      e.probe_remote = true;
+    }
+  };
+  if (it->second.whole) mark(*it->second.whole);
+  if (auto m = it->second.models.find(model); m != it->second.models.end()) mark(m->second);
+  for (absl::string_view f : {family.family, family.group}) {
+    if (auto m = it->second.families.find(f); !f.empty() && m != it->second.families.end()) mark(m->second);
+  }
+}
+
+bool Cooldowns::IsProbe(const std::string& account, const std::string& model, absl::string_view lease_id,
+                        FamilyRef family) const {
+  auto it = accounts_.find(account);
+  if (it == accounts_.end() || lease_id.empty()) return false;
+  auto holds = [&](const Entry& e) { return e.probe_until && e.probe_lease == lease_id; };
+  if (it->second.whole && holds(*it->second.whole)) return true;
+  if (auto m = it->second.models.find(model); m != it->second.models.end() && holds(m->second)) return true;
+  for (absl::string_view f : {family.family, family.group}) {
+    if (auto m = it->second.families.find(f); !f.empty() && m != it->second.families.end() && holds(m->second)) {
+      return true;
+    }
+  }
+  return false;
 }
 
 void Cooldowns::OnLeaseEnded(const std::string& account, const std::string& model, absl::string_view lease_id,
@@ -252,6 +306,7 @@ void Cooldowns::OnLeaseEnded(const std::string& account, const std::string& mode
     if (e.probe_until && e.probe_lease == lease_id) {
       e.probe_until.reset();
       e.probe_lease.clear();
+      e.probe_remote = false;
     }
   };
   PerAccount& acc = it->second;

@@ -110,6 +110,19 @@ class Cooldowns {
   // passes.
   void OnIssued(const std::string& account, const std::string& model, absl::Time now,
                 absl::string_view lease_id = {}, FamilyRef family = {});
+  // Fleet-wide half-open (issue 16): the cooldowns on (account, model, its family or group) whose
+  // use at `now` would be a probe — "" for the whole account, the model's name, or "@<family>" for a
+  // family or quota group (model names cannot hold '@'). Empty when the use would be no probe.
+  std::vector<std::string> ProbeScopes(const std::string& account, const std::string& model, absl::Time now,
+                                       FamilyRef family = {}) const;
+  // Another replica holds the fleet's probe of (account, model): held off here until `until`, or
+  // until a report from another replica (a lease-less success closes it, a failure reopens it).
+  void ProbeElsewhere(const std::string& account, const std::string& model, absl::Time now, absl::Time until,
+                      FamilyRef family = {});
+  // Whether `lease_id` is the probe in flight of (account, model), its family or group, or of the
+  // whole account.
+  bool IsProbe(const std::string& account, const std::string& model, absl::string_view lease_id,
+               FamilyRef family = {}) const;
   // A lease ended without a report (released because its token could not be had or nobody was
   // there to take it, or timed out): if it was the probe, another request may probe at once.
   void OnLeaseEnded(const std::string& account, const std::string& model, absl::string_view lease_id,
@@ -144,6 +157,7 @@ class Cooldowns {
     std::string reason;
     std::optional<absl::Time> probe_until;
     std::string probe_lease;  // the lease of the probe in flight, when known
+    bool probe_remote = false;  // the probe in flight is another replica's (fleet-wide half-open)
     bool quota = false;  // caused by a quota or rate limit (ends when quota comes back)
   };
   struct PerAccount {

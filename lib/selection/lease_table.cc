@@ -106,18 +106,47 @@ std::optional<absl::uint128> LeaseTable::KeyOf(absl::string_view id) const {
   return key;
 }
 
-IssuedLease LeaseTable::Issue(const std::string& account, const std::string& model, absl::Time now,
-                              const std::string& caller, const std::string& group) {
+absl::uint128 LeaseTable::FreshKey() {
   while (prefix_ == 0) prefix_ = RandomBits();
   absl::uint128 key;
   do {
     key = absl::MakeUint128(RandomBits() & 0xffffffffu, RandomBits());
   } while (by_key_.contains(key));
+  return key;
+}
+
+IssuedLease LeaseTable::IssueKey(absl::uint128 key, const std::string& account, const std::string& model,
+                                 absl::Time now, const std::string& caller, const std::string& group) {
   const absl::Time expires = now + timeout_;
   by_key_.emplace(key, Slot{account, model, caller, expires, group});
   by_expiry_.emplace(expires, key);
   ++in_flight_[account];
   return IssuedLease{IdOf(key, caller), expires};
+}
+
+IssuedLease LeaseTable::Issue(const std::string& account, const std::string& model, absl::Time now,
+                              const std::string& caller, const std::string& group) {
+  return IssueKey(FreshKey(), account, model, now, caller, group);
+}
+
+std::string LeaseTable::NewId(const std::string& caller) { return IdOf(FreshKey(), caller); }
+
+IssuedLease LeaseTable::IssueAs(const std::string& id, const std::string& account, const std::string& model,
+                                absl::Time now, const std::string& caller, const std::string& group) {
+  std::optional<uint64_t> prefix, high, low;
+  if (id.size() == kIdLength && id.compare(0, 2, "l-") == 0) {
+    const absl::string_view v(id);
+    prefix = ParseHex(v.substr(2, 16));
+    high = ParseHex(v.substr(26, 8));
+    low = ParseHex(v.substr(34, 16));
+  }
+  if (prefix_ == 0 || !prefix || *prefix != prefix_ || !high || !low ||
+      absl::string_view(id).substr(18, 8) != CallerTag(caller)) {
+    return Issue(account, model, now, caller, group);
+  }
+  const absl::uint128 key = absl::MakeUint128(*high, *low);
+  if (by_key_.contains(key)) return Issue(account, model, now, caller, group);
+  return IssueKey(key, account, model, now, caller, group);
 }
 
 Lease LeaseTable::Take(Map::iterator it) {

@@ -50,6 +50,13 @@ class LeaseTable {
   // Issues a lease with a fresh id to `caller`.
   IssuedLease Issue(const std::string& account, const std::string& model, absl::Time now,
                     const std::string& caller = "-", const std::string& group = "");
+  // A fresh id for `caller`, for a lease issued later with IssueAs (reserved elsewhere first, e.g.
+  // fleet-wide admission). Issues nothing.
+  std::string NewId(const std::string& caller);
+  // Issues a lease under `id`, an id NewId of this table made for `caller`; a malformed or taken
+  // id gets a fresh one (the returned id is the lease's).
+  IssuedLease IssueAs(const std::string& id, const std::string& account, const std::string& model, absl::Time now,
+                      const std::string& caller, const std::string& group = "");
   // The lease, if it is in flight (without ending it).
   std::optional<Lease> Find(const std::string& id) const;
   // Ends a lease; unset if it is unknown or already ended.
@@ -81,6 +88,9 @@ class LeaseTable {
   std::optional<absl::uint128> KeyOf(absl::string_view id) const;
   std::string IdOf(absl::uint128 key, const std::string& caller) const;
   Lease Take(Map::iterator it);
+  absl::uint128 FreshKey();
+  IssuedLease IssueKey(absl::uint128 key, const std::string& account, const std::string& model, absl::Time now,
+                       const std::string& caller, const std::string& group);
   uint64_t RandomBits();
 
   const absl::Duration timeout_;

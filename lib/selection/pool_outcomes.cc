@@ -48,6 +48,9 @@ absl::StatusOr<OutcomeResult> AccountPool::ReportOutcome(const Outcome& outcome)
         by_account.account_id = remote->account;
         by_account.model = remote->model;
         by_account.may_name_account = true;  // named by a lease of this caller
+        // Its fleet-wide reservation frees now, not when its issuer hears of it (or never, if
+        // the issuer is gone: then at its expiry).
+        out.Add([remote = *remote](SharedState& s) { s.ReleaseAdmission(remote.account, remote.model, remote.id); });
         return ReportOutcomeHere(by_account, out);
       }
     }
@@ -77,7 +80,7 @@ absl::StatusOr<OutcomeResult> AccountPool::ReportOutcomeLocked(const Outcome& ou
       return ForeignLeaseError(outcome.lease_id);
     }
     if (std::optional<Lease> lease = leases_.End(outcome.lease_id)) {
-      EndLeaseLocked(*lease);
+      EndLeaseLocked(*lease, out);
       out.Add([id = lease->id](SharedState& s) { s.LeaseEnded(id); });
       result.account_id = lease->account;
       result.model = lease->model;

@@ -64,8 +64,12 @@ void AccountPool::OnRemoteLeasesIssued(const std::string& account, const std::st
 }
 
 void AccountPool::OnRemoteLeaseEnd(const std::string& lease_id) {
-  absl::MutexLock lock(&mu_);
-  if (std::optional<Lease> lease = leases_.End(lease_id)) EndLeaseLocked(*lease);
+  Outbox out(shared_state());
+  {
+    absl::MutexLock lock(&mu_);
+    if (std::optional<Lease> lease = leases_.End(lease_id)) EndLeaseLocked(*lease, out);
+  }
+  out.Send();
 }
 
 void AccountPool::OnRemoteReset(const std::string& account, const std::string& model, bool enabled) {

@@ -40,6 +40,33 @@ struct SharedLease {
   std::string model;
 };
 
+// Fleet-wide admission (issue 16, docs/ARCHITECTURE.md §7): a lease reserved against an account's
+// fleet-wide in-flight cap, and the half-open probes it is to be, in one atomic step.
+struct AdmissionRequest {
+  std::string account;
+  std::string model;
+  std::string lease_id;  // the reservation's name: the lease it becomes
+  int cap = 0;           // leases in flight per account across the fleet; 0: no cap (probes only)
+  // Half-open probes the lease is to be: "" for the whole account, else the model. Only the replica
+  // holding a probe token sends it.
+  std::vector<std::string> probe_scopes;
+  absl::Time now;
+  absl::Time expires;  // the lease timeout: a reservation nobody releases frees itself then
+  absl::Duration probe_ttl;
+};
+
+enum class AdmissionVerdict {
+  kAdmitted,        // reserved (and every probe token taken)
+  kAtCap,           // the account holds `cap` live reservations fleet-wide
+  kProbeElsewhere,  // another replica holds a probe token: its probe is in flight
+};
+
+struct AdmissionResult {
+  AdmissionVerdict verdict = AdmissionVerdict::kAdmitted;
+  int in_flight = 0;                // fleet-wide reservations of the account (with this one when admitted)
+  std::optional<absl::Time> frees;  // kAtCap: the earliest reservation's expiry; kProbeElsewhere: the probe's
+};
+
 // Runtime state one replica holds, uploaded when it (re)connects.
 struct LocalState {
   std::vector<std::pair<std::string, std::string>> sessions;  // session id, account id
@@ -108,6 +135,16 @@ class SharedState {
   // async: the account's token is bad (a 401): the stored copy is deleted (the other replicas
   // drop theirs when they apply the outcome).
   virtual void TokenDropped(const std::string& account) = 0;
+
+  // Reserves `request.lease_id` against the account's fleet-wide cap and takes its probe tokens,
+  // atomically (one round trip). Unset when the backend is down or did not answer: the caller
+  // falls back to its local count.
+  virtual std::optional<AdmissionResult> Admit(const AdmissionRequest& request) = 0;
+  // async: the lease ended (reported, released, timed out, or taken by another replica): its
+  // reservation and any probe token it holds on (account, model) or the whole account go.
+  // `family_scopes`: the probe scopes of the lease's family and quota group ("@<name>"), if any.
+  virtual void ReleaseAdmission(const std::string& account, const std::string& model, const std::string& lease_id,
+                                const std::vector<std::string>& family_scopes = {}) = 0;
 
   // The freshest token any replica stored for the account, if it is valid past `min_expiry`.
   virtual std::optional<SharedToken> FetchToken(const std::string& account, absl::Time min_expiry) = 0;

@@ -66,6 +66,45 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 )lua";
 
+// Fleet-wide admission (issue 16): a sorted set per account of lease ids scored by their expiry.
+// Expired ones are dropped, the rest counted, this one added if below the cap; then every probe
+// token is taken unless one is held. One script: no replica can slip in between count and add.
+// KEYS[1] the account's lease set; KEYS[2..] probe tokens. ARGV: now ms, expiry ms, cap, lease id,
+// probe ttl ms, set ttl ms. Returns {1, count} admitted; {0, count, earliest expiry ms} at the cap;
+// {2, 0, probe's remaining ms} when another replica holds a probe token.
+const char kAdmit[] = R"lua(
+local cap = tonumber(ARGV[3])
+local n = 0
+if cap > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+  n = redis.call('ZCARD', KEYS[1])
+  if n >= cap then
+    local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+    return {0, n, tonumber(first[2])}
+  end
+end
+for i = 2, #KEYS do
+  local holder = redis.call('GET', KEYS[i])
+  if holder and holder ~= ARGV[4] then return {2, 0, redis.call('PTTL', KEYS[i])} end
+end
+for i = 2, #KEYS do redis.call('SET', KEYS[i], ARGV[4], 'PX', ARGV[5]) end
+if cap > 0 then
+  redis.call('ZADD', KEYS[1], ARGV[2], ARGV[4])
+  redis.call('PEXPIRE', KEYS[1], ARGV[6])
+  n = n + 1
+end
+return {1, n}
+)lua";
+
+// KEYS[1] the account's lease set; KEYS[2..] probe tokens it may hold. ARGV[1] lease id.
+const char kReleaseAdmission[] = R"lua(
+redis.call('ZREM', KEYS[1], ARGV[1])
+for i = 2, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then redis.call('DEL', KEYS[i]) end
+end
+return 1
+)lua";
+
 int64_t Millis(absl::Time t) { return absl::ToUnixMillis(t); }
 absl::Time FromMillis(int64_t ms) {
   if (ms == std::numeric_limits<int64_t>::max()) return absl::InfiniteFuture();

@@ -21,6 +21,8 @@ extern const char kTakeLease[];
 extern const char kLockRefresh[];
 extern const char kStoreToken[];
 extern const char kUnlock[];
+extern const char kAdmit[];
+extern const char kReleaseAdmission[];
 
 int64_t Millis(absl::Time t);
 absl::Time FromMillis(int64_t ms);

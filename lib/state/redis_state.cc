@@ -71,6 +71,10 @@ SharedStateStats RedisState::stats() const {
   s.events_received = events_received_.load();
   s.writes = writes_.load();
   s.writes_dropped = writes_dropped_.load();
+  s.admissions = admissions_.load();
+  s.admissions_at_cap = admissions_at_cap_.load();
+  s.admissions_probe_elsewhere = admissions_probe_elsewhere_.load();
+  s.admissions_unanswered = admissions_unanswered_.load();
   return s;
 }
 
@@ -255,6 +259,58 @@ bool RedisState::WaitForToken(const std::string& account, absl::Time deadline) {
           },
           &args),
       deadline) && Up();
+}
+
+std::string RedisState::ProbeKey(const std::string& account, const std::string& scope) const {
+  return Key("p", absl::StrCat(account, "|", scope));
+}
+
+std::optional<AdmissionResult> RedisState::Admit(const AdmissionRequest& request) {
+  Argv argv = {"EVAL", kAdmit, absl::StrCat(1 + request.probe_scopes.size()), AdmissionKey(request.account)};
+  for (const std::string& scope : request.probe_scopes) argv.push_back(ProbeKey(request.account, scope));
+  argv.push_back(absl::StrCat(Millis(request.now)));
+  argv.push_back(absl::StrCat(Millis(request.expires)));
+  argv.push_back(absl::StrCat(request.cap));
+  argv.push_back(request.lease_id);
+  argv.push_back(Ms(request.probe_ttl));
+  argv.push_back(Ms(request.expires - request.now));
+  absl::StatusOr<RedisReply> r = RoundTrip(argv);
+  if (!r.ok() || r->type != RedisReply::Type::kArray || r->elements.size() < 2 ||
+      r->elements[0].type != RedisReply::Type::kInteger || r->elements[1].type != RedisReply::Type::kInteger) {
+    admissions_unanswered_.fetch_add(1);
+    return std::nullopt;
+  }
+  AdmissionResult out;
+  out.in_flight = static_cast<int>(r->elements[1].integer);
+  const bool has_time = r->elements.size() > 2 && r->elements[2].type == RedisReply::Type::kInteger;
+  switch (r->elements[0].integer) {
+    case 1:
+      out.verdict = AdmissionVerdict::kAdmitted;
+      admissions_.fetch_add(1);
+      break;
+    case 0:
+      out.verdict = AdmissionVerdict::kAtCap;
+      if (has_time) out.frees = FromMillis(r->elements[2].integer);
+      admissions_at_cap_.fetch_add(1);
+      break;
+    default:
+      out.verdict = AdmissionVerdict::kProbeElsewhere;
+      if (has_time && r->elements[2].integer > 0) {
+        out.frees = request.now + absl::Milliseconds(r->elements[2].integer);
+      }
+      admissions_probe_elsewhere_.fetch_add(1);
+      break;
+  }
+  return out;
+}
+
+void RedisState::ReleaseAdmission(const std::string& account, const std::string& model, const std::string& lease_id,
+                                  const std::vector<std::string>& family_scopes) {
+  std::vector<std::string> command = {"EVAL", kReleaseAdmission, absl::StrCat(3 + family_scopes.size()),
+                                      AdmissionKey(account), ProbeKey(account, ""), ProbeKey(account, model)};
+  for (const std::string& scope : family_scopes) command.push_back(ProbeKey(account, scope));
+  command.push_back(lease_id);
+  Enqueue(std::move(command));
 }
 
 void RedisState::BumpTokenEvent(const std::string& account) {

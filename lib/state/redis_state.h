@@ -48,6 +48,11 @@ struct SharedStateStats {
   int64_t events_received = 0; // changes applied from other replicas
   int64_t writes = 0;          // commands written through
   int64_t writes_dropped = 0;  // not written because Redis was down (resync makes up for them)
+  // Fleet-wide admission round trips (issue 16), by answer; `unanswered` fell back to the local count.
+  int64_t admissions = 0;
+  int64_t admissions_at_cap = 0;
+  int64_t admissions_probe_elsewhere = 0;
+  int64_t admissions_unanswered = 0;
 };
 
 // SharedState over one Redis server (docs/ARCHITECTURE.md §7). Writes go through a background writer that
@@ -88,6 +93,9 @@ class RedisState : public SharedState {
   bool StoreToken(const std::string& account, const SharedToken& token, int64_t fence) override;
   void UnlockRefresh(const std::string& account, int64_t fence) override;
   bool WaitForToken(const std::string& account, absl::Time deadline) override;
+  std::optional<AdmissionResult> Admit(const AdmissionRequest& request) override;
+  void ReleaseAdmission(const std::string& account, const std::string& model, const std::string& lease_id,
+                        const std::vector<std::string>& family_scopes = {}) override;
 
  private:
   using Argv = std::vector<std::string>;
@@ -95,6 +103,10 @@ class RedisState : public SharedState {
   std::string Key(absl::string_view kind, absl::string_view id) const;
   // The hash holding a lease: one per issuing table, named by the id's random prefix.
   std::string LeaseKey(const std::string& lease_id) const;
+  // Fleet-wide admission: the account's set of reserved leases, and a probe token on (account,
+  // scope) with scope "" for the whole account.
+  std::string AdmissionKey(const std::string& account) const { return Key("a", account); }
+  std::string ProbeKey(const std::string& account, const std::string& scope) const;
   // One round trip on a pooled connection; UNAVAILABLE at once while down.
   absl::StatusOr<RedisReply> RoundTrip(const Argv& argv);
   void Enqueue(Argv argv);
@@ -114,6 +126,8 @@ class RedisState : public SharedState {
   std::atomic<bool> up_{false};
   std::atomic<bool> reconnect_{false};  // a writer or a round trip saw the server go away
   std::atomic<int64_t> errors_{0}, resyncs_{0}, events_received_{0}, writes_{0}, writes_dropped_{0};
+  std::atomic<int64_t> admissions_{0}, admissions_at_cap_{0}, admissions_probe_elsewhere_{0},
+      admissions_unanswered_{0};
 
   absl::Mutex pool_mu_;
   std::vector<std::unique_ptr<RedisConnection>> idle_ ABSL_GUARDED_BY(pool_mu_);

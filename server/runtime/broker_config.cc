@@ -12,7 +12,8 @@ ABSL_FLAG(std::string, policy, "balance", "Selection policy: balance, fill_first
 ABSL_FLAG(absl::Duration, session_ttl, absl::Hours(1), "A session binding expires after this long unused.");
 ABSL_FLAG(int, max_sessions, 100000, "Most session bindings kept; the least recently used go first.");
 ABSL_FLAG(int, max_inflight_per_account, 0,
-          "Leases in flight per account beyond which it is skipped (0: no cap).");
+          "Leases in flight per account beyond which it is skipped (0: no cap). With --state_backend it "
+          "counts every replica's leases (fleet-wide; this replica's own while Redis is down).");
 ABSL_FLAG(absl::Duration, lease_timeout, absl::Minutes(10),
           "A lease not reported with ReportOutcome within this long ends by itself.");
 ABSL_FLAG(absl::Duration, probe_timeout, absl::Seconds(60),

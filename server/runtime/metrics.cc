@@ -141,7 +141,19 @@ class StateCollector final : public prometheus::Collectable {
                            "Write-through commands, written or dropped while Redis was down.", MetricType::Counter);
       writes.metric.push_back(Value(static_cast<double>(st.writes), {{"result", "written"}}, true));
       writes.metric.push_back(Value(static_cast<double>(st.writes_dropped), {{"result", "dropped"}}, true));
-      for (auto* f : {&up, &errors, &resyncs, &events, &writes}) out.push_back(std::move(*f));
+      // Fleet-wide admission (issue 16): reservations under --max_inflight_per_account and half-open
+      // probe tokens, by answer; "local" leases were decided by this replica's own count (Redis down).
+      auto admissions = Family("tokenbroker_fleet_admissions_total",
+                               "Fleet-wide admissions (in-flight cap, half-open probe) by result.",
+                               MetricType::Counter);
+      admissions.metric.push_back(Value(static_cast<double>(st.admissions), {{"result", "admitted"}}, true));
+      admissions.metric.push_back(Value(static_cast<double>(st.admissions_at_cap), {{"result", "at_cap"}}, true));
+      admissions.metric.push_back(
+          Value(static_cast<double>(st.admissions_probe_elsewhere), {{"result", "probe_elsewhere"}}, true));
+      admissions.metric.push_back(
+          Value(static_cast<double>(st.admissions_unanswered), {{"result", "unanswered"}}, true));
+      admissions.metric.push_back(Value(static_cast<double>(pool_.AdmissionFallbacks()), {{"result", "local"}}, true));
+      for (auto* f : {&up, &errors, &resyncs, &events, &writes, &admissions}) out.push_back(std::move(*f));
     }
     return out;
   }

@@ -238,6 +238,8 @@ FakeUpstream::Response FakeUpstream::Handle(const std::string& method, const std
     max_in_flight_[key] = std::max(max_in_flight_[key], now_in_flight);
     if (key == "/token") ++token_calls_[account];
     ++account_calls_[key][account];
+    int64_t& mine = account_max_in_flight_[key][account];
+    mine = std::max(mine, ++account_in_flight_[key][account]);
     auto& scripts = scripts_[key];
     for (auto it = scripts.begin(); it != scripts.end(); ++it) {
       if (!it->match.empty() && it->match != account) continue;
@@ -261,6 +263,7 @@ FakeUpstream::Response FakeUpstream::Handle(const std::string& method, const std
   }
   absl::MutexLock lock(&mu_);
   --in_flight_[key];
+  --account_in_flight_[key][account];
   return resp;
 }
 
@@ -491,6 +494,14 @@ int64_t FakeUpstream::MaxInFlight(const std::string& path) const {
   return it == max_in_flight_.end() ? 0 : it->second;
 }
 
+int64_t FakeUpstream::MaxInFlightFor(const std::string& path, const std::string& refresh_token) const {
+  absl::MutexLock lock(&mu_);
+  auto p = account_max_in_flight_.find(path);
+  if (p == account_max_in_flight_.end()) return 0;
+  auto it = p->second.find(refresh_token);
+  return it == p->second.end() ? 0 : it->second;
+}
+
 std::vector<std::string> FakeUpstream::IssuedAccessTokens() const {
   absl::MutexLock lock(&mu_);
   return issued_;
@@ -500,6 +511,7 @@ std::string FakeUpstream::StatsJson() const {
   absl::MutexLock lock(&mu_);
   Json out = {{"calls", calls_}, {"token_calls", token_calls_}, {"max_in_flight", max_in_flight_},
               {"calls_by_account", account_calls_}, {"in_flight", in_flight_},
+              {"max_in_flight_by_account", account_max_in_flight_},
               {"issued_access_tokens", issued_}};
   return out.dump();
 }

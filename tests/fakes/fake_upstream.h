@@ -92,6 +92,9 @@ class FakeUpstream {
   std::vector<std::string> IssuedAccessTokens() const;
   // Requests being answered right now, and the most ever at once, per path.
   int64_t MaxInFlight(const std::string& path) const;
+  // The most requests to `path` ever answered at once for the account behind `refresh_token`
+  // (fleet-wide admission: concurrent generateContent calls per account).
+  int64_t MaxInFlightFor(const std::string& path, const std::string& refresh_token) const;
   // Everything above as JSON (what GET /__fake/stats returns).
   std::string StatsJson() const;
 
@@ -137,6 +140,9 @@ class FakeUpstream {
   std::map<std::string, int64_t> max_in_flight_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, int64_t> token_calls_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, std::map<std::string, int64_t>> account_calls_ ABSL_GUARDED_BY(mu_);
+  // Per path, per account (refresh token): requests being answered now, and the most at once.
+  std::map<std::string, std::map<std::string, int64_t>> account_in_flight_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, std::map<std::string, int64_t>> account_max_in_flight_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, AccountProfile> profiles_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, std::string> access_to_refresh_ ABSL_GUARDED_BY(mu_);
   std::vector<std::string> issued_ ABSL_GUARDED_BY(mu_);

@@ -10,7 +10,8 @@
 //                             "onboard_project":"p","onboard_polls":2,"onboard_error":"...",
 //                             "quota_summary":false,"user_quota":[{"modelId":...}],
 //                             "credits_exhausted":true,"credits_reset_s":3600}   (all optional; AccountProfile)
-//   GET  /__fake/stats       call counts per path and per refresh token, issued access tokens
+//   GET  /__fake/stats       call counts per path and per refresh token, requests in flight and the most
+//                            at once (per path, and per path and refresh token), issued access tokens
 //   POST /__fake/quota       quota accounting on (or {"enabled":false}: off, the default), afresh:
 //                            {"short_window_s":3, "long_window_s":9, "lag_ms":0,
 //                             "models":["gemini-3-pro-high","claude-sonnet-4-6-thinking",...],

@@ -231,6 +231,55 @@ TEST(Cooldowns, AProbeLeaseReleasedWithoutAReportFreesTheProbe) {
   EXPECT_TRUE(c.Check("a", "m", ended + absl::Seconds(1))->probe_in_flight);
 }
 
+// Issue 16: the fleet's half-open probe. Which uses would be probes, a probe held by another
+// replica, and how its report (lease-less, from the shared state) closes or reopens the cooldown.
+TEST(Cooldowns, AProbeHeldElsewhereBlocksUntilItsReportOrItsTime) {
+  Cooldowns c({});
+  c.Apply("a", "m", Parse(429, "", "10"), kT0);
+  const absl::Time ended = kT0 + absl::Seconds(10);
+  EXPECT_TRUE(c.ProbeScopes("a", "m", kT0 + absl::Seconds(5)).empty());  // still cooling: no probe
+  EXPECT_EQ(c.ProbeScopes("a", "m", ended), std::vector<std::string>{"m"});
+  EXPECT_TRUE(c.ProbeScopes("a", "other", ended).empty());
+  EXPECT_TRUE(c.ProbeScopes("b", "m", ended).empty());
+  c.ProbeElsewhere("a", "m", ended, ended + absl::Seconds(60));
+  ASSERT_TRUE(c.Check("a", "m", ended + absl::Seconds(59)).has_value());
+  EXPECT_TRUE(c.Check("a", "m", ended + absl::Seconds(59))->probe_in_flight);
+  EXPECT_TRUE(c.ProbeScopes("a", "m", ended + absl::Seconds(59)).empty());
+  EXPECT_FALSE(c.IsProbe("a", "m", ""));
+  // A success of a lease issued here (before the 429) is not the probe's report.
+  c.Apply("a", "m", Parse(200, ""), ended + absl::Seconds(1), "l-old");
+  EXPECT_TRUE(c.Check("a", "m", ended + absl::Seconds(2)).has_value());
+  // Its time is up with no report: the next use here probes.
+  EXPECT_EQ(c.ProbeScopes("a", "m", ended + absl::Seconds(60)), std::vector<std::string>{"m"});
+  // The other replica's report arrives lease-less: a success closes it.
+  c.Apply("a", "m", Parse(200, ""), ended + absl::Seconds(3));
+  EXPECT_FALSE(c.Check("a", "m", ended + absl::Seconds(4)).has_value());
+  EXPECT_FALSE(c.Has("a"));
+}
+
+TEST(Cooldowns, AFailedProbeElsewhereCoolsAgainAndAWholeAccountCooldownHasItsOwnScope) {
+  Cooldowns c({});
+  c.Apply("a", "m", Parse(401, ""), kT0);
+  c.Apply("a", "m", Parse(401, ""), kT0);  // the second 401 in a row cools the whole account
+  const std::optional<CooldownBlock> block = c.Check("a", "m", kT0);
+  ASSERT_TRUE(block.has_value());
+  ASSERT_EQ(block->scope, CooldownScope::kAccount);
+  const absl::Time ended = block->until;
+  EXPECT_EQ(c.ProbeScopes("a", "m", ended), std::vector<std::string>{""});
+  c.ProbeElsewhere("a", "m", ended, ended + absl::Seconds(60));
+  // The probe (another replica's) failed the same way: the account cools again, for longer.
+  c.Apply("a", "m", Parse(401, ""), ended + absl::Seconds(1));
+  const std::optional<CooldownBlock> again = c.Check("a", "m", ended + absl::Seconds(2));
+  ASSERT_TRUE(again.has_value());
+  EXPECT_EQ(again->scope, CooldownScope::kAccount);
+  EXPECT_FALSE(again->probe_in_flight);
+  EXPECT_GT(again->until, ended + absl::Seconds(60));
+  // The probe taken here is known by its lease.
+  c.OnIssued("a", "m", again->until, "l-probe");
+  EXPECT_TRUE(c.IsProbe("a", "m", "l-probe"));
+  EXPECT_FALSE(c.IsProbe("a", "m", "l-other"));
+}
+
 // Issue 11 item 6: model names come from callers; the table per account stays bounded, and what
 // ends soonest goes first.
 TEST(Cooldowns, DistinctModelsPerAccountAreBounded) {

@@ -27,6 +27,25 @@ TEST(LeaseTable, IssueEndAndCount) {
   EXPECT_EQ(t.size(), 2u);
 }
 
+// Issue 16: a lease named before it is issued (its fleet-wide reservation carries the name).
+TEST(LeaseTable, AnIdNamedAheadIsTheIssuedLeasesAndOnlyForItsCaller) {
+  LeaseTable t(absl::Minutes(10));
+  const std::string id = t.NewId("proxy-a");
+  EXPECT_EQ(t.size(), 0u);
+  EXPECT_FALSE(t.Contains(id));
+  const IssuedLease issued = t.IssueAs(id, "a", "m", kT0, "proxy-a");
+  EXPECT_EQ(issued.id, id);
+  EXPECT_EQ(t.Find(id)->caller, "proxy-a");
+  EXPECT_EQ(t.InFlight("a"), 1);
+  // Taken already, another caller's, or malformed: a fresh id instead.
+  EXPECT_NE(t.IssueAs(id, "a", "m", kT0, "proxy-a").id, id);
+  const std::string other = t.NewId("proxy-b");
+  EXPECT_NE(t.IssueAs(other, "a", "m", kT0, "proxy-a").id, other);
+  const IssuedLease fresh = t.IssueAs("l-nonsense", "a", "m", kT0, "proxy-a");
+  EXPECT_TRUE(t.Contains(fresh.id));
+  EXPECT_EQ(t.InFlight("a"), 4);
+}
+
 TEST(LeaseTable, ExpireEndsOnlyTimedOutLeases) {
   LeaseTable t(absl::Minutes(10));
   const IssuedLease early = t.Issue("a", "m", kT0);
