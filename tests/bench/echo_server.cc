@@ -3,6 +3,7 @@
 //   echo_server --listen=127.0.0.1:0 --port_file=F
 #include <grpcpp/grpcpp.h>
 
+#include <algorithm>
 #include <csignal>
 #include <cstdio>
 #include <fstream>
@@ -14,12 +15,15 @@
 
 ABSL_FLAG(std::string, listen, "127.0.0.1:0", "host:port or unix:path");
 ABSL_FLAG(std::string, port_file, "", "where to write the bound port");
+ABSL_FLAG(int, answer_bytes, 0,
+          "the answer's size on the wire (gRPC's 5-byte prefix included), e.g. the broker's, measured; 0: a "
+          "real token's size");
 
 namespace {
 
 class EchoService final : public tokenbroker::v1::TokenBrokerService::CallbackService {
  public:
-  EchoService() {
+  explicit EchoService(int answer_bytes) {
     canned_.set_access_token("ya29.a0AfB_byC" + std::string(180, 'x'));
     canned_.set_account_id("acct-000123");
     canned_.set_email("user000123@example.com");
@@ -29,6 +33,14 @@ class EchoService final : public tokenbroker::v1::TokenBrokerService::CallbackSe
     canned_.set_lease_id("l-0123456789abcdef0123456789abcdef");
     canned_.set_quota_decision(tokenbroker::v1::QUOTA_DECISION_PROCEED);
     canned_.set_remaining_fraction(0.62);
+    // The token's length makes the answer as long as asked (a length's varint may take a byte more
+    // or less: a few steps settle it).
+    for (int step = 0; answer_bytes > 0 && step < 4; ++step) {
+      const long missing = answer_bytes - 5 - static_cast<long>(canned_.ByteSizeLong());
+      const long token = static_cast<long>(canned_.access_token().size()) + missing;
+      if (missing == 0 || token < 1) break;
+      canned_.set_access_token("ya29." + std::string(std::max(1L, token - 5), 'x'));
+    }
   }
   grpc::ServerUnaryReactor* GetToken(grpc::CallbackServerContext* context, const tokenbroker::v1::GetTokenRequest*,
                                      tokenbroker::v1::GetTokenResponse* response) override {
@@ -51,7 +63,7 @@ int main(int argc, char** argv) {
   sigaddset(&set, SIGTERM);
   sigaddset(&set, SIGINT);
   pthread_sigmask(SIG_BLOCK, &set, nullptr);
-  EchoService service;
+  EchoService service(absl::GetFlag(FLAGS_answer_bytes));
   grpc::ServerBuilder builder;
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   int port = 0;
