@@ -126,7 +126,8 @@ def main():
     row(f"resident memory per bound session ({n:,} sessions)", f"{per_session} B", "≤ 300 B", per_session <= 300)
     row(f"start-up: load {n:,} account files into the pool (footprint_bench)", f"{load_s:.2f} s", "< 3 s", load_s < 3.0)
     row(f"start-up: process start to serving, {n:,} account files (median of {len(start['serving_runs'])})",
-        f"{start['serving_s']:.2f} s (first token {start['first_token_s']:.2f} s)", "< 1 s", start["serving_s"] < 1.0)
+        f"{start['serving_s']:.2f} s (first token {start['first_token_s']:.2f} s; {start['cpu_s']:.2f} CPU seconds "
+        "until serving)", "< 1 s", start["serving_s"] < 1.0)
 
     print(f"tokenbroker `make bench`, {datetime.date.today().isoformat()}, {machine()}"
           + (" (smoke sizes)" if args.smoke else ""))

@@ -26,7 +26,7 @@ APT_PACKAGES=(
   libabsl-dev libspdlog-dev libfmt-dev libgtest-dev libgmock-dev
   libcurl4-openssl-dev nlohmann-json3-dev prometheus-cpp-dev
   golang-github-gogo-googleapis-dev
-  clang libclang-rt-14-dev python3 python3-grpcio python3-protobuf libbenchmark-dev
+  clang libclang-rt-14-dev python3 python3-grpcio python3-protobuf libbenchmark-dev nghttp2-client
   libhiredis-dev redis-server python3-redis openssl python3-matplotlib libsimdjson-dev
 )
 
