@@ -210,8 +210,8 @@ FileRead ReadPadded(int dir_fd, const std::string& name, std::string& buf) {
     return out;
   }
   if (::fstat(fd, &st) == 0) out.st = st;
-  const size_t expected = out.st && st.st_size > 0 ? static_cast<size_t>(st.st_size) + 1 : 0;
-  buf.resize(std::max<size_t>(expected, 4096) + AccountJsonParser::kPadding);
+  const size_t stat_size = out.st && st.st_size > 0 ? static_cast<size_t>(st.st_size) : 0;
+  buf.resize(std::max<size_t>(stat_size + 1, 4096) + AccountJsonParser::kPadding);
   size_t len = 0;
   while (true) {
     if (buf.size() - len <= AccountJsonParser::kPadding) buf.resize(buf.size() * 2);
@@ -225,6 +225,9 @@ FileRead ReadPadded(int dir_fd, const std::string& name, std::string& buf) {
     }
     if (n == 0) break;
     len += static_cast<size_t>(n);
+    // The whole file as stat saw it: no read for the end (a syscall per file). A file growing now
+    // is read again at the next reload: its fingerprint will have changed.
+    if (stat_size > 0 && len == stat_size) break;
   }
   ::close(fd);
   out.length = len;
