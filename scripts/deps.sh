@@ -17,7 +17,7 @@ BUILD_PACKAGES=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev libspdlog-dev libfmt-dev libgtest-dev libgmock-dev
   libcurl4-openssl-dev nlohmann-json3-dev prometheus-cpp-dev
-  golang-github-gogo-googleapis-dev libbenchmark-dev libhiredis-dev
+  golang-github-gogo-googleapis-dev libbenchmark-dev libhiredis-dev libsimdjson-dev
 )
 
 APT_PACKAGES=(
@@ -26,8 +26,8 @@ APT_PACKAGES=(
   libabsl-dev libspdlog-dev libfmt-dev libgtest-dev libgmock-dev
   libcurl4-openssl-dev nlohmann-json3-dev prometheus-cpp-dev
   golang-github-gogo-googleapis-dev
-  clang libclang-rt-14-dev python3 python3-grpcio python3-protobuf libbenchmark-dev
-  libhiredis-dev redis-server python3-redis openssl python3-matplotlib
+  clang libclang-rt-14-dev python3 python3-grpcio python3-protobuf libbenchmark-dev nghttp2-client
+  libhiredis-dev redis-server python3-redis openssl python3-matplotlib libsimdjson-dev
 )
 
 if [ "$BUILD_ONLY" = 1 ]; then APT_PACKAGES=("${BUILD_PACKAGES[@]}"); fi

@@ -19,8 +19,9 @@ AccountPool::AccountPool(PoolOptions options, const Clock& clock)
       leases_(options.lease_timeout) {}
 
 void AccountPool::Load(std::vector<AccountRecord> records) {
-  std::sort(records.begin(), records.end(),
-            [](const AccountRecord& a, const AccountRecord& b) { return a.id < b.id; });
+  auto by_id = [](const AccountRecord& a, const AccountRecord& b) { return a.id < b.id; };
+  // AccountStore::LoadAll hands them sorted: sorting again would move every record (start-up).
+  if (!std::is_sorted(records.begin(), records.end(), by_id)) std::sort(records.begin(), records.end(), by_id);
   absl::MutexLock lock(&mu_);
   std::vector<Entry> next;
   next.reserve(records.size());

@@ -1,16 +1,21 @@
 #include "lib/tokens/account_store.h"
 
+#include <dirent.h>
 #include <fcntl.h>
+#include <sched.h>
 #include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <sstream>
+#include <thread>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -31,34 +36,6 @@ absl::Status ErrnoStatus(int err, absl::string_view what) {
     case EROFS: return absl::FailedPreconditionError(message);
     default: return absl::InternalError(message);
   }
-}
-
-absl::Status FieldError(absl::string_view field, absl::string_view want) {
-  return absl::InvalidArgumentError(absl::StrCat("field '", field, "' must be ", want));
-}
-
-// Reads an optional string member; null counts as absent.
-absl::Status OptString(const Json& obj, const char* key, absl::string_view path, std::string* out) {
-  auto it = obj.find(key);
-  if (it == obj.end() || it->is_null()) return absl::OkStatus();
-  if (!it->is_string()) return FieldError(path, "a string");
-  *out = it->get<std::string>();
-  return absl::OkStatus();
-}
-
-absl::Status OptBool(const Json& obj, const char* key, bool* out) {
-  auto it = obj.find(key);
-  if (it == obj.end() || it->is_null()) return absl::OkStatus();
-  if (!it->is_boolean()) return FieldError(key, "true or false");
-  *out = it->get<bool>();
-  return absl::OkStatus();
-}
-
-std::optional<absl::Time> ParseRfc3339(const std::string& text) {
-  absl::Time t;
-  std::string err;
-  if (absl::ParseTime(absl::RFC3339_full, text, &t, &err)) return t;
-  return std::nullopt;
 }
 
 absl::StatusOr<std::string> ReadFile(const std::string& path) {
@@ -146,95 +123,6 @@ class DirLock {
 
 }  // namespace
 
-absl::StatusOr<AccountRecord> ParseAccountJson(const std::string& id, absl::string_view text) {
-  if (text.find_first_not_of(" \t\r\n") == absl::string_view::npos) {
-    return absl::InvalidArgumentError("file is empty");
-  }
-  Json doc = Json::parse(text, nullptr, /*allow_exceptions=*/false);
-  if (doc.is_discarded()) return absl::InvalidArgumentError("not valid JSON");
-  if (!doc.is_object()) return absl::InvalidArgumentError("top level must be a JSON object");
-
-  AccountRecord rec;
-  rec.id = id;
-  if (absl::Status s = OptString(doc, "email", "email", &rec.email); !s.ok()) return s;
-  if (rec.email.empty()) rec.email = id;
-
-  auto token = doc.find("token");
-  if (token == doc.end() || !token->is_object()) return FieldError("token", "an object");
-  if (absl::Status s = OptString(*token, "refresh_token", "token.refresh_token", &rec.refresh_token);
-      !s.ok()) {
-    return s;
-  }
-  if (rec.refresh_token.empty()) return FieldError("token.refresh_token", "a non-empty string");
-  if (absl::Status s = OptString(*token, "access_token", "token.access_token", &rec.access_token);
-      !s.ok()) {
-    return s;
-  }
-  if (auto it = token->find("expiry_timestamp"); it != token->end() && !it->is_null()) {
-    if (!it->is_number()) return FieldError("token.expiry_timestamp", "a number of Unix seconds");
-    rec.access_expiry = absl::FromUnixSeconds(it->get<int64_t>());
-  }
-  if (rec.access_token.empty()) rec.access_expiry = absl::InfinitePast();
-  if (absl::Status s = OptString(*token, "project_id", "token.project_id", &rec.project_id); !s.ok()) {
-    return s;
-  }
-
-  if (auto quota = doc.find("quota"); quota != doc.end() && !quota->is_null()) {
-    if (!quota->is_object()) return FieldError("quota", "an object");
-    std::string tier;
-    if (absl::Status s = OptString(*quota, "subscription_tier", "quota.subscription_tier", &tier);
-        !s.ok()) {
-      return s;
-    }
-    rec.tier = ParseTier(tier);
-    absl::Time observed = absl::InfinitePast();
-    if (auto lu = quota->find("last_updated"); lu != quota->end() && lu->is_number()) {
-      observed = absl::FromUnixSeconds(lu->get<int64_t>());
-    }
-    if (auto models = quota->find("models"); models != quota->end() && !models->is_null()) {
-      if (!models->is_array()) return FieldError("quota.models", "an array");
-      for (const Json& m : *models) {
-        if (!m.is_object()) return FieldError("quota.models[]", "objects");
-        ModelQuota q;
-        if (absl::Status s = OptString(m, "name", "quota.models[].name", &q.model); !s.ok()) return s;
-        if (q.model.empty()) continue;
-        if (auto p = m.find("percentage"); p != m.end() && p->is_number()) {
-          q.remaining_fraction = std::clamp(p->get<double>() / 100.0, 0.0, 1.0);
-        }
-        std::string reset;
-        if (absl::Status s = OptString(m, "reset_time", "quota.models[].reset_time", &reset); !s.ok()) {
-          return s;
-        }
-        if (!reset.empty()) q.reset_time = ParseRfc3339(reset);
-        q.observed = observed;
-        rec.quotas.push_back(std::move(q));
-      }
-    }
-  }
-  if (absl::Status s = OptBool(doc, "disabled", &rec.disabled); !s.ok()) return s;
-  if (absl::Status s = OptString(doc, "disabled_reason", "disabled_reason", &rec.disabled_reason);
-      !s.ok()) {
-    return s;
-  }
-  if (absl::Status s = OptBool(doc, "suspended", &rec.suspended); !s.ok()) return s;
-  if (rec.suspended) {
-    // A suspended account is disabled whatever the file's "disabled" says; the message is the
-    // reason's tail (SuspendedReason).
-    rec.disabled = true;
-    rec.suspension_message = SuspensionMessageOf(rec.disabled_reason).value_or(rec.disabled_reason);
-    if (rec.disabled_reason.empty()) rec.disabled_reason = SuspendedReason("");
-  }
-  if (absl::Status s = OptBool(doc, "proxy_disabled", &rec.proxy_disabled); !s.ok()) return s;
-  if (auto pm = doc.find("protected_models"); pm != doc.end() && !pm->is_null()) {
-    if (!pm->is_array()) return FieldError("protected_models", "an array of strings");
-    for (const Json& m : *pm) {
-      if (!m.is_string()) return FieldError("protected_models", "an array of strings");
-      rec.protected_models.push_back(m.get<std::string>());
-    }
-  }
-  return rec;
-}
-
 absl::StatusOr<std::unique_ptr<AccountStore>> AccountStore::Open(std::string dir) {
   std::error_code ec;
   fs::file_status st = fs::status(dir, ec);
@@ -276,50 +164,152 @@ int AccountStore::RemoveTempFiles() const {
   return removed;
 }
 
+namespace {
+
+// One file's term of the folder's fingerprint (a sum, so files may be visited in any order).
+uint64_t FingerprintTerm(const std::string& name, const struct stat& st) {
+  uint64_t h = std::hash<std::string>{}(name);
+  h ^= static_cast<uint64_t>(st.st_size) * 0x9e3779b97f4a7c15ULL;
+  h ^= (static_cast<uint64_t>(st.st_mtim.tv_sec) * 1'000'000'000ULL + st.st_mtim.tv_nsec) * 0xc2b2ae3d27d4eb4fULL;
+  return h * 0x165667b19e3779f9ULL + (h >> 29);
+}
+
+bool IsAccountFileName(absl::string_view name) {
+  return !name.empty() && name[0] != '.' && absl::EndsWith(name, ".json");
+}
+
+// The account file names in `dir`, or the errno of listing it.
+absl::StatusOr<std::vector<std::string>> AccountFileNames(const std::string& dir) {
+  DIR* d = ::opendir(dir.c_str());
+  if (d == nullptr) return absl::InternalError(std::strerror(errno));
+  std::vector<std::string> names;
+  while (const dirent* e = ::readdir(d)) {
+    if (IsAccountFileName(e->d_name)) names.emplace_back(e->d_name);
+  }
+  ::closedir(d);
+  return names;
+}
+
+// One file read for LoadAll: its text's length in the caller's buffer, or why it could not be read;
+// and its stat (for the fingerprint) when it exists.
+struct FileRead {
+  absl::StatusOr<size_t> length;
+  std::optional<struct stat> st;
+};
+
+// Reads `name` in the folder `dir_fd` into `buf`, followed by AccountJsonParser::kPadding spare
+// bytes. (Relative to the folder: the kernel walks one path component per file, not all of them.)
+FileRead ReadPadded(int dir_fd, const std::string& name, std::string& buf) {
+  FileRead out{.length = 0, .st = std::nullopt};
+  struct stat st {};
+  int fd = ::openat(dir_fd, name.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    const int err = errno;
+    if (::fstatat(dir_fd, name.c_str(), &st, 0) == 0) out.st = st;  // unreadable, yet part of the fingerprint
+    out.length = ErrnoStatus(err, "cannot open");
+    return out;
+  }
+  if (::fstat(fd, &st) == 0) out.st = st;
+  const size_t stat_size = out.st && st.st_size > 0 ? static_cast<size_t>(st.st_size) : 0;
+  buf.resize(std::max<size_t>(stat_size + 1, 4096) + AccountJsonParser::kPadding);
+  size_t len = 0;
+  while (true) {
+    if (buf.size() - len <= AccountJsonParser::kPadding) buf.resize(buf.size() * 2);
+    ssize_t n = ::read(fd, buf.data() + len, buf.size() - AccountJsonParser::kPadding - len);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      const int err = errno;
+      ::close(fd);
+      out.length = ErrnoStatus(err, "cannot read");
+      return out;
+    }
+    if (n == 0) break;
+    len += static_cast<size_t>(n);
+    // The whole file as stat saw it: no read for the end (a syscall per file). A file growing now
+    // is read again at the next reload: its fingerprint will have changed.
+    if (stat_size > 0 && len == stat_size) break;
+  }
+  ::close(fd);
+  out.length = len;
+  return out;
+}
+
+// Threads for parsing a folder: the cores this process may run on, at most 8.
+int LoadThreads(size_t files) {
+  cpu_set_t set;
+  int cores = ::sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : 1;
+  constexpr size_t kFilesPerThread = 256;  // below that a thread costs more than it saves
+  return static_cast<int>(std::clamp<size_t>(files / kFilesPerThread, 1, std::clamp(cores, 1, 8)));
+}
+
+}  // namespace
+
 LoadResult AccountStore::LoadAll() const {
   LoadResult result;
-  std::error_code ec;
-  fs::directory_iterator it(dir_, ec);
-  if (ec) {
-    result.problems.push_back({dir_, absl::StrCat("cannot list directory: ", ec.message())});
+  absl::StatusOr<std::vector<std::string>> listed = AccountFileNames(dir_);
+  if (!listed.ok()) {
+    result.problems.push_back({dir_, absl::StrCat("cannot list directory: ", listed.status().message())});
     return result;
   }
-  for (const fs::directory_entry& entry : it) {
-    std::string name = entry.path().filename().string();
-    if (name.empty() || name[0] == '.' || !absl::EndsWith(name, ".json")) continue;
-    std::string path = entry.path().string();
-    absl::StatusOr<std::string> text = ReadFile(path);
-    if (!text.ok()) {
-      result.problems.push_back({path, std::string(text.status().message())});
-      continue;
-    }
-    std::string id = name.substr(0, name.size() - 5);
-    absl::StatusOr<AccountRecord> rec = ParseAccountJson(id, *text);
-    if (!rec.ok()) {
-      result.problems.push_back({path, std::string(rec.status().message())});
-      continue;
-    }
-    result.accounts.push_back(*std::move(rec));
+  std::vector<std::string>& names = *listed;
+  const int dir_fd = ::open(dir_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dir_fd < 0) {
+    result.problems.push_back({dir_, absl::StrCat("cannot list directory: ", std::strerror(errno))});
+    return result;
   }
-  std::sort(result.accounts.begin(), result.accounts.end(),
-            [](const AccountRecord& a, const AccountRecord& b) { return a.id < b.id; });
+  // In id order ("<id>.json"), so the records come out sorted as they are parsed.
+  std::sort(names.begin(), names.end(), [](const std::string& a, const std::string& b) {
+    return absl::string_view(a).substr(0, a.size() - 5) < absl::string_view(b).substr(0, b.size() - 5);
+  });
+  // Each file parses into its own slot, on several threads; then the slots are gathered in order.
+  std::vector<absl::StatusOr<AccountRecord>> parsed(names.size(), absl::UnknownError(""));
+  std::vector<uint64_t> terms(names.size(), 0);
+  std::atomic<size_t> next{0};
+  auto work = [&] {
+    AccountJsonParser parser;
+    std::string buf;
+    constexpr size_t kBatch = 32;
+    for (size_t begin; (begin = next.fetch_add(kBatch)) < names.size();) {
+      for (size_t i = begin; i < std::min(begin + kBatch, names.size()); ++i) {
+        const std::string& name = names[i];
+        FileRead read = ReadPadded(dir_fd, name, buf);
+        if (read.st) terms[i] = FingerprintTerm(name, *read.st);
+        if (!read.length.ok()) {
+          parsed[i] = read.length.status();
+          continue;
+        }
+        parsed[i] = parser.ParsePadded(name.substr(0, name.size() - 5), absl::string_view(buf.data(), *read.length));
+      }
+    }
+  };
+  std::vector<std::thread> helpers;
+  for (int t = 1; t < LoadThreads(names.size()); ++t) helpers.emplace_back(work);
+  work();
+  for (std::thread& t : helpers) t.join();
+  ::close(dir_fd);
+
+  result.accounts.reserve(names.size());
+  for (size_t i = 0; i < names.size(); ++i) {
+    result.fingerprint += terms[i];
+    if (parsed[i].ok()) {
+      result.accounts.push_back(*std::move(parsed[i]));
+    } else {
+      result.problems.push_back({absl::StrCat(dir_, "/", names[i]), std::string(parsed[i].status().message())});
+    }
+  }
   std::sort(result.problems.begin(), result.problems.end(),
             [](const LoadProblem& a, const LoadProblem& b) { return a.path < b.path; });
   return result;
 }
 
 uint64_t AccountStore::Fingerprint() const {
+  absl::StatusOr<std::vector<std::string>> names = AccountFileNames(dir_);
+  if (!names.ok()) return 0;
   uint64_t sum = 0;
-  std::error_code ec;
-  for (const fs::directory_entry& entry : fs::directory_iterator(dir_, ec)) {
-    std::string name = entry.path().filename().string();
-    if (name.empty() || name[0] == '.' || !absl::EndsWith(name, ".json")) continue;
+  for (const std::string& name : *names) {
     struct stat st {};
-    if (::stat(entry.path().c_str(), &st) != 0) continue;
-    uint64_t h = std::hash<std::string>{}(name);
-    h ^= static_cast<uint64_t>(st.st_size) * 0x9e3779b97f4a7c15ULL;
-    h ^= (static_cast<uint64_t>(st.st_mtim.tv_sec) * 1'000'000'000ULL + st.st_mtim.tv_nsec) * 0xc2b2ae3d27d4eb4fULL;
-    sum += h * 0x165667b19e3779f9ULL + (h >> 29);
+    if (::stat(absl::StrCat(dir_, "/", name).c_str(), &st) != 0) continue;
+    sum += FingerprintTerm(name, st);
   }
   return sum;
 }

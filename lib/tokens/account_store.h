@@ -11,6 +11,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "lib/common/account.h"
+#include "lib/tokens/account_json.h"  // ParseAccountJson
 
 namespace tokenbroker {
 
@@ -23,6 +24,7 @@ struct LoadProblem {
 struct LoadResult {
   std::vector<AccountRecord> accounts;  // sorted by id
   std::vector<LoadProblem> problems;    // sorted by path
+  uint64_t fingerprint = 0;             // AccountStore::Fingerprint() of the files as they were read
 };
 
 // A change to write back into an account's file. Unset members leave the file as it is.
@@ -36,10 +38,6 @@ struct AccountUpdate {
   bool suspended = false;  // with disabled_reason: Google suspended it ("suspended": true)
   bool enable = false;  // disabled=false, and the reason, time and suspension of a disable removed  // disabled=false, and the reason and time of a disable removed
 };
-
-// Parses one account file's JSON text in Antigravity-Manager's format. `id` becomes the record's
-// id. Errors are INVALID_ARGUMENT naming the offending field; the message never quotes secrets.
-absl::StatusOr<AccountRecord> ParseAccountJson(const std::string& id, absl::string_view text);
 
 // A directory of account files (`<id>.json`), as Antigravity-Manager keeps in
 // ~/.antigravity_tools/accounts. Loading tolerates bad files; writes are atomic (temp file, fsync,
@@ -58,7 +56,8 @@ class AccountStore {
   int removed_temp_files() const { return removed_temp_files_; }
 
   // Reads every `*.json` file (hidden files and temp files are ignored). A malformed, empty or
-  // unreadable file becomes a LoadProblem naming its path and the reason; the rest load.
+  // unreadable file becomes a LoadProblem naming its path and the reason; the rest load. Files are
+  // read and parsed on up to one thread per core (at most 8).
   LoadResult LoadAll() const;
 
   // A cheap summary of the directory (names, sizes, modification times of the account files):

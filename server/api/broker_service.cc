@@ -37,6 +37,9 @@ std::string ReportResultName(const absl::Status& status) {
   }
 }
 
+// The GetToken call whose Issue() runs on this thread right now (see BrokerService::GetToken).
+thread_local const void* t_inline_call = nullptr;
+
 grpc::ServerUnaryReactor* FinishNow(grpc::CallbackServerContext* context, const absl::Status& status) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(ToGrpcStatus(status));
@@ -91,7 +94,7 @@ grpc::ServerUnaryReactor* BrokerService::GetToken(grpc::CallbackServerContext* c
   if (context->deadline() != std::chrono::system_clock::time_point::max()) {
     issue.call_deadline = absl::FromChrono(context->deadline());
   }
-  auto* call = new TokenCall(issuer_);  // deletes itself when done
+  auto* call = new TokenCall(issuer_);  // deletes itself when done, unless answered inline (below)
   issue.key = call;
   issue.cancelled = [context] { return context->IsCancelled(); };
   // What the answer needs after the request moved into the issuer: the response and, for logs and
@@ -102,16 +105,30 @@ grpc::ServerUnaryReactor* BrokerService::GetToken(grpc::CallbackServerContext* c
     asked.model = issue.select.model;
     asked.session_id = issue.select.session_id;
   }
-  issuer_.Issue(std::move(issue), [this, call, response, caller = *std::move(caller), asked = std::move(asked)](
-                                       absl::StatusOr<Issued> issued) mutable {
+  // Most calls are answered inside Issue(), on this thread (an in-memory selection, a cached
+  // token). Those finish with the context's default reactor, whose OnDone gRPC runs inline; our
+  // own reactor's OnDone would cost every call a hop to gRPC's executor thread (issue 15). A
+  // call answered later (a refresh, a wait, a Redis round trip) keeps `call`.
+  grpc::ServerUnaryReactor* answered_inline = nullptr;  // DefaultReactor() makes a new one each time: keep it
+  t_inline_call = call;
+  issuer_.Issue(std::move(issue), [this, call, context, response, caller = *std::move(caller), asked = std::move(asked),
+                                   inline_reactor = &answered_inline](absl::StatusOr<Issued> issued) mutable {
+    grpc::ServerUnaryReactor* reactor = call;
+    if (t_inline_call == call) {  // still inside Issue(), on the GetToken thread
+      reactor = *inline_reactor = context->DefaultReactor();
+    }
     if (issued.ok()) ToProto(*issued, response);
-    FinishToken(call, caller, asked, std::move(issued));
+    FinishToken(reactor, caller, asked, std::move(issued));
   });
-  return call;
+  t_inline_call = nullptr;
+  if (answered_inline == nullptr) return call;
+  issuer_.Forget(call);
+  delete call;  // never handed to gRPC
+  return answered_inline;
 }
 
-void BrokerService::FinishToken(TokenCall* call, const std::string& caller, const SelectRequest& request,
-                                absl::StatusOr<Issued> issued) {
+void BrokerService::FinishToken(grpc::ServerUnaryReactor* call, const std::string& caller,
+                                const SelectRequest& request, absl::StatusOr<Issued> issued) {
   if (!issued.ok()) {
     // The arguments are built only when debug logging is on: nothing is formatted per call otherwise.
     if (spdlog::should_log(spdlog::level::debug)) {

@@ -69,8 +69,8 @@ class BrokerService final : public v1::TokenBrokerService::CallbackService {
   class TokenCall;
   // The caller's name; UNAUTHENTICATED or PERMISSION_DENIED when it may not make this call.
   absl::StatusOr<std::string> Caller(const grpc::CallbackServerContext& context, bool admin) const;
-  // Answers a GetToken with what the issuer gave.
-  void FinishToken(TokenCall* call, const std::string& caller, const SelectRequest& request,
+  // Answers a GetToken with what the issuer gave (`call`: our TokenCall or the default reactor).
+  void FinishToken(grpc::ServerUnaryReactor* call, const std::string& caller, const SelectRequest& request,
                    absl::StatusOr<Issued> issued);
 
   AccountPool& pool_;

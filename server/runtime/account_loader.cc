@@ -8,8 +8,8 @@
 namespace tokenbroker {
 
 void AccountLoader::Load() {
-  fingerprint_ = store_.Fingerprint();
   LoadResult loaded = store_.LoadAll();
+  fingerprint_ = loaded.fingerprint;  // of the files as read: a change after that is the next reload
   std::set<std::string> now;
   for (const LoadProblem& p : loaded.problems) {
     std::string key = absl::StrCat(p.path, "\n", p.reason);

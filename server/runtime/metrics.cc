@@ -7,7 +7,9 @@
 #include <prometheus/histogram.h>
 #include <prometheus/registry.h>
 
+#include <atomic>
 #include <chrono>
+#include <iterator>
 #include <exception>
 #include <map>
 
@@ -218,10 +220,22 @@ class MonitorCollector final : public prometheus::Collectable {
 
 }  // namespace
 
-// Per-RPC counters and latency histograms, with the label lookups cached so a call costs two
-// hash lookups and no label building.
+namespace {
+const absl::flat_hash_set<std::string>& ServedMethods();
+}  // namespace
+
+// Per-RPC counters and latency histograms. Every method label has its slot from the start, and a
+// slot's series are made on first use and then read without a lock: a call costs one hash lookup
+// (when its interceptor is made), no label building, no string copy and no lock of ours (issue 15).
 class RpcMetrics {
  public:
+  // The series of one method label; their pointers are set once, under mu_, and read lock-free.
+  struct Slot {
+    std::string method;
+    std::atomic<prometheus::Histogram*> latency{nullptr};
+    std::atomic<prometheus::Counter*> calls[std::size(kCodeNames) + 1] = {};  // by code; last: other codes
+  };
+
   explicit RpcMetrics(prometheus::Registry& registry)
       : calls_(prometheus::BuildCounter()
                    .Name("tokenbroker_rpc_total")
@@ -230,36 +244,56 @@ class RpcMetrics {
         latency_(prometheus::BuildHistogram()
                      .Name("tokenbroker_rpc_duration_seconds")
                      .Help("RPC latency by method, from the request's arrival to its status.")
-                     .Register(registry)) {}
+                     .Register(registry)) {
+    for (const std::string& method : ServedMethods()) AddSlot(method);
+    unknown_ = AddSlot("unknown");
+  }
 
-  void Record(const std::string& method, int code, double seconds) {
-    prometheus::Counter* counter;
-    prometheus::Histogram* histogram;
-    {
+  // The slot of a method path as gRPC gives it (RpcMethodLabel's label). Thread-safe.
+  Slot* SlotOf(const char* method) {
+    if (method == nullptr) return unknown_;
+    auto it = slots_.find(absl::string_view(method));
+    return it == slots_.end() ? unknown_ : it->second.get();
+  }
+
+  void Record(Slot& slot, int code, double seconds) {
+    const size_t index = code >= 0 && code < static_cast<int>(std::size(kCodeNames)) ? code : std::size(kCodeNames);
+    prometheus::Counter* counter = slot.calls[index].load(std::memory_order_acquire);
+    prometheus::Histogram* histogram = slot.latency.load(std::memory_order_acquire);
+    if (counter == nullptr || histogram == nullptr) {
       absl::MutexLock lock(&mu_);
-      auto& c = counters_[std::make_pair(method, code)];
-      if (c == nullptr) {
-        c = &calls_.Add({{"method", method}, {"code", code >= 0 && code <= 16 ? kCodeNames[code] : "UNKNOWN"}});
+      counter = slot.calls[index].load(std::memory_order_relaxed);
+      if (counter == nullptr) {
+        counter = &calls_.Add({{"method", slot.method}, {"code", index < std::size(kCodeNames) ? kCodeNames[index] : "UNKNOWN"}});
+        slot.calls[index].store(counter, std::memory_order_release);
       }
-      counter = c;
-      auto& h = histograms_[method];
-      if (h == nullptr) {
-        h = &latency_.Add({{"method", method}},
-                          prometheus::Histogram::BucketBoundaries{0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
-                                                                  0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10});
+      histogram = slot.latency.load(std::memory_order_relaxed);
+      if (histogram == nullptr) {
+        histogram = &latency_.Add({{"method", slot.method}},
+                                  prometheus::Histogram::BucketBoundaries{0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
+                                                                          0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10});
+        slot.latency.store(histogram, std::memory_order_release);
       }
-      histogram = h;
     }
     counter->Increment();
     histogram->Observe(seconds);
   }
 
  private:
+  Slot* AddSlot(const std::string& method) {
+    auto slot = std::make_unique<Slot>();
+    slot->method = method;
+    Slot* out = slot.get();
+    slots_.emplace(method, std::move(slot));
+    return out;
+  }
+
   prometheus::Family<prometheus::Counter>& calls_;
   prometheus::Family<prometheus::Histogram>& latency_;
-  absl::Mutex mu_;
-  absl::flat_hash_map<std::pair<std::string, int>, prometheus::Counter*> counters_ ABSL_GUARDED_BY(mu_);
-  absl::flat_hash_map<std::string, prometheus::Histogram*> histograms_ ABSL_GUARDED_BY(mu_);
+  // Built in the constructor, read-only after: lookups need no lock.
+  absl::flat_hash_map<std::string, std::unique_ptr<Slot>> slots_;
+  Slot* unknown_ = nullptr;
+  absl::Mutex mu_;  // serialises making a series (prometheus' Family::Add)
 };
 
 namespace {
@@ -284,32 +318,32 @@ const absl::flat_hash_set<std::string>& ServedMethods() {
 }
 
 
+// `metrics` belongs to the factory that made the interceptor, which the server keeps until its
+// last call is done.
 class RpcInterceptor final : public grpc::experimental::Interceptor {
  public:
-  RpcInterceptor(grpc::experimental::ServerRpcInfo* info, std::shared_ptr<RpcMetrics> metrics)
-      : method_(RpcMethodLabel(info->method())),
-        start_(std::chrono::steady_clock::now()),
-        metrics_(std::move(metrics)) {}
+  RpcInterceptor(grpc::experimental::ServerRpcInfo* info, RpcMetrics& metrics)
+      : metrics_(metrics), slot_(*metrics.SlotOf(info->method())), start_(std::chrono::steady_clock::now()) {}
 
   void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
     if (methods->QueryInterceptionHookPoint(grpc::experimental::InterceptionHookPoints::PRE_SEND_STATUS)) {
       const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
-      metrics_->Record(method_, static_cast<int>(methods->GetSendStatus().error_code()), seconds);
+      metrics_.Record(slot_, static_cast<int>(methods->GetSendStatus().error_code()), seconds);
     }
     methods->Proceed();
   }
 
  private:
-  std::string method_;
+  RpcMetrics& metrics_;
+  RpcMetrics::Slot& slot_;
   std::chrono::steady_clock::time_point start_;
-  std::shared_ptr<RpcMetrics> metrics_;
 };
 
 class RpcInterceptorFactory final : public grpc::experimental::ServerInterceptorFactoryInterface {
  public:
   explicit RpcInterceptorFactory(std::shared_ptr<RpcMetrics> metrics) : metrics_(std::move(metrics)) {}
   grpc::experimental::Interceptor* CreateServerInterceptor(grpc::experimental::ServerRpcInfo* info) override {
-    return new RpcInterceptor(info, metrics_);
+    return new RpcInterceptor(info, *metrics_);
   }
 
  private:

@@ -3,6 +3,7 @@
 //   echo_server --listen=127.0.0.1:0 --port_file=F
 #include <grpcpp/grpcpp.h>
 
+#include <algorithm>
 #include <csignal>
 #include <cstdio>
 #include <fstream>
@@ -10,39 +11,14 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
-#include "tokenbroker/v1/broker.grpc.pb.h"
+#include "tests/bench/echo_service.h"
 
 ABSL_FLAG(std::string, listen, "127.0.0.1:0", "host:port or unix:path");
 ABSL_FLAG(std::string, port_file, "", "where to write the bound port");
+ABSL_FLAG(int, answer_bytes, 0,
+          "the answer's size on the wire (gRPC's 5-byte prefix included), e.g. the broker's, measured; 0: a "
+          "real token's size");
 
-namespace {
-
-class EchoService final : public tokenbroker::v1::TokenBrokerService::CallbackService {
- public:
-  EchoService() {
-    canned_.set_access_token("ya29.a0AfB_byC" + std::string(180, 'x'));
-    canned_.set_account_id("acct-000123");
-    canned_.set_email("user000123@example.com");
-    canned_.set_project_id("vivid-river-000123");
-    canned_.mutable_expire_time()->set_seconds(1795920000);
-    canned_.set_tier(tokenbroker::v1::TIER_PRO);
-    canned_.set_lease_id("l-0123456789abcdef0123456789abcdef");
-    canned_.set_quota_decision(tokenbroker::v1::QUOTA_DECISION_PROCEED);
-    canned_.set_remaining_fraction(0.62);
-  }
-  grpc::ServerUnaryReactor* GetToken(grpc::CallbackServerContext* context, const tokenbroker::v1::GetTokenRequest*,
-                                     tokenbroker::v1::GetTokenResponse* response) override {
-    *response = canned_;
-    grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-    reactor->Finish(grpc::Status::OK);
-    return reactor;
-  }
-
- private:
-  tokenbroker::v1::GetTokenResponse canned_;
-};
-
-}  // namespace
 
 int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
@@ -51,7 +27,7 @@ int main(int argc, char** argv) {
   sigaddset(&set, SIGTERM);
   sigaddset(&set, SIGINT);
   pthread_sigmask(SIG_BLOCK, &set, nullptr);
-  EchoService service;
+  tokenbroker::bench::EchoService service(absl::GetFlag(FLAGS_answer_bytes));
   grpc::ServerBuilder builder;
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   int port = 0;

@@ -2,9 +2,11 @@
 
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <thread>
 
+#include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
@@ -76,6 +78,88 @@ TEST(ParseAccountJson, ErrorsNameTheFieldAndNeverQuoteSecrets) {
   }
 }
 
+// The parser moved from nlohmann to simdjson (issue 15); what an account file means did not change.
+TEST(ParseAccountJson, KeepsTheMeaningOfEveryFieldForm) {
+  // A member given twice counts with its last value; null is absent; a fractional expiry is
+  // truncated; a byte order mark is allowed; unknown members are ignored.
+  absl::StatusOr<AccountRecord> rec = ParseAccountJson("id7", "\xEF\xBB\xBF" R"({
+    "email": null, "extra": {"deep": [1, {"x": null}]},
+    "token": {"refresh_token": "1//first", "access_token": "ya29.a"},
+    "token": {"refresh_token": "1//second", "access_token": "ya29.b", "expiry_timestamp": 1800000000.9,
+              "project_id": null},
+    "quota": {"subscription_tier": "Google AI Pro", "last_updated": 1799990000.5,
+              "models": [{"name": "m1", "percentage": 250}, {"name": "", "percentage": 5},
+                         {"name": "m2", "percentage": -3.5, "reset_time": "not a time"},
+                         {"name": "m3", "percentage": "62", "reset_time": "2026-11-29T04:00:00.5+01:00"}]},
+    "disabled": true, "disabled": false, "proxy_disabled": null, "protected_models": null
+  })");
+  ASSERT_TRUE(rec.ok()) << rec.status();
+  EXPECT_EQ(rec->email, "id7");
+  EXPECT_EQ(rec->refresh_token, "1//second");
+  EXPECT_EQ(rec->access_token, "ya29.b");
+  EXPECT_EQ(rec->access_expiry, absl::FromUnixSeconds(1800000000));
+  EXPECT_EQ(rec->project_id, "");
+  EXPECT_EQ(rec->tier, Tier::kPro);
+  EXPECT_FALSE(rec->disabled);
+  EXPECT_FALSE(rec->proxy_disabled);
+  EXPECT_TRUE(rec->protected_models.empty());
+  ASSERT_THAT(rec->quotas, SizeIs(3));
+  EXPECT_EQ(rec->quotas[0].model, "m1");
+  EXPECT_DOUBLE_EQ(rec->quotas[0].remaining_fraction, 1.0);
+  EXPECT_EQ(rec->quotas[0].observed, absl::FromUnixSeconds(1799990000));
+  EXPECT_DOUBLE_EQ(rec->quotas[1].remaining_fraction, 0.0);
+  EXPECT_FALSE(rec->quotas[1].reset_time.has_value());
+  EXPECT_DOUBLE_EQ(rec->quotas[2].remaining_fraction, 0.0);  // not a number: unknown
+  ASSERT_TRUE(rec->quotas[2].reset_time.has_value());
+  EXPECT_EQ(*rec->quotas[2].reset_time, absl::FromUnixMillis(1795921200500));
+  // No access token: its expiry is unknown whatever the file says.
+  rec = ParseAccountJson("x", R"({"token": {"refresh_token": "1//r", "expiry_timestamp": 1800000000}})");
+  ASSERT_TRUE(rec.ok()) << rec.status();
+  EXPECT_EQ(rec->access_expiry, absl::InfinitePast());
+  EXPECT_EQ(rec->email, "x");
+}
+
+TEST(ParseAccountJson, EveryWrongTypeNamesItsField) {
+  struct Case {
+    const char* text;
+    const char* want;
+  } cases[] = {
+      {R"({"email": 5, "token": {"refresh_token": "1//secret-rt"}})", "field 'email' must be a string"},
+      {R"({"token": "1//secret-rt"})", "field 'token' must be an object"},
+      {R"({"token": {"refresh_token": 7}})", "field 'token.refresh_token' must be a string"},
+      {R"({"token": {"refresh_token": "1//secret-rt", "access_token": ["ya29.secret"]}})",
+       "field 'token.access_token' must be a string"},
+      {R"({"token": {"refresh_token": "1//secret-rt", "project_id": 1}})", "field 'token.project_id' must be a string"},
+      {R"({"token": {"refresh_token": "1//secret-rt"}, "quota": []})", "field 'quota' must be an object"},
+      {R"({"token": {"refresh_token": "1//secret-rt"}, "quota": {"subscription_tier": 3}})",
+       "field 'quota.subscription_tier' must be a string"},
+      {R"({"token": {"refresh_token": "1//secret-rt"}, "quota": {"models": {}}})",
+       "field 'quota.models' must be an array"},
+      {R"({"token": {"refresh_token": "1//secret-rt"}, "quota": {"models": [1]}})",
+       "field 'quota.models[]' must be objects"},
+      {R"({"token": {"refresh_token": "1//secret-rt"}, "quota": {"models": [{"name": 1}]}})",
+       "field 'quota.models[].name' must be a string"},
+      {R"({"token": {"refresh_token": "1//secret-rt"}, "quota": {"models": [{"name": "m", "reset_time": 1}]}})",
+       "field 'quota.models[].reset_time' must be a string"},
+      {R"({"token": {"refresh_token": "1//secret-rt"}, "disabled_reason": false})",
+       "field 'disabled_reason' must be a string"},
+      {R"({"token": {"refresh_token": "1//secret-rt"}, "proxy_disabled": 0})", "field 'proxy_disabled' must be true or false"},
+      {R"({"token": {"refresh_token": "1//secret-rt"}, "protected_models": ["a", 2]})",
+       "field 'protected_models' must be an array of strings"},
+      {R"({"token": {"refresh_token": "1//secret-rt"}} trailing)", "not valid JSON"},
+      {"{\"token\": {\"refresh_token\": \"1//secret-\xff\"}}", "not valid JSON"},
+      {"\xEF\xBB\xBF", "not valid JSON"},
+      {"\"1//secret-rt\"", "top level must be a JSON object"},
+  };
+  for (const Case& c : cases) {
+    absl::StatusOr<AccountRecord> rec = ParseAccountJson("x", c.text);
+    ASSERT_FALSE(rec.ok()) << c.text;
+    EXPECT_EQ(rec.status().code(), absl::StatusCode::kInvalidArgument) << c.text;
+    EXPECT_EQ(rec.status().message(), c.want) << c.text;
+    EXPECT_THAT(rec.status().message(), ::testing::Not(HasSubstr("secret"))) << c.text;
+  }
+}
+
 TEST(ParseTier, MapsIdsAndNames) {
   EXPECT_EQ(ParseTier("g1-ultra-tier"), Tier::kUltra);
   EXPECT_EQ(ParseTier("Google AI Pro"), Tier::kPro);
@@ -117,6 +201,43 @@ TEST(AccountStore, LoadsGoodFilesAndReportsEachBadOneByPath) {
   EXPECT_THAT(r.problems[1].reason, HasSubstr("not valid JSON"));
   EXPECT_EQ(r.problems[2].path, dir.Join("unreadable.json"));
   EXPECT_THAT(r.problems[2].reason, HasSubstr("cannot open"));
+}
+
+// Enough files that LoadAll parses on several threads: the same result as one by one, in id order,
+// every bad file reported under its path, and the fingerprint of the files it read.
+TEST(AccountStore, ParallelLoadKeepsOrderProblemsAndFingerprint) {
+  TempDir dir;
+  constexpr int kFiles = 600;  // LoadAll starts a thread per 256 files, up to one per core
+  std::vector<std::string> want_ids;
+  std::vector<std::string> want_problems;
+  for (int i = kFiles - 1; i >= 0; --i) {
+    // Ids where sorting by file name and by id differ ("a-1" < "a" as "a-1.json" < "a.json" does not hold).
+    const std::string id = i % 100 == 0 ? absl::StrCat("acct-", i / 100) : absl::StrCat("acct-", i / 100, "-", i);
+    if (i % 97 == 5) {
+      WriteText(dir.Join(id + ".json"), i % 2 ? "{\"token\": " : "");
+      want_problems.push_back(dir.Join(id + ".json"));
+    } else {
+      WriteText(dir.Join(id + ".json"), AccountJson(id + "@example.com", "rt-" + id, "PRO"));
+      want_ids.push_back(id);
+    }
+  }
+  std::sort(want_ids.begin(), want_ids.end());
+  std::sort(want_problems.begin(), want_problems.end());
+  auto store = AccountStore::Open(dir.path());
+  ASSERT_TRUE(store.ok());
+  LoadResult r = (*store)->LoadAll();
+  std::vector<std::string> ids;
+  for (const AccountRecord& a : r.accounts) {
+    ids.push_back(a.id);
+    EXPECT_EQ(a.email, a.id + "@example.com");
+    EXPECT_EQ(a.refresh_token, "rt-" + a.id);
+  }
+  EXPECT_EQ(ids, want_ids);
+  std::vector<std::string> problems;
+  for (const LoadProblem& p : r.problems) problems.push_back(p.path);
+  EXPECT_EQ(problems, want_problems);
+  EXPECT_EQ(r.fingerprint, (*store)->Fingerprint());
+  EXPECT_NE(r.fingerprint, 0u);
 }
 
 TEST(AccountStore, UpdateKeepsUnknownFieldsAndWritesMode0600Atomically) {
