@@ -190,6 +190,8 @@ grpc::ServerUnaryReactor* BrokerService::ReportOutcome(grpc::CallbackServerConte
   audit.detail = result->reason;
   CountReport(*caller, audit.result);
   if (audit_ != nullptr) audit_->Reported(audit, clock_.Now());
+  // After the audit line: the audit log never shows a caller over its budget.
+  if (caller_admission_ != nullptr && !request->lease_id().empty()) caller_admission_->Released(request->lease_id());
   if (result->scope != CooldownScope::kNone) {
     spdlog::info("account {} {}: HTTP {} -> {} cooldown until {} ({})", result->account_id, result->model,
                  request->http_status(), result->scope == CooldownScope::kAccount ? "account" : "model",

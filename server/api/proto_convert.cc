@@ -23,6 +23,7 @@ v1::Verdict ToProto(Verdict verdict) {
     case Verdict::kExhausted: return v1::VERDICT_EXHAUSTED;
     case Verdict::kLeaseCap: return v1::VERDICT_LEASE_CAP;
     case Verdict::kRotatedAway: return v1::VERDICT_ROTATED_AWAY;
+    case Verdict::kCallerShare: return v1::VERDICT_CALLER_SHARE;
   }
   return v1::VERDICT_UNSPECIFIED;
 }
