@@ -63,7 +63,12 @@ BrokerService::BrokerService(AccountPool& pool, TokenManager& tokens, QuotaSubsc
 BrokerService::~BrokerService() { Shutdown(); }
 
 absl::StatusOr<std::string> BrokerService::Caller(const grpc::CallbackServerContext& context, bool admin) const {
-  if (auth_ == nullptr) return std::string("-");
+  if (auth_ == nullptr) {
+    if (callers_from_certificates_) {
+      if (std::optional<std::string> name = ClientCertificateName(context)) return *std::move(name);
+    }
+    return std::string("-");
+  }
   return auth_->Check(context, admin);
 }
 

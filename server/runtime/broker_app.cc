@@ -135,6 +135,7 @@ absl::Status BrokerApp::Start() {
   service_ = std::make_unique<BrokerService>(*pool_, *tokens_, subscriber_.get(), Clock::Real(), c.issuer);
   service_->SetSecurity(auth_->enabled() ? auth_.get() : nullptr, audit_.get());
   service_->SetCallerAdmission(caller_admission_.get());
+  service_->SetCallersFromCertificates(!auth_->enabled() && !c.tls_client_ca_file.empty());
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
   if (!c.metrics_listen.empty()) {
     if (absl::Status free = CheckListenAddress("--metrics_listen", c.metrics_listen); !free.ok()) return free;

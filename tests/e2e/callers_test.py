@@ -303,5 +303,49 @@ class NoPolicyFile(unittest.TestCase):
             c.close()
 
 
+class CallersByCertificate(unittest.TestCase):
+    """Mutual TLS without caller tokens: the client certificate's subject CN names the caller."""
+
+    def test_the_client_certificate_names_the_caller_of_a_policy(self):
+        c = harness.Cluster(BUILD)
+        try:
+            for name in ACCOUNTS:
+                c.write_account(name, harness.account_json(f"{name}@example.com", f"1//rt-{name}", "PRO"))
+            c.start_upstream()
+            harness.make_pki(c.dir)
+            pki = lambda name: os.path.join(c.dir, name)  # noqa: E731
+            with open(pki("policy.txt"), "w") as f:
+                f.write("client max_inflight=1\n")  # make_pki's client certificate is CN=client; no default
+            audit = pki("audit.jsonl")
+            c.start_broker(f"--caller_policy_file={pki('policy.txt')}", f"--tls_cert_file={pki('server.pem')}",
+                           f"--tls_key_file={pki('server.key')}", f"--tls_client_ca_file={pki('ca.pem')}",
+                           f"--audit_log={audit}")
+            def read(name):
+                with open(pki(name), "rb") as f:
+                    return f.read()
+            creds = grpc.ssl_channel_credentials(read("ca.pem"), read("client.key"), read("client.pem"))
+            with grpc.secure_channel(c.target, creds) as channel:
+                stub = broker_pb2_grpc.TokenBrokerServiceStub(channel)
+                first = stub.GetToken(broker_pb2.GetTokenRequest(model=MODEL), timeout=30)
+                with self.assertRaises(grpc.RpcError) as ctx:
+                    stub.GetToken(broker_pb2.GetTokenRequest(model=MODEL), timeout=30)
+                self.assertEqual(ctx.exception.code(), grpc.StatusCode.RESOURCE_EXHAUSTED)
+                self.assertEqual(details(ctx.exception)["QuotaFailure"].violations[0].subject, "caller:client")
+                stub.ReportOutcome(broker_pb2.ReportOutcomeRequest(lease_id=first.lease_id, http_status=200),
+                                   timeout=30)
+                stub.GetToken(broker_pb2.GetTokenRequest(model=MODEL), timeout=30)  # its budget is free again
+
+            def issued_by():
+                try:
+                    with open(audit) as f:
+                        names = [json.loads(l)["caller"] for l in f if l.endswith("\n") and "token_issued" in l]
+                except FileNotFoundError:
+                    return None
+                return names if len(names) >= 2 else None
+            self.assertEqual(harness.wait_for(issued_by, what="the audit log"), ["client", "client"])
+        finally:
+            c.close()
+
+
 if __name__ == "__main__":
     unittest.main()
