@@ -10,12 +10,13 @@ namespace tokenbroker {
 
 // --- LocalCallerLedger ---
 
-CallerUsage LocalCallerLedger::UsageOf(const Record& r) {
+CallerUsage LocalCallerLedger::UsageOf(const Record& r, bool with_accounts) {
   CallerUsage u;
   u.in_flight = r.leases + r.pending;
   u.pending = r.pending;
   u.waiting = r.waiting;
   u.accounts = static_cast<int>(r.accounts.size());
+  if (!with_accounts) return u;  // the per-call path of a policy without shares: O(1)
   for (const auto& [account, held] : r.accounts) {
     ++u.tier_accounts[held.first];
     u.held.insert(account);
@@ -50,12 +51,12 @@ void LocalCallerLedger::ExpireLocked(absl::Time now) {
   }
 }
 
-AdmissionDecision LocalCallerLedger::Reserve(const std::string& entry, absl::Time now,
+AdmissionDecision LocalCallerLedger::Reserve(const std::string& entry, absl::Time now, bool with_accounts,
                                              const std::function<AdmissionDecision(const CallerUsage&)>& decide) {
   absl::MutexLock lock(&mu_);
   ExpireLocked(now);
   Record& r = records_[entry];
-  AdmissionDecision d = decide(UsageOf(r));
+  AdmissionDecision d = decide(UsageOf(r, with_accounts));
   if (d.refused_limit) {
     DropIfIdleLocked(entry);
   } else {
@@ -192,12 +193,13 @@ absl::Status CallerAdmission::LimitError(const CallerPolicy& policy, absl::strin
 }
 
 absl::StatusOr<std::shared_ptr<const CallerShare>> CallerAdmission::Reserve(const CallerPolicy& policy) {
-  PoolShape shape;
-  {
+  const bool shares = policy.max_accounts.set() || !policy.max_tier_accounts.empty();
+  PoolShape shape;  // only shares resolve against it
+  if (shares) {
     absl::MutexLock lock(&mu_);
     shape = shape_;
   }
-  AdmissionDecision d = ledger_->Reserve(policy.name, clock_.Now(), [&](const CallerUsage& usage) {
+  AdmissionDecision d = ledger_->Reserve(policy.name, clock_.Now(), shares, [&](const CallerUsage& usage) {
     return DecideAdmission(policy, usage, shape);
   });
   if (d.refused_limit) return LimitError(policy, *d.refused_limit, d.detail);

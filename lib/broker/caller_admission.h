@@ -4,6 +4,7 @@
 // caller holds, the admission of one more lease, and per-caller statistics for /metrics.
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -28,8 +29,9 @@ class CallerLedger {
  public:
   virtual ~CallerLedger() = default;
   // Atomically: the entry's usage at `now` (leases past their expiry no longer count), `decide`'s
-  // verdict on it, and, when admitted, one pending reservation. Returns the decision.
-  virtual AdmissionDecision Reserve(const std::string& entry, absl::Time now,
+  // verdict on it, and, when admitted, one pending reservation. Returns the decision. The usage
+  // lists the accounts held (`accounts`, `tier_accounts`, `held`) only `with_accounts`.
+  virtual AdmissionDecision Reserve(const std::string& entry, absl::Time now, bool with_accounts,
                                     const std::function<AdmissionDecision(const CallerUsage&)>& decide) = 0;
   // The pending reservation became lease `lease_id` on `account`, counted until Release or `expires`.
   virtual void Commit(const std::string& entry, const std::string& lease_id, const std::string& account, Tier tier,
@@ -51,7 +53,7 @@ class CallerLedger {
 // and every lease ends by its expiry).
 class LocalCallerLedger final : public CallerLedger {
  public:
-  AdmissionDecision Reserve(const std::string& entry, absl::Time now,
+  AdmissionDecision Reserve(const std::string& entry, absl::Time now, bool with_accounts,
                             const std::function<AdmissionDecision(const CallerUsage&)>& decide) override
       ABSL_LOCKS_EXCLUDED(mu_);
   void Commit(const std::string& entry, const std::string& lease_id, const std::string& account, Tier tier,
@@ -79,7 +81,7 @@ class LocalCallerLedger final : public CallerLedger {
   void ExpireLocked(absl::Time now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void EndLocked(const Held& held) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void DropIfIdleLocked(const std::string& entry) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  static CallerUsage UsageOf(const Record& r);
+  static CallerUsage UsageOf(const Record& r, bool with_accounts = true);
 
   absl::Mutex mu_;
   std::map<std::string, Record> records_ ABSL_GUARDED_BY(mu_);
