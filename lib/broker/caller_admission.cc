@@ -1,5 +1,6 @@
 #include "lib/broker/caller_admission.h"
 
+#include <algorithm>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -65,18 +66,19 @@ AdmissionDecision LocalCallerLedger::Reserve(const std::string& entry, absl::Tim
   return d;
 }
 
-void LocalCallerLedger::Commit(const std::string& entry, const std::string& lease_id, const std::string& account,
-                               Tier tier, absl::Time expires) {
+int LocalCallerLedger::Commit(const std::string& entry, const std::string& lease_id, const std::string& account,
+                              Tier tier, absl::Time expires) {
   absl::MutexLock lock(&mu_);
   Record& r = records_[entry];
   if (r.pending > 0) --r.pending;
-  if (leases_.contains(lease_id)) return;  // never counted twice
+  if (leases_.contains(lease_id)) return r.leases + r.pending;  // never counted twice
   ++r.leases;
   auto& held = r.accounts[account];
   held.first = tier;
   ++held.second;
   leases_.emplace(lease_id, Held{entry, account, tier, expires});
   by_expiry_.emplace(expires, lease_id);
+  return r.leases + r.pending;
 }
 
 void LocalCallerLedger::Cancel(const std::string& entry) {
@@ -206,11 +208,15 @@ absl::StatusOr<std::shared_ptr<const CallerShare>> CallerAdmission::Reserve(cons
   return std::shared_ptr<const CallerShare>(std::move(d.share));
 }
 
-void CallerAdmission::Commit(const CallerPolicy& policy, const std::string& lease_id, const std::string& account,
-                             Tier tier) {
-  ledger_->Commit(policy.name, lease_id, account, tier, clock_.Now() + lease_timeout_);
-  absl::MutexLock lock(&mu_);
-  ++issued_[policy.name];
+std::optional<int> CallerAdmission::Commit(const CallerPolicy& policy, const std::string& lease_id,
+                                           const std::string& account, Tier tier) {
+  const int in_flight = ledger_->Commit(policy.name, lease_id, account, tier, clock_.Now() + lease_timeout_);
+  {
+    absl::MutexLock lock(&mu_);
+    ++issued_[policy.name];
+  }
+  if (policy.max_inflight <= 0) return std::nullopt;
+  return std::max(0, policy.max_inflight - in_flight);
 }
 
 bool CallerAdmission::StartWaiting(const CallerPolicy& policy) {

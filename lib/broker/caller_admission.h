@@ -33,8 +33,9 @@ class CallerLedger {
   // lists the accounts held (`accounts`, `tier_accounts`, `held`) only `with_accounts`.
   virtual AdmissionDecision Reserve(const std::string& entry, absl::Time now, bool with_accounts,
                                     const std::function<AdmissionDecision(const CallerUsage&)>& decide) = 0;
-  // The pending reservation became lease `lease_id` on `account`, counted until Release or `expires`.
-  virtual void Commit(const std::string& entry, const std::string& lease_id, const std::string& account, Tier tier,
+  // The pending reservation became lease `lease_id` on `account`, counted until Release or
+  // `expires`. Returns the entry's leases and reservations in flight now.
+  virtual int Commit(const std::string& entry, const std::string& lease_id, const std::string& account, Tier tier,
                       absl::Time expires) = 0;
   // The pending reservation ended without a lease.
   virtual void Cancel(const std::string& entry) = 0;
@@ -56,8 +57,8 @@ class LocalCallerLedger final : public CallerLedger {
   AdmissionDecision Reserve(const std::string& entry, absl::Time now, bool with_accounts,
                             const std::function<AdmissionDecision(const CallerUsage&)>& decide) override
       ABSL_LOCKS_EXCLUDED(mu_);
-  void Commit(const std::string& entry, const std::string& lease_id, const std::string& account, Tier tier,
-              absl::Time expires) override ABSL_LOCKS_EXCLUDED(mu_);
+  int Commit(const std::string& entry, const std::string& lease_id, const std::string& account, Tier tier,
+             absl::Time expires) override ABSL_LOCKS_EXCLUDED(mu_);
   void Cancel(const std::string& entry) override ABSL_LOCKS_EXCLUDED(mu_);
   std::optional<std::string> Release(const std::string& lease_id) override ABSL_LOCKS_EXCLUDED(mu_);
   bool StartWaiting(const std::string& entry, int max) override ABSL_LOCKS_EXCLUDED(mu_);
@@ -126,8 +127,9 @@ class CallerAdmission {
   // is at its max_inflight. On success a reservation is held: Commit or Cancel it.
   absl::StatusOr<std::shared_ptr<const CallerShare>> Reserve(const CallerPolicy& policy) ABSL_LOCKS_EXCLUDED(mu_);
   // The reservation became `lease_id` on `account` (counted until Released or the lease timeout).
-  void Commit(const CallerPolicy& policy, const std::string& lease_id, const std::string& account, Tier tier)
-      ABSL_LOCKS_EXCLUDED(mu_);
+  // Returns how many more leases the caller may hold (with a max_inflight).
+  std::optional<int> Commit(const CallerPolicy& policy, const std::string& lease_id, const std::string& account,
+                            Tier tier) ABSL_LOCKS_EXCLUDED(mu_);
   // The reservation ended without a lease.
   void Cancel(const CallerPolicy& policy) { ledger_->Cancel(policy.name); }
   // The lease was reported: its caller's count drops. Unknown ids are ignored.

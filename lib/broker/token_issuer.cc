@@ -57,8 +57,9 @@ struct TokenIssuer::Pending {
   void Finish(absl::StatusOr<Issued> result) {
     if (reserved && result.ok()) {
       reserved = false;
-      admission->Commit(*grant->policy, result->selection.lease_id, result->selection.account_id,
-                        result->selection.tier);
+      result->caller_leases_left = admission->Commit(*grant->policy, result->selection.lease_id,
+                                                     result->selection.account_id, result->selection.tier);
+      result->caller_policy = grant->policy->name;
     }
     Unreserve();
     if (waiting) admission->StopWaiting(*grant->policy);

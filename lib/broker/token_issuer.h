@@ -52,6 +52,9 @@ struct IssueRequest {
 struct Issued {
   Selection selection;
   AccessToken token;  // secret
+  // Under a caller policy: its entry, and with max_inflight the leases the caller may still take.
+  std::string caller_policy;
+  std::optional<int> caller_leases_left;
 };
 
 // The GetToken use case: select an account (AccountPool::Select), acquire its token

@@ -81,6 +81,8 @@ void ToProto(const Issued& issued, v1::GetTokenResponse* out) {
   out->set_quota_decision(ToProto(selection.quota_decision));
   if (selection.remaining_fraction) out->set_remaining_fraction(*selection.remaining_fraction);
   out->set_below_min_token_ttl(issued.token.below_min_ttl);
+  if (issued.caller_leases_left) out->set_caller_leases_left(*issued.caller_leases_left);
+  out->set_caller_policy(issued.caller_policy);
 }
 
 namespace {

@@ -208,6 +208,9 @@ class Callers(unittest.TestCase):
 
     def test_a_caller_over_its_budget_gets_resource_exhausted_naming_the_limit(self):
         first = self.get("bulk")
+        self.assertEqual(first.caller_policy, "bulk")
+        self.assertTrue(first.HasField("caller_leases_left"))
+        self.assertEqual(first.caller_leases_left, 0)
         try:
             with self.assertRaises(grpc.RpcError) as ctx:
                 self.get("bulk")
@@ -228,6 +231,7 @@ class Callers(unittest.TestCase):
 
     def test_a_caller_without_an_entry_gets_the_default_one(self):
         first = self.get("stranger")  # default: one lease, gemini models only
+        self.assertEqual(first.caller_policy, "default")
         try:
             with self.assertRaises(grpc.RpcError) as ctx:
                 self.get("stranger")
@@ -292,6 +296,7 @@ class NoPolicyFile(unittest.TestCase):
                 got = [stub.GetToken(broker_pb2.GetTokenRequest(model="claude-sonnet-4-5"), timeout=30, metadata=md)
                        for _ in range(5)]  # more than any budget above, any model
                 self.assertEqual(len({g.lease_id for g in got}), 5)
+                self.assertFalse(any(g.HasField("caller_leases_left") or g.caller_policy for g in got))
                 for g in got:
                     stub.ReportOutcome(broker_pb2.ReportOutcomeRequest(lease_id=g.lease_id, http_status=200),
                                        timeout=30, metadata=md)

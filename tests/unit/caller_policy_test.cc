@@ -373,12 +373,16 @@ TEST_F(CallerIssuerTest, ACallerOverItsBudgetIsRefusedAndLeavesTheRestToOthers) 
   SetPolicies("bulk max_inflight=1\ngold max_inflight=2\n");
   absl::StatusOr<Issued> first = IssueNow("bulk");
   ASSERT_TRUE(first.ok()) << first.status();
+  EXPECT_EQ(first->caller_policy, "bulk");
+  EXPECT_EQ(first->caller_leases_left, 0);
   absl::StatusOr<Issued> over = IssueNow("bulk");
   ASSERT_TRUE(absl::IsResourceExhausted(over.status())) << over.status();
   EXPECT_EQ(ExhaustedCaller(over.status())->caller, "bulk");
   EXPECT_EQ(ExhaustedCaller(over.status())->limit, "max_inflight");
   // The refusal took nothing: the two other accounts are gold's.
-  EXPECT_TRUE(IssueNow("gold").ok());
+  absl::StatusOr<Issued> gold = IssueNow("gold");
+  ASSERT_TRUE(gold.ok()) << gold.status();
+  EXPECT_EQ(gold->caller_leases_left, 1);
   EXPECT_TRUE(IssueNow("gold").ok());
   int in_flight = 0;
   for (const AccountView& v : pool_.List()) in_flight += v.in_flight;
@@ -453,7 +457,12 @@ TEST_F(CallerIssuerTest, ACallerOverItsBudgetWaitsWithoutAReservationAndIsBounde
 }
 
 TEST_F(CallerIssuerTest, WithoutPoliciesNothingChanges) {
-  for (int i = 0; i < 3; ++i) EXPECT_TRUE(IssueNow("anyone").ok());
+  for (int i = 0; i < 3; ++i) {
+    absl::StatusOr<Issued> issued = IssueNow("anyone");
+    ASSERT_TRUE(issued.ok()) << issued.status();
+    EXPECT_EQ(issued->caller_policy, "");
+    EXPECT_FALSE(issued->caller_leases_left.has_value());
+  }
   EXPECT_TRUE(admission_.Stats().empty());
 }
 
