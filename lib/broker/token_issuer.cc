@@ -39,8 +39,30 @@ struct TokenIssuer::Pending {
   // Set when the issuer chose the key: it forgets it when the call ends.
   WaitQueue* forget_key = nullptr;
 
+  // Under caller policies: the call's policy, whether it holds a reservation (a lease being
+  // chosen for it) and whether it counts as waiting.
+  CallerAdmission* admission = nullptr;
+  std::optional<CallerGrant> grant;
+  bool reserved = false;
+  bool waiting = false;
+
   bool cancelled() const { return request.cancelled && request.cancelled(); }
+  // Gives back the reservation (no lease came of it).
+  void Unreserve() {
+    if (!reserved) return;
+    reserved = false;
+    request.select.caller_share.reset();
+    admission->Cancel(*grant->policy);
+  }
   void Finish(absl::StatusOr<Issued> result) {
+    if (reserved && result.ok()) {
+      reserved = false;
+      result->caller_leases_left = admission->Commit(*grant->policy, result->selection.lease_id,
+                                                     result->selection.account_id, result->selection.tier);
+      result->caller_policy = grant->policy->name;
+    }
+    Unreserve();
+    if (waiting) admission->StopWaiting(*grant->policy);
     if (forget_key != nullptr) forget_key->Forget(request.key);
     std::move(done)(std::move(result));
   }
@@ -59,6 +81,19 @@ void TokenIssuer::Issue(IssueRequest request, Done done) {
   if (p->request.key == nullptr) {
     p->request.key = p.get();  // stable while the call lives; nobody else can Cancel() it
     p->forget_key = &waits_;
+  }
+  if (admission_ != nullptr) {
+    absl::StatusOr<std::optional<CallerGrant>> grant =
+        admission_->Admit(p->request.select.caller, p->request.select.model);
+    if (!grant.ok()) {
+      p->Finish(grant.status());
+      return;
+    }
+    if (*grant) {
+      p->admission = admission_;
+      p->grant = **std::move(grant);
+      p->request.priority = static_cast<int>(p->grant->policy->priority);
+    }
   }
   Dispatch(std::move(p), /*may_wait=*/true);
 }
@@ -127,6 +162,22 @@ void TokenIssuer::Attempt(std::unique_ptr<Pending> p, bool may_wait, bool on_wor
     return;
   }
   const absl::Time now = clock_.Now();
+  if (p->grant && !p->reserved) {
+    // The caller's own limits first: a call over them takes no lease and no account from anyone.
+    absl::StatusOr<std::shared_ptr<const CallerShare>> share = admission_->Reserve(*p->grant->policy);
+    if (!share.ok()) {
+      absl::Status refused = share.status();
+      if (may_wait && now < p->deadline) {
+        // Its own leases may end soon: wait for a report (Notify) or retry_after.
+        refused = Park(p, std::min(p->deadline, now + p->grant->policy->retry_after));
+        if (refused.ok()) return;
+      }
+      p->Finish(refused);
+      return;
+    }
+    p->reserved = true;
+    p->request.select.caller_share = *std::move(share);
+  }
   // Accounts whose token cannot be had now (refresh failing or slow) or only short-lived are
   // tried after every other account (issue 11: fail over instead of waiting on them).
   const absl::flat_hash_map<std::string, TokenTroubleInfo> trouble =
@@ -187,15 +238,9 @@ void TokenIssuer::NoSelection(std::unique_ptr<Pending> p, bool may_wait, absl::S
     p->include_troubled = false;
     p->attempt = 0;
     p->last_error = absl::OkStatus();
-    const WaitQueue::Key key = p->request.key;
-    waits_.Park(key, next, [this, p = std::move(p)](WaitQueue::Wake why) mutable {
-      if (why == WaitQueue::Wake::kCancelled) {
-        p->Finish(absl::CancelledError("the caller went away while waiting"));
-        return;
-      }
-      Dispatch(std::move(p), /*may_wait=*/why != WaitQueue::Wake::kFinal);
-    });
-    return;
+    absl::Status parked = Park(p, next);
+    if (parked.ok()) return;
+    status = parked;
   } else if (absl::IsResourceExhausted(status) && !p->last_error.ok()) {
     // Other accounts are cooling and will free: RESOURCE_EXHAUSTED with their RetryInfo, saying
     // why the remaining ones were skipped.
@@ -205,6 +250,35 @@ void TokenIssuer::NoSelection(std::unique_ptr<Pending> p, bool may_wait, absl::S
         p->request.select.model, frees);
   }
   p->Finish(status);
+}
+
+absl::Status TokenIssuer::Park(std::unique_ptr<Pending>& p, absl::Time next) {
+  if (p->grant) {
+    // A waiting call holds no reservation: it must not keep its caller's other calls out.
+    p->Unreserve();
+    if (!p->waiting) {
+      const CallerPolicy& policy = *p->grant->policy;
+      if (!admission_->StartWaiting(policy)) {
+        return admission_->LimitError(policy, "max_waiting",
+                                      absl::StrCat("caller ", policy.name, " already has ", policy.max_waiting,
+                                                   " calls waiting (its max_waiting)"));
+      }
+      p->waiting = true;
+    }
+  }
+  const WaitQueue::Key key = p->request.key;
+  const int priority = p->request.priority;
+  waits_.Park(
+      key, next,
+      [this, p = std::move(p)](WaitQueue::Wake why) mutable {
+        if (why == WaitQueue::Wake::kCancelled) {
+          p->Finish(absl::CancelledError("the caller went away while waiting"));
+          return;
+        }
+        Dispatch(std::move(p), /*may_wait=*/why != WaitQueue::Wake::kFinal);
+      },
+      priority);
+  return absl::OkStatus();
 }
 
 void TokenIssuer::OnToken(std::unique_ptr<Pending> p, bool may_wait, Selection selection,

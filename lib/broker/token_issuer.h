@@ -13,6 +13,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "lib/selection/account_pool.h"
+#include "lib/broker/caller_admission.h"
 #include "lib/broker/wait_queue.h"
 #include "lib/common/clock.h"
 #include "lib/tokens/token_manager.h"
@@ -42,12 +43,18 @@ struct IssueRequest {
   WaitQueue::Key key = nullptr;
   // Whether the caller went away; may be called from any thread. Null: never.
   absl::AnyInvocable<bool() const> cancelled;
+  // Among calls waiting for an account, higher priorities are served first (then the oldest).
+  // With caller policies, the caller's policy sets it.
+  int priority = 0;
 };
 
 // What an issued token comes with: the selection (its lease is the caller's to report) and the token.
 struct Issued {
   Selection selection;
   AccessToken token;  // secret
+  // Under a caller policy: its entry, and with max_inflight the leases the caller may still take.
+  std::string caller_policy;
+  std::optional<int> caller_leases_left;
 };
 
 // The GetToken use case: select an account (AccountPool::Select), acquire its token
@@ -74,6 +81,12 @@ class TokenIssuer {
 
   TokenIssuer(const TokenIssuer&) = delete;
   TokenIssuer& operator=(const TokenIssuer&) = delete;
+
+  // Applies caller policies (issue 16.1) from now on: each call is admitted by `admission` (its
+  // caller's entry and model; a lease within its limits, or RESOURCE_EXHAUSTED naming the limit;
+  // while it waits, at most max_waiting calls of a caller), and waits by its caller's priority.
+  // Null (the default): no policy. Call before the first Issue; `admission` must outlive the issuer.
+  void SetCallerAdmission(CallerAdmission* admission) { admission_ = admission; }
 
   // Calls `done` exactly once, on this thread or another (never under a lock of the issuer).
   void Issue(IssueRequest request, Done done) ABSL_LOCKS_EXCLUDED(mu_);
@@ -102,6 +115,10 @@ class TokenIssuer {
   void Attempt(std::unique_ptr<Pending> p, bool may_wait, bool on_worker = false);
   // No account was selected: park the call, or answer it with the (rewritten) cause.
   void NoSelection(std::unique_ptr<Pending> p, bool may_wait, absl::Status status, absl::Time now);
+  // Parks the call until `next` or a Notify(). Under a caller policy its reservation is given back
+  // first and the wait counts against the caller's max_waiting: when that is full, the refusal is
+  // returned and `p` stays with the caller.
+  absl::Status Park(std::unique_ptr<Pending>& p, absl::Time next);
   void OnToken(std::unique_ptr<Pending> p, bool may_wait, Selection selection,
                absl::StatusOr<AccessToken> token);
   void WorkerLoop() ABSL_LOCKS_EXCLUDED(mu_);
@@ -111,6 +128,7 @@ class TokenIssuer {
   TokenManager& tokens_;
   const Clock& clock_;
   WaitQueue waits_;
+  CallerAdmission* admission_ = nullptr;
 
   absl::Mutex mu_;
   std::deque<absl::AnyInvocable<void() &&>> queue_ ABSL_GUARDED_BY(mu_);

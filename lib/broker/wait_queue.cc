@@ -1,5 +1,6 @@
 #include "lib/broker/wait_queue.h"
 
+#include <algorithm>
 #include <vector>
 
 
@@ -9,14 +10,15 @@ WaitQueue::WaitQueue(const Clock& clock) : clock_(clock), thread_([this] { Loop(
 
 WaitQueue::~WaitQueue() { Shutdown(); }
 
-WaitQueue::ParkResult WaitQueue::Park(Key key, absl::Time when, Retry retry) {
+WaitQueue::ParkResult WaitQueue::Park(Key key, absl::Time when, Retry retry, int priority) {
   bool cancelled = false;
   {
     absl::MutexLock lock(&mu_);
     Call& call = calls_[key];
     cancelled = call.cancelled;
     if (!cancelled && !stopping_) {
-      call.parked = parked_.emplace(when, std::make_pair(key, std::move(retry)));
+      if (call.since == absl::InfiniteFuture()) call.since = clock_.Now();
+      call.parked = parked_.emplace(when, Waiter{key, std::move(retry), priority, call.since});
       changed_ = true;
       return ParkResult::kParked;
     }
@@ -33,7 +35,7 @@ bool WaitQueue::Cancel(Key key) {
     Call& call = calls_[key];
     call.cancelled = true;
     if (!call.parked) return false;
-    cancelled = std::move((*call.parked)->second.second);
+    cancelled = std::move((*call.parked)->second.retry);
     parked_.erase(*call.parked);
     call.parked.reset();
   }
@@ -47,7 +49,7 @@ void WaitQueue::Forget(Key key) {
   auto it = calls_.find(key);
   if (it == calls_.end()) return;
   if (it->second.parked) {  // not expected (a parked call is not done), but never leave a dangling entry
-    dropped = std::move((*it->second.parked)->second.second);
+    dropped = std::move((*it->second.parked)->second.retry);
     parked_.erase(*it->second.parked);
   }
   calls_.erase(it);
@@ -76,12 +78,12 @@ void WaitQueue::Shutdown() {
     left.swap(parked_);
     for (auto& [key, call] : calls_) call.parked.reset();
   }
-  for (auto& [when, entry] : left) std::move(entry.second)(Wake::kFinal);
+  for (auto& [when, entry] : left) std::move(entry.retry)(Wake::kFinal);
 }
 
 void WaitQueue::Loop() {
   while (true) {
-    std::vector<Retry> due;
+    std::vector<Waiter> due;
     {
       absl::MutexLock lock(&mu_);
       auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -103,13 +105,17 @@ void WaitQueue::Loop() {
       const absl::Time now = clock_.Now();
       auto end = notified_ ? parked_.end() : parked_.upper_bound(now);
       for (auto it = parked_.begin(); it != end;) {
-        if (auto call = calls_.find(it->second.first); call != calls_.end()) call->second.parked.reset();
-        due.push_back(std::move(it->second.second));
+        if (auto call = calls_.find(it->second.key); call != calls_.end()) call->second.parked.reset();
+        due.push_back(std::move(it->second));
         it = parked_.erase(it);
       }
       notified_ = false;
     }
-    for (Retry& retry : due) std::move(retry)(Wake::kDue);
+    // Higher priority first, then the longest waiting: the first to run takes what freed.
+    std::stable_sort(due.begin(), due.end(), [](const Waiter& a, const Waiter& b) {
+      return a.priority != b.priority ? a.priority > b.priority : a.since < b.since;
+    });
+    for (Waiter& w : due) std::move(w.retry)(Wake::kDue);
   }
 }
 

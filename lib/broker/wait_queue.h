@@ -44,8 +44,9 @@ class WaitQueue {
   // Runs `retry` (kDue) at `when` (on the clock) or at the next Notify(), whichever comes first,
   // unless `key` is cancelled first (kCancelled, at the Cancel). After Shutdown() it runs at once
   // with kFinal. It never runs under the queue's lock nor, but for kCancelled and kFinal, on the
-  // calling thread.
-  ParkResult Park(Key key, absl::Time when, Retry retry) ABSL_LOCKS_EXCLUDED(mu_);
+  // calling thread. Retries that run together (a Notify, or due at once) run in order of
+  // `priority` (higher first), then of the call's age (the time its key was first parked).
+  ParkResult Park(Key key, absl::Time when, Retry retry, int priority = 0) ABSL_LOCKS_EXCLUDED(mu_);
   // The call `key` was abandoned: its parked retry (if any) runs now, on this thread, with
   // kCancelled, and a later Park of it does the same. True when a parked retry ran.
   bool Cancel(Key key) ABSL_LOCKS_EXCLUDED(mu_);
@@ -58,9 +59,16 @@ class WaitQueue {
   size_t size() const ABSL_LOCKS_EXCLUDED(mu_);
 
  private:
-  using Parked = std::multimap<absl::Time, std::pair<Key, Retry>>;
+  struct Waiter {
+    Key key;
+    Retry retry;
+    int priority = 0;
+    absl::Time since;  // the call's first park
+  };
+  using Parked = std::multimap<absl::Time, Waiter>;
   struct Call {
     bool cancelled = false;
+    absl::Time since = absl::InfiniteFuture();  // first parked
     std::optional<Parked::iterator> parked;
   };
 

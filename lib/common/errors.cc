@@ -10,6 +10,7 @@ namespace {
 constexpr char kFieldPayload[] = "type.tokenbroker.dev/field";
 constexpr char kRetryPayload[] = "type.tokenbroker.dev/retry_delay_nanos";
 constexpr char kModelPayload[] = "type.tokenbroker.dev/exhausted_model";
+constexpr char kCallerPayload[] = "type.tokenbroker.dev/caller_limit";
 
 bool IsModelChar(char c) {
   return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' ||
@@ -51,6 +52,24 @@ std::optional<std::string> ExhaustedModel(const absl::Status& status) {
   auto payload = status.GetPayload(kModelPayload);
   if (!payload) return std::nullopt;
   return std::string(*payload);
+}
+
+absl::Status CallerLimitError(absl::string_view message, absl::string_view caller, absl::string_view limit,
+                              absl::Duration retry_delay) {
+  absl::Status status = absl::ResourceExhaustedError(message);
+  // "<limit>\n<caller>": a caller name holds no newline (caller policies and tokens files split on space).
+  status.SetPayload(kCallerPayload, absl::Cord(absl::StrCat(limit, "\n", caller)));
+  status.SetPayload(kRetryPayload, absl::Cord(absl::StrCat(absl::ToInt64Nanoseconds(retry_delay))));
+  return status;
+}
+
+std::optional<CallerLimit> ExhaustedCaller(const absl::Status& status) {
+  auto payload = status.GetPayload(kCallerPayload);
+  if (!payload) return std::nullopt;
+  const std::string text(*payload);
+  const size_t nl = text.find('\n');
+  if (nl == std::string::npos) return std::nullopt;
+  return CallerLimit{text.substr(nl + 1), text.substr(0, nl)};
 }
 
 absl::Status ValidateModel(absl::string_view field, absl::string_view model, bool required) {

@@ -26,6 +26,17 @@ absl::Status NoAccountAvailableError(absl::string_view message, absl::string_vie
 std::optional<absl::Duration> RetryDelay(const absl::Status& status);
 std::optional<std::string> ExhaustedModel(const absl::Status& status);
 
+// RESOURCE_EXHAUSTED for "this caller is over a limit of its caller policy" (issue 16.1): the
+// caller's name and the limit ("max_inflight", ...) and the retry delay travel in payloads, so the
+// gRPC edge can attach google.rpc.QuotaFailure (subject "caller:<name>") and RetryInfo.
+absl::Status CallerLimitError(absl::string_view message, absl::string_view caller, absl::string_view limit,
+                              absl::Duration retry_delay);
+struct CallerLimit {
+  std::string caller;
+  std::string limit;
+};
+std::optional<CallerLimit> ExhaustedCaller(const absl::Status& status);
+
 // Validates GetToken/ExplainSelection inputs against the limits of docs/ARCHITECTURE.md §3. Each returns
 // InvalidFieldError naming `field` on violation; nothing is ever truncated.
 absl::Status ValidateModel(absl::string_view field, absl::string_view model, bool required);

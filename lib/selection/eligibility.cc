@@ -72,6 +72,9 @@ Eligibility CheckEligibility(const AccountSnapshot& account, const EligibilityCo
   } else if (!request.exclude.empty() && request.exclude.contains(rec.id)) {
     out.verdict = Verdict::kRotatedAway;
     if (explain) out.detail = "excluded for this request (its token could not be refreshed)";
+  } else if (request.caller_share != nullptr && request.caller_share->Blocks(rec.id, rec.tier)) {
+    out.verdict = Verdict::kCallerShare;
+    if (explain) out.detail = "the caller holds leases on as many accounts as its policy allows; not one of them";
   } else if (request.force_rotate && ctx.previous && *ctx.previous == rec.id) {
     out.verdict = Verdict::kRotatedAway;
     out.rotated_from = true;

@@ -22,6 +22,7 @@ absl::string_view VerdictCountName(Verdict v) {
     case Verdict::kExhausted: return "out of quota";
     case Verdict::kLeaseCap: return "at their lease cap";
     case Verdict::kRotatedAway: return "excluded";
+    case Verdict::kCallerShare: return "outside the caller's share";
     case Verdict::kChosen:
     case Verdict::kRankedLower: break;
   }

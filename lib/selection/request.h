@@ -1,5 +1,6 @@
 #pragma once
 
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -24,6 +25,17 @@ enum class Verdict {
   kLeaseCap,
   kRotatedAway,
   kSuspended,  // Google suspended the account (Terms of Service): never handed out again
+  // Not among the accounts the caller may still use: it is at its caller policy's max_accounts
+  // (issue 16.1) and the account is not one it holds leases on already.
+  kCallerShare,
+};
+
+// Which accounts may serve a caller at its share of the pool (lib/broker/caller_policy.h builds it).
+class AccountFilter {
+ public:
+  virtual ~AccountFilter() = default;
+  // Whether the account may not serve the request.
+  virtual bool Blocks(const std::string& account_id, Tier tier) const = 0;
 };
 
 struct SelectRequest {
@@ -38,6 +50,9 @@ struct SelectRequest {
   // Who asks (recorded with the lease: only this caller may report it). "-" when callers are not
   // identified.
   std::string caller = "-";
+  // Set by a caller policy when the caller is at its share of the pool: the accounts it blocks are
+  // ineligible (kCallerShare). Null: any account.
+  std::shared_ptr<const AccountFilter> caller_share;
 };
 
 struct Selection {

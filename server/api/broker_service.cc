@@ -76,7 +76,12 @@ BrokerService::BrokerService(AccountPool& pool, TokenManager& tokens, QuotaSubsc
 BrokerService::~BrokerService() { Shutdown(); }
 
 absl::StatusOr<std::string> BrokerService::Caller(const grpc::CallbackServerContext& context, bool admin) const {
-  if (auth_ == nullptr) return std::string("-");
+  if (auth_ == nullptr) {
+    if (callers_from_certificates_) {
+      if (std::optional<std::string> name = ClientCertificateName(context)) return *std::move(name);
+    }
+    return std::string("-");
+  }
   return auth_->Check(context, admin);
 }
 
@@ -220,6 +225,8 @@ grpc::ServerUnaryReactor* BrokerService::ReportOutcome(grpc::CallbackServerConte
   audit.detail = result->reason;
   CountReport(*caller, audit.result);
   if (audit_ != nullptr) audit_->Reported(audit, clock_.Now());
+  // After the audit line: the audit log never shows a caller over its budget.
+  if (caller_admission_ != nullptr && !request->lease_id().empty()) caller_admission_->Released(request->lease_id());
   if (result->scope != CooldownScope::kNone) {
     spdlog::info("account {} {}: HTTP {} -> {} cooldown until {} ({})", result->account_id, result->model,
                  request->http_status(),

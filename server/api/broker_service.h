@@ -39,6 +39,21 @@ class BrokerService final : public v1::TokenBrokerService::CallbackService {
     audit_ = audit;
   }
 
+  // Without caller tokens (`auth` null) but with mutual TLS: callers are named by their client
+  // certificate's subject common name (ClientCertificateName; "-" when it has none usable).
+  void SetCallersFromCertificates(bool on) { callers_from_certificates_ = on; }
+
+  // Applies caller policies (issue 16.1) to GetToken, and counts reported leases off them. Null
+  // (the default): none. Call before serving; `admission` must outlive the service.
+  void SetCallerAdmission(CallerAdmission* admission) {
+    caller_admission_ = admission;
+    issuer_.SetCallerAdmission(admission);
+  }
+  // Per-caller statistics (empty without caller policies).
+  std::map<std::string, CallerStats> CallerStatistics() const {
+    return caller_admission_ != nullptr ? caller_admission_->Stats() : std::map<std::string, CallerStats>();
+  }
+
   // GetToken calls parked until an account frees.
   size_t WaitingCalls() const { return issuer_.waiting(); }
   // ReportOutcome calls so far by (caller, result): "model_cooldown", "account_cooldown",
@@ -79,6 +94,8 @@ class BrokerService final : public v1::TokenBrokerService::CallbackService {
   const Clock& clock_;
   const Authenticator* auth_ = nullptr;
   AuditLog* audit_ = nullptr;
+  CallerAdmission* caller_admission_ = nullptr;
+  bool callers_from_certificates_ = false;
   const SessionTagger tagger_;  // without an audit log: a random key, for debug logs
   void CountReport(const std::string& caller, absl::string_view result) ABSL_LOCKS_EXCLUDED(reports_mu_);
   // Session ids are caller data: logs and the audit log carry a keyed tag, never the id itself.

@@ -27,6 +27,7 @@ v1::Verdict ToProto(Verdict verdict) {
     case Verdict::kLeaseCap: return v1::VERDICT_LEASE_CAP;
     case Verdict::kRotatedAway: return v1::VERDICT_ROTATED_AWAY;
     case Verdict::kSuspended: return v1::VERDICT_SUSPENDED;
+    case Verdict::kCallerShare: return v1::VERDICT_CALLER_SHARE;
   }
   return v1::VERDICT_UNSPECIFIED;
 }
@@ -90,6 +91,8 @@ void ToProto(const Issued& issued, v1::GetTokenResponse* out) {
     out->set_credits_exhausted(true);
     ToProto(*selection.credits_exhausted_until, out->mutable_credits_exhausted_until());
   }
+  if (issued.caller_leases_left) out->set_caller_leases_left(*issued.caller_leases_left);
+  out->set_caller_policy(issued.caller_policy);
 }
 
 namespace {

@@ -43,6 +43,13 @@ grpc::Status ToGrpcStatus(const absl::Status& status) {
     v->set_description(message);
     rich.add_details()->PackFrom(failure);
   }
+  if (std::optional<CallerLimit> caller = ExhaustedCaller(status)) {
+    google::rpc::QuotaFailure failure;
+    google::rpc::QuotaFailure::Violation* v = failure.add_violations();
+    v->set_subject(absl::StrCat("caller:", caller->caller));
+    v->set_description(absl::StrCat("caller policy limit ", caller->limit, ": ", message));
+    rich.add_details()->PackFrom(failure);
+  }
   if (std::optional<absl::Duration> delay = RetryDelay(status)) {
     google::rpc::RetryInfo retry;
     const int64_t nanos = absl::ToInt64Nanoseconds(Spread(*delay));

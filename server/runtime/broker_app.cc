@@ -19,6 +19,16 @@ constexpr char kStateServiceName[] = "tokenbroker.v1.StateBackend";
 // (a wrong OAuth client, the token endpoint unreachable); the overall health follows it.
 constexpr char kTokenRefreshServiceName[] = "tokenbroker.v1.TokenRefresh";
 
+// The accounts caller policies' shares resolve against: every loaded account, by tier.
+PoolShape ShapeOf(const AccountPool& pool) {
+  PoolShape shape;
+  for (const AccountView& a : pool.List()) {
+    ++shape.accounts;
+    ++shape.by_tier[a.tier];
+  }
+  return shape;
+}
+
 }  // namespace
 
 // Whether tokens can be had: an account holds a valid access token, or token refreshes are not
@@ -57,6 +67,14 @@ absl::StatusOr<std::unique_ptr<BrokerApp>> BrokerApp::Open(BrokerConfig config) 
   absl::StatusOr<std::unique_ptr<Authenticator>> auth = Authenticator::Open(c.caller_tokens_file, c.admin_token_file);
   if (!auth.ok()) return auth.status();
   app->auth_ = *std::move(auth);
+  if (!c.caller_policy_file.empty()) {
+    app->caller_admission_ = std::make_unique<CallerAdmission>(Clock::Real(), c.pool.lease_timeout);
+    if (c.families) app->caller_admission_->SetFamilies(c.families);
+    absl::StatusOr<std::unique_ptr<CallerPolicyFile>> policies =
+        CallerPolicyFile::Open(c.caller_policy_file, *app->caller_admission_);
+    if (!policies.ok()) return policies.status();
+    app->caller_policies_ = *std::move(policies);
+  }
   absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials =
       ApiCredentials(c.tls_cert_file, c.tls_key_file, c.tls_client_ca_file);
   if (!credentials.ok()) return credentials.status();
@@ -81,6 +99,7 @@ absl::Status BrokerApp::Start() {
   if (c.families) pool_->SetFamilies(c.families);
   loader_ = std::make_unique<AccountLoader>(*store_, *pool_);
   loader_->Load();
+  if (caller_admission_) caller_admission_->SetPoolShape(ShapeOf(*pool_));
 
   http_ = std::make_unique<HttpClient>();
   WarnIfNoOAuthClient(c.oauth);
@@ -125,6 +144,8 @@ absl::Status BrokerApp::Start() {
 
   service_ = std::make_unique<BrokerService>(*pool_, *tokens_, subscriber_.get(), Clock::Real(), c.issuer);
   service_->SetSecurity(auth_->enabled() ? auth_.get() : nullptr, audit_.get());
+  service_->SetCallerAdmission(caller_admission_.get());
+  service_->SetCallersFromCertificates(!auth_->enabled() && !c.tls_client_ca_file.empty());
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
   if (!c.metrics_listen.empty()) {
     if (absl::Status free = CheckListenAddress("--metrics_listen", c.metrics_listen); !free.ok()) return free;
@@ -168,8 +189,9 @@ absl::Duration BrokerApp::tick_interval() const {
 
 void BrokerApp::Tick() {
   if (Clock::Real().Now() >= next_reload_) {
-    loader_->ReloadIfChanged();
+    if (loader_->ReloadIfChanged() && caller_admission_) caller_admission_->SetPoolShape(ShapeOf(*pool_));
     auth_->ReloadIfChanged();
+    if (caller_policies_) caller_policies_->ReloadIfChanged();
     next_reload_ = Clock::Real().Now() + config_.reload_interval;
   }
   if (bool now_serving = UpdateHealth(); now_serving != serving_) {

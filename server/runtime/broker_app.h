@@ -23,6 +23,7 @@
 #include "server/runtime/servers.h"
 #include "server/security/audit_log.h"
 #include "server/security/auth.h"
+#include "server/security/caller_policy_file.h"
 
 namespace tokenbroker {
 
@@ -64,6 +65,8 @@ class BrokerApp {
   std::unique_ptr<Authenticator> auth_;
   std::shared_ptr<grpc::ServerCredentials> credentials_;
   std::unique_ptr<AuditLog> audit_;
+  std::unique_ptr<CallerAdmission> caller_admission_;  // with --caller_policy_file
+  std::unique_ptr<CallerPolicyFile> caller_policies_;
   std::unique_ptr<AccountStore> store_;
   // Made by Start, in this order (and stopped in the reverse).
   std::unique_ptr<AccountPool> pool_;

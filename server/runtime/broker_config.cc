@@ -52,6 +52,9 @@ ABSL_FLAG(bool, status_show_emails, false,
 ABSL_FLAG(std::string, caller_tokens_file, "",
           "Callers and their bearer tokens, one \"<name> <token>\" a line: GetToken and ReportOutcome then need "
           "\"authorization: Bearer <token>\" (empty: open to whoever reaches the socket).");
+ABSL_FLAG(std::string, caller_policy_file, "",
+          "Caller policies, one \"<name> key=value ...\" a line (README \"Caller policies\"): each caller's leases "
+          "in flight, share of the accounts, models and priority. Reloaded when it changes. Empty: no limits.");
 ABSL_FLAG(std::string, admin_token_file, "",
           "A file holding the admin token: SetQuotaManager, ListAccounts and ExplainSelection then need it.");
 ABSL_FLAG(std::string, tls_cert_file, "", "PEM certificate (chain) of the API port: serve TLS (with --tls_key_file).");
@@ -171,6 +174,7 @@ absl::StatusOr<BrokerConfig> BrokerConfigFromFlags() {
   config.status_show_emails = absl::GetFlag(FLAGS_status_show_emails);
   config.caller_tokens_file = absl::GetFlag(FLAGS_caller_tokens_file);
   config.admin_token_file = absl::GetFlag(FLAGS_admin_token_file);
+  config.caller_policy_file = absl::GetFlag(FLAGS_caller_policy_file);
   config.tls_cert_file = absl::GetFlag(FLAGS_tls_cert_file);
   config.tls_key_file = absl::GetFlag(FLAGS_tls_key_file);
   config.tls_client_ca_file = absl::GetFlag(FLAGS_tls_client_ca_file);

@@ -37,6 +37,7 @@ struct BrokerConfig {
   bool status_show_emails = false;         // --status_show_emails
   std::string caller_tokens_file;
   std::string admin_token_file;
+  std::string caller_policy_file;          // empty: no caller policies
   std::string tls_cert_file;
   std::string tls_key_file;
   std::string tls_client_ca_file;

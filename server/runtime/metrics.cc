@@ -55,6 +55,37 @@ prometheus::MetricFamily Family(std::string name, std::string help, prometheus::
 
 // State read at scrape time, so the request path pays nothing for it.
 class StateCollector final : public prometheus::Collectable {
+ private:
+  // Caller policies (issue 16.1): the `caller` label is a policy entry's name (the operator's
+  // file: bounded) or "unlisted"; never a name a caller sent.
+  void CollectCallers(std::vector<prometheus::MetricFamily>& out) const {
+    using prometheus::MetricType;
+    const std::map<std::string, CallerStats> stats = service_.CallerStatistics();
+    if (stats.empty()) return;
+    auto leases = Family("tokenbroker_caller_leases_in_flight",
+                         "Leases a caller policy entry holds (issued, not yet reported or timed out).", MetricType::Gauge);
+    auto accounts = Family("tokenbroker_caller_accounts_held",
+                           "Distinct accounts a caller policy entry holds leases on.", MetricType::Gauge);
+    auto waiting = Family("tokenbroker_caller_waiting_calls", "GetToken calls of a caller policy entry waiting.",
+                          MetricType::Gauge);
+    auto issued = Family("tokenbroker_caller_issued_total", "Tokens issued by caller policy entry.",
+                         MetricType::Counter);
+    auto refused = Family("tokenbroker_caller_refused_total",
+                          "GetToken calls refused by a caller policy, by entry and limit.", MetricType::Counter);
+    for (const auto& [caller, s] : stats) {
+      if (caller != CallerAdmission::kUnlisted) {
+        leases.metric.push_back(Value(s.usage.in_flight, {{"caller", caller}}, false));
+        accounts.metric.push_back(Value(s.usage.accounts, {{"caller", caller}}, false));
+        waiting.metric.push_back(Value(s.usage.waiting, {{"caller", caller}}, false));
+        issued.metric.push_back(Value(static_cast<double>(s.issued), {{"caller", caller}}, true));
+      }
+      for (const auto& [limit, n] : s.refused) {
+        refused.metric.push_back(Value(static_cast<double>(n), {{"caller", caller}, {"limit", limit}}, true));
+      }
+    }
+    for (auto* f : {&leases, &accounts, &waiting, &issued, &refused}) out.push_back(std::move(*f));
+  }
+
  public:
   StateCollector(AccountPool& pool, TokenManager& tokens, QuotaSubscriber& subscriber, BrokerService& service,
                  const RedisState* redis)
@@ -125,6 +156,7 @@ class StateCollector final : public prometheus::Collectable {
                     &reports}) {
       out.push_back(std::move(*f));
     }
+    CollectCallers(out);
     if (redis_ != nullptr) {
       const SharedStateStats st = redis_->stats();
       auto up = Family("tokenbroker_state_backend_up", "1 while the Redis state backend is connected and in sync.",

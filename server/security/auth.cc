@@ -180,6 +180,19 @@ absl::StatusOr<std::string> Authenticator::CheckToken(absl::string_view token, b
   return absl::UnauthenticatedError("unknown bearer token");
 }
 
+std::optional<std::string> ClientCertificateName(const grpc::ServerContextBase& context) {
+  std::shared_ptr<const grpc::AuthContext> auth = context.auth_context();
+  if (auth == nullptr || !auth->IsPeerAuthenticated()) return std::nullopt;
+  std::vector<grpc::string_ref> names = auth->FindPropertyValues("x509_common_name");
+  if (names.size() != 1) return std::nullopt;
+  std::string name(names[0].data(), names[0].size());
+  if (name.empty() || name.size() > 128 || name == "admin" || name == "-") return std::nullopt;
+  for (char c : name) {
+    if (c <= ' ' || c > '~' || c == '=') return std::nullopt;
+  }
+  return name;
+}
+
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ApiCredentials(const std::string& cert_file,
                                                                         const std::string& key_file,
                                                                         const std::string& client_ca_file) {

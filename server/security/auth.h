@@ -7,6 +7,7 @@
 #include <grpcpp/server_context.h>
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -65,6 +66,11 @@ class Authenticator {
   mutable absl::Mutex mu_;
   AuthConfig config_ ABSL_GUARDED_BY(mu_);
 };
+
+// The subject common name of the client certificate the peer presented and the server verified
+// (mutual TLS), when it is usable as a caller name (1 to 128 printable characters without space or
+// '='; not "admin" nor "-"); unset otherwise. Call on the RPC's own thread.
+std::optional<std::string> ClientCertificateName(const grpc::ServerContextBase& context);
 
 // Server credentials for the API port: TLS when `cert_file` is set (with `key_file`), requiring and
 // verifying client certificates when `client_ca_file` is set; plaintext otherwise. The message

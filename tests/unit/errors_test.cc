@@ -58,4 +58,15 @@ TEST(InvalidField, AbsentOnOtherErrors) {
 }
 
 }  // namespace
+TEST(CallerLimitError, CarriesTheCallerTheLimitAndTheDelay) {
+  absl::Status s = CallerLimitError("caller bulk has 2 leases in flight", "bulk", "max_inflight", absl::Seconds(3));
+  EXPECT_TRUE(absl::IsResourceExhausted(s));
+  ASSERT_TRUE(ExhaustedCaller(s).has_value());
+  EXPECT_EQ(ExhaustedCaller(s)->caller, "bulk");
+  EXPECT_EQ(ExhaustedCaller(s)->limit, "max_inflight");
+  EXPECT_EQ(RetryDelay(s), absl::Seconds(3));
+  EXPECT_FALSE(ExhaustedModel(s).has_value());  // not a model's exhaustion
+  EXPECT_FALSE(ExhaustedCaller(NoAccountAvailableError("none", "m", std::nullopt)).has_value());
+}
+
 }  // namespace tokenbroker

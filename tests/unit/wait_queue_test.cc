@@ -157,5 +157,37 @@ TEST(WaitQueueTest, ShutdownGivesEveryRetryItsLastTry) {
   queue.Shutdown();  // idempotent
 }
 
+TEST(WaitQueueTest, RetriesThatRunTogetherRunByPriorityThenAge) {
+  FakeClock clock;
+  WaitQueue q(clock);
+  absl::Mutex mu;
+  std::vector<int> order;
+  auto retry = [&](int id) {
+    return [&, id](Wake) {
+      absl::MutexLock lock(&mu);
+      order.push_back(id);
+    };
+  };
+  int keys[5];
+  // Parked in this order (and at this age), with these priorities; due at different times.
+  q.Park(&keys[0], clock.Now() + absl::Seconds(9), retry(0), /*priority=*/0);
+  clock.Advance(absl::Milliseconds(1));
+  q.Park(&keys[1], clock.Now() + absl::Seconds(8), retry(1), /*priority=*/2);
+  clock.Advance(absl::Milliseconds(1));
+  q.Park(&keys[2], clock.Now() + absl::Seconds(7), retry(2), /*priority=*/0);
+  clock.Advance(absl::Milliseconds(1));
+  q.Park(&keys[3], clock.Now() + absl::Seconds(6), retry(3), /*priority=*/2);
+  clock.Advance(absl::Milliseconds(1));
+  q.Park(&keys[4], clock.Now() + absl::Seconds(5), retry(4), /*priority=*/1);
+  q.Notify();
+  ASSERT_TRUE(Eventually([&] {
+    absl::MutexLock lock(&mu);
+    return order.size() == 5;
+  }));
+  absl::MutexLock lock(&mu);
+  EXPECT_EQ(order, (std::vector<int>{1, 3, 4, 0, 2}));
+  for (int& k : keys) q.Forget(&k);
+}
+
 }  // namespace
 }  // namespace tokenbroker
