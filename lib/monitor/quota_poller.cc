@@ -125,7 +125,28 @@ void QuotaPoller::Poll(const std::string& account_id) {
     return;
   }
 
+  // The account's own way out (direct without an egress); never direct instead of its egress.
+  absl::StatusOr<EgressRoute> route = tokens_.EgressFor(account_id);
+  if (!route.ok()) {
+    spdlog::debug("quota poll of account {} skipped: {}", account_id, std::string(route.status().message()));
+    return;
+  }
+  const CloudCodeClient cloud_code = cloud_code_.Via(*std::move(route));
+
   auto on_error = [&](const absl::Status& s, const char* what) {
+    if (IsEgressFailure(s)) {
+      // Not the quota API's doing: the account's polls back off as for a 429, and it is cooled.
+      absl::Time until;
+      {
+        absl::MutexLock lock(&mu_);
+        auto step = backoff_.try_emplace(account_id, options_.rate_limit_backoff).first;
+        until = clock_.Now() + step->second;
+        step->second = std::min(step->second * 2, options_.max_rate_limit_backoff);
+        next_due_[account_id] = until;
+      }
+      tokens_.OnEgressFailure(account_id, s, until);
+      return;
+    }
     if (absl::IsResourceExhausted(s)) {
       absl::MutexLock lock(&mu_);
       auto step = backoff_.try_emplace(account_id, options_.rate_limit_backoff).first;
@@ -155,7 +176,7 @@ void QuotaPoller::Poll(const std::string& account_id) {
     if (auto it = code_assist_.find(account_id); it != code_assist_.end()) info = it->second;
   }
   if (!info) {
-    absl::StatusOr<CodeAssistInfo> loaded = cloud_code_.LoadCodeAssist(token->token);
+    absl::StatusOr<CodeAssistInfo> loaded = cloud_code.LoadCodeAssist(token->token);
     if (!loaded.ok()) return on_error(loaded.status(), "loadCodeAssist");
     info = *loaded;
     absl::MutexLock lock(&mu_);
@@ -165,7 +186,7 @@ void QuotaPoller::Poll(const std::string& account_id) {
                    account_id);
     }
   }
-  absl::StatusOr<std::vector<ModelQuotaInfo>> models = cloud_code_.FetchAvailableModels(token->token, info->project_id);
+  absl::StatusOr<std::vector<ModelQuotaInfo>> models = cloud_code.FetchAvailableModels(token->token, info->project_id);
   if (!models.ok()) return on_error(models.status(), "fetchAvailableModels");
   const absl::Time observed = clock_.Now();
   std::vector<QuotaObservation> out;
@@ -193,7 +214,7 @@ void QuotaPoller::Poll(const std::string& account_id) {
   absl::Status summary_error;
   if (summary) {
     absl::StatusOr<std::vector<QuotaBucketInfo>> buckets =
-        cloud_code_.RetrieveUserQuotaSummary(token->token, info->project_id);
+        cloud_code.RetrieveUserQuotaSummary(token->token, info->project_id);
     if (buckets.ok()) {
       const absl::Time bucket_observed = clock_.Now();
       for (const QuotaBucketInfo& b : *buckets) {

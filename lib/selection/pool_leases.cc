@@ -111,6 +111,7 @@ absl::StatusOr<Selection> AccountPool::SelectLocked(const SelectRequest& request
   sel.email = entry.record.email;
   sel.tier = entry.record.tier;
   sel.project_id = entry.record.project_id;
+  sel.egress_id = entry.record.egress_id;
   sel.from_session = from_session;
   sel.lease_id = std::move(lease.id);
   sel.quota_decision = admitted.decision;

@@ -14,6 +14,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "lib/upstream/egress.h"
 #include "nlohmann/json.hpp"
 
 namespace tokenbroker {
@@ -217,6 +218,10 @@ absl::StatusOr<AccountRecord> ParseAccountJson(const std::string& id, absl::stri
     return s;
   }
   if (absl::Status s = OptBool(doc, "proxy_disabled", &rec.proxy_disabled); !s.ok()) return s;
+  if (absl::Status s = OptString(doc, "egress", "egress", &rec.egress_id); !s.ok()) return s;
+  if (!rec.egress_id.empty() && !IsValidEgressId(rec.egress_id)) {
+    return FieldError("egress", absl::StrCat("an egress id of --egress_file: ", kEgressIdRule));
+  }
   if (auto pm = doc.find("protected_models"); pm != doc.end() && !pm->is_null()) {
     if (!pm->is_array()) return FieldError("protected_models", "an array of strings");
     for (const Json& m : *pm) {

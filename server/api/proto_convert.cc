@@ -80,6 +80,7 @@ void ToProto(const Issued& issued, v1::GetTokenResponse* out) {
   out->set_quota_decision(ToProto(selection.quota_decision));
   if (selection.remaining_fraction) out->set_remaining_fraction(*selection.remaining_fraction);
   out->set_below_min_token_ttl(issued.token.below_min_ttl);
+  out->set_egress_id(selection.egress_id);
 }
 
 namespace {
@@ -166,6 +167,7 @@ void ToProto(const AccountView& view, v1::Account* out) {
   out->set_validation_url(view.validation_url);
   out->set_inflight_leases(view.in_flight);
   out->set_failure_streak(view.failure_streak);
+  out->set_egress_id(view.egress_id);
 }
 
 v1::QuotaDecision ToProto(QuotaDecision decision) {

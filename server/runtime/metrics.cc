@@ -51,6 +51,15 @@ prometheus::MetricFamily Family(std::string name, std::string help, prometheus::
   return f;
 }
 
+// Calls (refreshes, quota polls) that failed at an account's egress (README "Egress").
+prometheus::MetricFamily EgressFailures(const TokenManager& tokens) {
+  auto f = Family("tokenbroker_egress_failures_total",
+                  "Calls that failed at the account's egress (proxy unreachable, refused or silent).",
+                  prometheus::MetricType::Counter);
+  f.metric.push_back(Value(static_cast<double>(tokens.EgressFailures()), {}, true));
+  return f;
+}
+
 // State read at scrape time, so the request path pays nothing for it.
 class StateCollector final : public prometheus::Collectable {
  public:
@@ -120,6 +129,7 @@ class StateCollector final : public prometheus::Collectable {
                     &reports}) {
       out.push_back(std::move(*f));
     }
+    out.push_back(EgressFailures(tokens_));
     if (redis_ != nullptr) {
       const SharedStateStats st = redis_->stats();
       auto up = Family("tokenbroker_state_backend_up", "1 while the Redis state backend is connected and in sync.",
@@ -182,6 +192,7 @@ class MonitorCollector final : public prometheus::Collectable {
     backlog.metric.push_back(Value(static_cast<double>(hub_.MaxPending()), {}, false));
     std::vector<prometheus::MetricFamily> out;
     for (auto* f : {&states, &refreshes, &polls, &subscribers, &known, &backlog}) out.push_back(std::move(*f));
+    out.push_back(EgressFailures(tokens_));
     return out;
   }
 
