@@ -6,7 +6,10 @@ requests came from."""
 import json
 import os
 import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import unittest
 import urllib.request
 
@@ -223,6 +226,35 @@ class WithMonitor(EgressTestBase):
         self.assertIn("egress dead unreachable", monitor_log)
         self.assertIn("egress late is not defined in --egress_file", monitor_log)
         self.assert_no_secret(monitor_log + c.broker_logs(), "the logs")
+
+
+class BadEgressFile(unittest.TestCase):
+    """A bad --egress_file at start: one line naming the flag and the line, exit 2, no credential."""
+
+    def test_both_binaries_refuse_it_in_one_line(self):
+        folder = tempfile.mkdtemp(prefix="tokenbroker-egress-")
+        try:
+            os.mkdir(os.path.join(folder, "accounts"))
+            bad = os.path.join(folder, "egress")
+            with open(bad, "w") as f:
+                f.write(f"eu http://eu-user:{SECRETS[0]}@127.0.0.1:3128\nus ftp://us-user:{SECRETS[1]}@127.0.0.1:21\n")
+            for binary in ("tokenbroker", "tokenbroker-monitor"):
+                r = subprocess.run([os.path.join(BUILD, "server", binary), f"--accounts_dir={folder}/accounts",
+                                    f"--egress_file={bad}", "--listen=127.0.0.1:0"],
+                                   capture_output=True, text=True, timeout=30)
+                self.assertEqual(r.returncode, 2, r.stderr)
+                self.assertIn("--egress_file line 2: egress us: proxy URL scheme must be http, https, socks5 or socks5h",
+                              r.stderr)
+                self.assertEqual(len(r.stderr.strip().splitlines()), 1, r.stderr)
+                for secret in SECRETS:
+                    self.assertNotIn(secret, r.stderr + r.stdout)
+                r = subprocess.run([os.path.join(BUILD, "server", binary), f"--accounts_dir={folder}/accounts",
+                                    f"--egress_file={folder}/missing", "--listen=127.0.0.1:0"],
+                                   capture_output=True, text=True, timeout=30)
+                self.assertEqual(r.returncode, 2, r.stderr)
+                self.assertIn("--egress_file", r.stderr)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":
