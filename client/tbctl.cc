@@ -209,6 +209,7 @@ int GetToken(TokenBrokerService::Stub& stub) {
             << "expires  " << FormatTime(resp.expire_time()) << "\n"
             << "lease    " << resp.lease_id() << "\n"
             << "token    " << resp.access_token() << "\n";
+  if (!resp.egress_id().empty()) std::cout << "egress   " << resp.egress_id() << "\n";
   return 0;
 }
 

@@ -30,6 +30,7 @@ int Run() {
   MonitorConfig config;
   config.addresses = ServerAddressesFromFlags();
   config.accounts_dir = absl::GetFlag(FLAGS_accounts_dir);
+  config.egress_file = absl::GetFlag(FLAGS_egress_file);
   config.oauth = OAuthOptionsFromFlags();
   config.tokens = TokenManagerOptionsFromFlags();
   config.cloudcode_base_urls = CloudCodeBaseUrls();

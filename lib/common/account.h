@@ -59,6 +59,10 @@ struct AccountRecord {
   std::string suspension_message;  // the upstream's words, as SafeText
   bool proxy_disabled = false;
   std::vector<std::string> protected_models;
+  // The egress its own calls leave through (file field "egress"); empty: direct. Not served while
+  // egress_problem is set (the loader's check against --egress_file, never from the file).
+  std::string egress_id;
+  std::string egress_problem;
   std::vector<ModelQuota> quotas;
   std::vector<BucketQuota> buckets;  // from the monitor only (never in the file); at most kMaxBuckets
   static constexpr size_t kMaxBuckets = 16;

@@ -40,7 +40,8 @@ void Onboarding::Fail(State& s, const std::string& why, absl::Time now) const {
 }
 
 OnboardingStep Onboarding::Step(const std::string& account_id, const std::string& access_token,
-                                const std::string& tier_id) {
+                                const std::string& tier_id, const CloudCodeClient* via) {
+  const CloudCodeClient& cloud_code = via != nullptr ? *via : cloud_code_;
   State s;
   {
     absl::MutexLock lock(&mu_);
@@ -61,11 +62,11 @@ OnboardingStep Onboarding::Step(const std::string& account_id, const std::string
         ++attempts_;
       }
       s.started = now;
-      op = cloud_code_.OnboardUser(access_token, tier_id, options_.timeout);
+      op = cloud_code.OnboardUser(access_token, tier_id, options_.timeout);
     }
   } else {
     // The last poll is due at the deadline at the latest; its answer decides.
-    op = cloud_code_.GetOperation(access_token, s.operation, options_.timeout);
+    op = cloud_code.GetOperation(access_token, s.operation, options_.timeout);
   }
   const absl::Time after = clock_.Now();
   OnboardingStep step;

@@ -55,8 +55,9 @@ class Onboarding {
 
   // Moves the account's onboarding on by at most one request, if one is due. `tier_id` is
   // loadCodeAssist's default allowed tier (empty: onboarding fails, naming why).
-  OnboardingStep Step(const std::string& account_id, const std::string& access_token, const std::string& tier_id)
-      ABSL_LOCKS_EXCLUDED(mu_);
+  // `via`: the client to call through (the account's egress); the one given at construction if null.
+  OnboardingStep Step(const std::string& account_id, const std::string& access_token, const std::string& tier_id,
+                      const CloudCodeClient* via = nullptr) ABSL_LOCKS_EXCLUDED(mu_);
   // Forgets the accounts not in `keep` (they left the pool): the state stays bounded by the pool.
   void Retain(const absl::flat_hash_set<std::string>& keep) ABSL_LOCKS_EXCLUDED(mu_);
   // Accounts with an onboarding in progress or failed.

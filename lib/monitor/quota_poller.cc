@@ -130,7 +130,28 @@ void QuotaPoller::Poll(const std::string& account_id) {
     return;
   }
 
+  // The account's own way out (direct without an egress); never direct instead of its egress.
+  absl::StatusOr<EgressRoute> route = tokens_.EgressFor(account_id);
+  if (!route.ok()) {
+    spdlog::debug("quota poll of account {} skipped: {}", account_id, std::string(route.status().message()));
+    return;
+  }
+  const CloudCodeClient cloud_code = cloud_code_.Via(*std::move(route));
+
   auto on_error = [&](const absl::Status& s, const char* what) {
+    if (IsEgressFailure(s)) {
+      // Not the quota API's doing: the account's polls back off as for a 429, and it is cooled.
+      absl::Time until;
+      {
+        absl::MutexLock lock(&mu_);
+        auto step = backoff_.try_emplace(account_id, options_.rate_limit_backoff).first;
+        until = clock_.Now() + step->second;
+        step->second = std::min(step->second * 2, options_.max_rate_limit_backoff);
+        next_due_[account_id] = until;
+      }
+      tokens_.OnEgressFailure(account_id, s, until);
+      return;
+    }
     if (absl::IsResourceExhausted(s)) {
       absl::MutexLock lock(&mu_);
       auto step = backoff_.try_emplace(account_id, options_.rate_limit_backoff).first;
@@ -172,7 +193,7 @@ void QuotaPoller::Poll(const std::string& account_id) {
     if (auto it = code_assist_.find(account_id); it != code_assist_.end()) info = it->second;
   }
   if (!info) {
-    absl::StatusOr<CodeAssistInfo> loaded = cloud_code_.LoadCodeAssist(token->token);
+    absl::StatusOr<CodeAssistInfo> loaded = cloud_code.LoadCodeAssist(token->token);
     if (!loaded.ok()) return on_error(loaded.status(), "loadCodeAssist");
     info = *loaded;
     absl::MutexLock lock(&mu_);
@@ -190,8 +211,8 @@ void QuotaPoller::Poll(const std::string& account_id) {
     absl::MutexLock lock(&mu_);
     needs_project = info->project_id.empty() && !has_project_.contains(account_id);
   }
-  if (needs_project && !Onboard(account_id, token->token, *info)) return;
-  absl::StatusOr<std::vector<ModelQuotaInfo>> models = cloud_code_.FetchAvailableModels(token->token, info->project_id);
+  if (needs_project && !Onboard(account_id, token->token, *info, cloud_code)) return;
+  absl::StatusOr<std::vector<ModelQuotaInfo>> models = cloud_code.FetchAvailableModels(token->token, info->project_id);
   if (!models.ok()) return on_error(models.status(), "fetchAvailableModels");
   const absl::Time observed = clock_.Now();
   std::vector<QuotaObservation> out;
@@ -219,7 +240,7 @@ void QuotaPoller::Poll(const std::string& account_id) {
   absl::Status summary_error;
   if (summary) {
     absl::StatusOr<std::vector<QuotaBucketInfo>> buckets =
-        cloud_code_.RetrieveUserQuotaSummary(token->token, info->project_id);
+        cloud_code.RetrieveUserQuotaSummary(token->token, info->project_id);
     if (buckets.ok()) {
       const absl::Time bucket_observed = clock_.Now();
       for (const QuotaBucketInfo& b : *buckets) {
@@ -249,7 +270,7 @@ void QuotaPoller::Poll(const std::string& account_id) {
   }
   const char* failed = "retrieveUserQuotaSummary";
   if (user_quota && summary_error.ok()) {
-    summary_error = ReadUserQuota(account_id, token->token, account_level, out);
+    summary_error = ReadUserQuota(cloud_code, account_id, token->token, account_level, out);
     failed = "retrieveUserQuota";
   }
   sink_(out);
@@ -258,8 +279,9 @@ void QuotaPoller::Poll(const std::string& account_id) {
   backoff_.erase(account_id);
 }
 
-bool QuotaPoller::Onboard(const std::string& account_id, const std::string& access_token, CodeAssistInfo& info) {
-  const OnboardingStep step = onboarding_.Step(account_id, access_token, info.default_tier_id);
+bool QuotaPoller::Onboard(const std::string& account_id, const std::string& access_token, CodeAssistInfo& info,
+                          const CloudCodeClient& cloud_code) {
+  const OnboardingStep step = onboarding_.Step(account_id, access_token, info.default_tier_id, &cloud_code);
   if (!step.project_id.empty()) {
     info.project_id = step.project_id;
     {
@@ -289,9 +311,10 @@ bool QuotaPoller::Onboard(const std::string& account_id, const std::string& acce
   return false;
 }
 
-absl::Status QuotaPoller::ReadUserQuota(const std::string& account_id, const std::string& access_token,
+absl::Status QuotaPoller::ReadUserQuota(const CloudCodeClient& cloud_code, const std::string& account_id,
+                                        const std::string& access_token,
                                         const QuotaObservation& account_level, std::vector<QuotaObservation>& out) {
-  absl::StatusOr<std::vector<ModelQuotaInfo>> models = cloud_code_.RetrieveUserQuota(access_token, account_level.project_id);
+  absl::StatusOr<std::vector<ModelQuotaInfo>> models = cloud_code.RetrieveUserQuota(access_token, account_level.project_id);
   if (absl::IsNotFound(models.status())) {
     absl::MutexLock lock(&mu_);
     if (no_user_quota_.insert(account_id).second) {

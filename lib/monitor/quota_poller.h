@@ -73,10 +73,12 @@ class QuotaPoller {
   // True when it is onboarded (info.project_id set, on_onboarded called); false when it still has
   // no project (the account-level observation saying why has been sent, its next poll moved to
   // the onboarding's next step).
-  bool Onboard(const std::string& account_id, const std::string& access_token, CodeAssistInfo& info);
+  bool Onboard(const std::string& account_id, const std::string& access_token, CodeAssistInfo& info,
+               const CloudCodeClient& cloud_code);
   // Per-model quota from retrieveUserQuota, where retrieveUserQuotaSummary is not offered (appended
   // to `out`); an error other than 404 is returned.
-  absl::Status ReadUserQuota(const std::string& account_id, const std::string& access_token,
+  absl::Status ReadUserQuota(const CloudCodeClient& cloud_code, const std::string& account_id,
+                             const std::string& access_token,
                              const QuotaObservation& account_level, std::vector<QuotaObservation>& out);
   absl::Duration NextInterval() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 

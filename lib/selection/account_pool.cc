@@ -91,7 +91,7 @@ size_t AccountPool::size() const {
 size_t AccountPool::UsableCount() const {
   absl::ReaderMutexLock lock(&mu_);
   return static_cast<size_t>(std::count_if(entries_.begin(), entries_.end(), [](const Entry& e) {
-    return !e.record.disabled && !e.record.proxy_disabled;
+    return !e.record.disabled && !e.record.proxy_disabled && e.record.egress_problem.empty();
   }));
 }
 
@@ -106,10 +106,12 @@ std::vector<AccountView> AccountPool::List() const {
     v.email = e.record.email;
     v.tier = e.record.tier;
     v.project_id = e.record.project_id;
-    v.disabled = e.record.disabled;
-    v.disabled_reason = e.record.disabled_reason;
+    v.disabled = e.record.disabled || !e.record.egress_problem.empty();
+    v.disabled_reason = e.record.disabled || e.record.egress_problem.empty() ? e.record.disabled_reason
+                                                                             : e.record.egress_problem;
     v.suspended = e.record.suspended;
     v.suspension_message = e.record.suspension_message;
+    v.egress_id = e.record.egress_id;
     v.proxy_disabled = e.record.proxy_disabled;
     v.protected_models = e.record.protected_models;
     if (!e.record.access_token.empty()) v.token_expiry = e.record.access_expiry;
@@ -134,7 +136,7 @@ absl::StatusOr<Credentials> AccountPool::GetCredentials(const std::string& accou
   auto it = index_.find(account_id);
   if (it == index_.end()) return absl::NotFoundError(absl::StrCat("no account ", account_id));
   const AccountRecord& rec = entries_[it->second].record;
-  return Credentials{rec.refresh_token, rec.access_token, rec.access_expiry, rec.disabled};
+  return Credentials{rec.refresh_token, rec.access_token, rec.access_expiry, rec.disabled, rec.egress_id};
 }
 
 void AccountPool::SetToken(const std::string& account_id, const std::string& access_token,
@@ -187,10 +189,15 @@ std::vector<std::string> AccountPool::ExpiringBefore(absl::Time deadline) const 
   absl::ReaderMutexLock lock(&mu_);
   std::vector<std::string> out;
   for (const Entry& e : entries_) {
-    if (e.record.disabled || e.record.proxy_disabled) continue;
+    if (e.record.disabled || e.record.proxy_disabled || !e.record.egress_problem.empty()) continue;
     if (e.record.access_expiry < deadline) out.push_back(e.record.id);
   }
   return out;
+}
+
+void AccountPool::HoldAccount(const std::string& account_id, absl::Time until, const std::string& reason) {
+  absl::MutexLock lock(&mu_);
+  if (index_.contains(account_id)) cooldowns_.Hold(account_id, until, reason);
 }
 
 void AccountPool::SetQuotaSettings(const QuotaSettings& settings) {

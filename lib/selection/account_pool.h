@@ -43,6 +43,7 @@ struct AccountView {
   std::string suspension_message;
   bool proxy_disabled = false;
   std::vector<std::string> protected_models;
+  std::string egress_id;  // empty: direct
   std::optional<absl::Time> token_expiry;
   std::optional<absl::Time> last_used;
   std::vector<ModelQuota> quotas;
@@ -95,6 +96,7 @@ struct Credentials {
   std::string access_token;
   absl::Time access_expiry = absl::InfinitePast();
   bool disabled = false;
+  std::string egress_id;  // empty: direct
 };
 
 // An operator's undo (ResetAccount): what reports (or a refresh's invalid_grant) did to an account.
@@ -186,6 +188,11 @@ class AccountPool : public SharedStateListener {
   // Stores a refreshed token; `refresh_token`, when set, replaces the stored one.
   void SetToken(const std::string& account_id, const std::string& access_token, absl::Time expiry,
                 const std::optional<std::string>& refresh_token) ABSL_LOCKS_EXCLUDED(mu_);
+  // Cools the whole account until `until` for a fault that is neither the upstream's nor the
+  // account's (its egress is unreachable): the failure streak is untouched, a longer cooldown
+  // stays. Here only (other replicas find out through their own calls). Unknown ids are ignored.
+  void HoldAccount(const std::string& account_id, absl::Time until, const std::string& reason)
+      ABSL_LOCKS_EXCLUDED(mu_);
   // Disables the account with `reason` (for example after invalid_grant).
   void Disable(const std::string& account_id, const std::string& reason) ABSL_LOCKS_EXCLUDED(mu_);
   // Marks the account suspended by Google with the upstream's message (also disabled, with the

@@ -317,6 +317,15 @@ void Cooldowns::OnLeaseEnded(const std::string& account, const std::string& mode
   }
 }
 
+void Cooldowns::Hold(const std::string& account, absl::Time until, const std::string& reason) {
+  PerAccount& acc = accounts_[account];
+  if (acc.whole && acc.whole->until >= until) return;
+  Entry e;
+  e.until = until;
+  e.reason = reason;
+  acc.whole = std::move(e);
+}
+
 bool Cooldowns::Lift(const std::string& account, const std::string& model, absl::string_view family) {
   auto it = accounts_.find(account);
   if (it == accounts_.end()) return false;

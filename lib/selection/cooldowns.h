@@ -105,6 +105,10 @@ class Cooldowns {
   std::optional<CooldownBlock> Check(const std::string& account, const std::string& model, absl::Time now,
                                      FamilyRef family = {}) const;
 
+  // Cools the whole account until `until` for a fault of the broker's own way out (an egress that
+  // cannot be reached): the streak is untouched; a live cooldown that ends later stays as it is.
+  void Hold(const std::string& account, absl::Time until, const std::string& reason);
+
   // Records that (account, model) was handed out at `now` under `lease_id`: if a cooldown on it
   // has ended, this use is the probe, and others are held off until it reports or probe_timeout
   // passes.

@@ -38,6 +38,9 @@ Eligibility CheckEligibility(const AccountSnapshot& account, const EligibilityCo
   } else if (rec.disabled) {
     out.verdict = Verdict::kDisabled;
     if (explain) out.detail = rec.disabled_reason.empty() ? "disabled" : absl::StrCat("disabled: ", rec.disabled_reason);
+  } else if (!rec.egress_problem.empty()) {
+    out.verdict = Verdict::kDisabled;
+    if (explain) out.detail = rec.egress_problem;
   } else if (rec.proxy_disabled) {
     out.verdict = Verdict::kProxyDisabled;
     if (explain) out.detail = "proxy_disabled is set in its account file";

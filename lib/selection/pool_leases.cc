@@ -163,6 +163,7 @@ absl::StatusOr<Selection> AccountPool::CommitLocked(const SelectRequest& request
   sel.tier = entry.record.tier;
   sel.project_id = entry.record.project_id;
   sel.model_family = std::string(quota_.families().Of(request.model));
+  sel.egress_id = entry.record.egress_id;
   sel.from_session = from_session;
   sel.lease_id = std::move(lease.id);
   sel.quota_decision = admitted_on.decision;

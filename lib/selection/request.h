@@ -61,6 +61,7 @@ struct Selection {
   Tier tier = Tier::kUnknown;
   std::string project_id;
   std::string model_family;  // the family the pool's map gives the model
+  std::string egress_id;      // the account's egress (empty: direct); never its URL
   bool from_session = false;  // the session's existing binding was kept
   QuotaDecision quota_decision = QuotaDecision::kUnknown;
   std::optional<double> remaining_fraction;

@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
+#include "lib/upstream/egress.h"
 #include "simdjson.h"
 
 namespace tokenbroker {
@@ -167,6 +168,10 @@ absl::StatusOr<AccountRecord> ReadAccount(const std::string& id, const object& d
     if (rec.disabled_reason.empty()) rec.disabled_reason = SuspendedReason("");
   }
   if (absl::Status s = OptBool(doc, "proxy_disabled", &rec.proxy_disabled); !s.ok()) return s;
+  if (absl::Status s = OptString(doc, "egress", "egress", &rec.egress_id); !s.ok()) return s;
+  if (!rec.egress_id.empty() && !IsValidEgressId(rec.egress_id)) {
+    return FieldError("egress", absl::StrCat("an egress id of --egress_file: ", kEgressIdRule));
+  }
   if (std::optional<element> pm = Member(doc, "protected_models"); !AbsentOrNull(pm)) {
     simdjson::dom::array list;
     if (pm->get_array().get(list) != simdjson::SUCCESS) return FieldError("protected_models", "an array of strings");

@@ -19,6 +19,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "lib/upstream/egress.h"
 #include "nlohmann/json.hpp"
 
 namespace tokenbroker {

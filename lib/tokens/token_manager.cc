@@ -243,15 +243,19 @@ void TokenManager::RunRefresh(const std::string& account_id) {
   const absl::Time now = clock_.Now();
   if (result.ok()) result->below_min_ttl = result->expiry - now < options_.min_token_ttl;
   std::vector<Waiter> waiters;
+  absl::Time backoff_until;
   {
     absl::MutexLock lock(&mu_);
     RecordOutcomeLocked(account_id, result, now);
+    backoff_until = BackoffUntilLocked(account_id, now).value_or(now);
     if (auto it = inflight_.find(account_id); it != inflight_.end()) {
       waiters.swap(it->second);
       inflight_.erase(it);
     }
     // Their give-up entries are skipped when they come due (the account has no waiters then).
   }
+  // Its egress is down: the account is cooled for as long as its refresh backs off.
+  if (!result.ok() && IsEgressFailure(result.status())) OnEgressFailure(account_id, result.status(), backoff_until);
   for (Waiter& w : waiters) std::move(w.done)(result);
 }
 
@@ -304,7 +308,12 @@ std::optional<absl::StatusOr<AccessToken>> TokenManager::RefreshShared(const std
 
 absl::StatusOr<AccessToken> TokenManager::RefreshWithOAuth(const std::string& account_id, const Credentials& creds,
                                                            absl::Time start, int64_t fence) {
-  absl::StatusOr<TokenGrant> grant = oauth_.Refresh(creds.refresh_token);
+  absl::StatusOr<EgressRoute> route = EgressFor(account_id);
+  if (!route.ok()) {
+    if (fence > 0) shared_->UnlockRefresh(account_id, fence);
+    return route.status();
+  }
+  absl::StatusOr<TokenGrant> grant = oauth_.Refresh(creds.refresh_token, *route);
   if (grant.ok()) {
     const absl::Time expiry = start + grant->expires_in;
     pool_.SetToken(account_id, grant->access_token, expiry, grant->refresh_token);
@@ -341,8 +350,11 @@ absl::StatusOr<AccessToken> TokenManager::RefreshWithOAuth(const std::string& ac
     ++counts_["error"];
   }
   spdlog::warn("token refresh of account {} failed: {}", account_id, std::string(grant.status().message()));
-  return absl::UnavailableError(
-      absl::StrCat("token refresh of account ", account_id, " failed: ", grant.status().message()));
+  absl::Status failed =
+      absl::UnavailableError(absl::StrCat("token refresh of account ", account_id, " failed: ", grant.status().message()));
+  // An egress failure stays one (the account is cooled for it, not counted against Google).
+  grant.status().ForEachPayload([&failed](absl::string_view type, const absl::Cord& p) { failed.SetPayload(type, p); });
+  return failed;
 }
 
 void TokenManager::Disable(const std::string& account_id, const std::string& reason) {

@@ -18,6 +18,7 @@
 #include "lib/selection/account_pool.h"
 #include "lib/tokens/account_store.h"
 #include "lib/common/clock.h"
+#include "lib/upstream/egress.h"
 #include "lib/upstream/oauth_client.h"
 #include "lib/selection/shared_state.h"
 
@@ -84,6 +85,18 @@ class TokenManager {
   // replica holding the account's refresh lock refreshes and stores the token; the others wait
   // for it. Call before Start; null (the default) refreshes locally.
   void AttachSharedState(SharedState* shared) { shared_ = shared; }
+  // Each account's own calls leave through the egress its record names, looked up in `egresses`
+  // (must outlive the manager). Call before Start; null (the default): every call goes direct and
+  // an account naming an egress is not refreshed.
+  void AttachEgresses(const EgressBook* egresses) { egresses_ = egresses; }
+  // How the account's calls leave (direct without an egress). NOT_FOUND for an unknown account;
+  // FAILED_PRECONDITION when its egress is not defined. The route holds the proxy URL: a secret.
+  absl::StatusOr<EgressRoute> EgressFor(const std::string& account_id) const;
+  // An egress failure (IsEgressFailure) on one of the account's calls: the account is cooled
+  // (AccountPool::HoldAccount) with the reason until `until`.
+  void OnEgressFailure(const std::string& account_id, const absl::Status& failure, absl::Time until);
+  // Calls (refreshes, quota polls) that failed at the account's egress so far.
+  int64_t EgressFailures() const;
 
   // Starts the workers and the background refresher. Call once.
   void Start();
@@ -160,6 +173,7 @@ class TokenManager {
   const AccountStore* store_;
   const Clock& clock_;
   SharedState* shared_ = nullptr;
+  const EgressBook* egresses_ = nullptr;
 
   mutable absl::Mutex mu_;
   bool started_ ABSL_GUARDED_BY(mu_) = false;
@@ -188,6 +202,7 @@ class TokenManager {
   absl::flat_hash_set<std::string> write_failed_ ABSL_GUARDED_BY(mu_);
   bool read_only_reported_ ABSL_GUARDED_BY(mu_) = false;
   int64_t scans_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t egress_failures_ ABSL_GUARDED_BY(mu_) = 0;
   std::vector<std::thread> threads_;
 };
 

@@ -147,6 +147,12 @@ CloudCodeClient::CloudCodeClient(std::vector<std::string> base_urls, const HttpC
                                  const Clock& clock)
     : base_urls_(std::move(base_urls)), http_(http), timeout_(timeout), clock_(clock) {}
 
+CloudCodeClient CloudCodeClient::Via(EgressRoute egress) const {
+  CloudCodeClient via(*this);
+  via.egress_ = std::move(egress);
+  return via;
+}
+
 absl::StatusOr<std::vector<QuotaBucketInfo>> ParseQuotaSummary(absl::string_view body) {
   constexpr size_t kMaxBuckets = 32;
   Json doc = Json::parse(body.begin(), body.end(), nullptr, /*allow_exceptions=*/false);
@@ -262,10 +268,12 @@ absl::StatusOr<HttpResponse> CloudCodeClient::Call(const std::string& method, co
     req.url = get_path.empty() ? absl::StrCat(base, "/v1internal:", method) : absl::StrCat(base, "/v1internal/", get_path);
     req.body = body;
     req.timeout = timeout;
+    req.egress = egress_;
     req.headers = {{"Authorization", absl::StrCat("Bearer ", access_token)}};
     absl::StatusOr<HttpResponse> resp = get_path.empty() ? http_.Post(req) : http_.Get(req);
     if (!resp.ok()) {
       last = resp.status();
+      if (IsEgressFailure(last)) break;  // the account's way out is down, whichever base
       continue;
     }
     if (resp->status == 429 || resp->status >= 500) {

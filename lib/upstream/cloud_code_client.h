@@ -77,6 +77,9 @@ class CloudCodeClient {
   CloudCodeClient(std::vector<std::string> base_urls, const HttpClient& http,
                   absl::Duration timeout = absl::Seconds(15), const Clock& clock = Clock::Real());
 
+  // The same client, its calls made through `egress` (one account's own way out).
+  CloudCodeClient Via(EgressRoute egress) const;
+
   // UNAUTHENTICATED on 401, PERMISSION_DENIED on 403, RESOURCE_EXHAUSTED when every base answered
   // 429, UNAVAILABLE for 5xx or transport failures.
   absl::StatusOr<CodeAssistInfo> LoadCodeAssist(const std::string& access_token) const;
@@ -112,6 +115,7 @@ class CloudCodeClient {
   const HttpClient& http_;
   const absl::Duration timeout_;
   const Clock& clock_;
+  EgressRoute egress_;  // default: direct
 };
 
 }  // namespace tokenbroker

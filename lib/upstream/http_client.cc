@@ -5,6 +5,7 @@
 #include <memory>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/cord.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
@@ -24,6 +25,39 @@ size_t ReadHeader(char* data, size_t size, size_t count, void* user) {
     *static_cast<std::string*>(user) = std::string(absl::StripAsciiWhitespace(line));
   }
   return size * count;
+}
+
+constexpr char kEgressFailurePayload[] = "tokenbroker/egress-failure";
+
+// Why the egress failed, in words that name neither the proxy URL nor its credentials.
+std::string EgressProblem(CURL* c, CURLcode rc, const HttpRequest& request) {
+  long connect_code = 0;
+  curl_easy_getinfo(c, CURLINFO_HTTP_CONNECTCODE, &connect_code);
+  if (connect_code == 407) return "the proxy refused our credentials (HTTP 407 to CONNECT)";
+  if (connect_code != 0 && (connect_code < 200 || connect_code > 299)) {
+    return absl::StrCat("the proxy answered HTTP ", connect_code, " to CONNECT");
+  }
+  if (rc == CURLE_OPERATION_TIMEDOUT) {
+    return absl::StrCat("no tunnel through the proxy within ", absl::FormatDuration(request.timeout));
+  }
+  if (rc == CURLE_PROXY) {
+    long proxy_error = 0;
+    curl_easy_getinfo(c, CURLINFO_PROXY_ERROR, &proxy_error);
+    return absl::StrCat(curl_easy_strerror(rc), " (proxy error ", proxy_error, ")");
+  }
+  return curl_easy_strerror(rc);
+}
+
+// Whether a failed call through a proxy failed before its tunnel to the upstream stood.
+bool FailedAtProxy(CURL* c, CURLcode rc) {
+  if (rc == CURLE_COULDNT_RESOLVE_PROXY || rc == CURLE_PROXY || rc == CURLE_COULDNT_CONNECT) return true;
+  long connect_code = 0;
+  curl_easy_getinfo(c, CURLINFO_HTTP_CONNECTCODE, &connect_code);
+  if (connect_code != 0 && (connect_code < 200 || connect_code > 299)) return true;
+  // Nothing was sent to the upstream yet: the tunnel (or the TLS through it) never came up.
+  curl_off_t pretransfer = 0;
+  curl_easy_getinfo(c, CURLINFO_PRETRANSFER_TIME_T, &pretransfer);
+  return pretransfer == 0;
 }
 
 struct CurlDeleter {
@@ -72,7 +106,19 @@ absl::StatusOr<HttpResponse> HttpClient::Perform(const HttpRequest& request, abs
   curl_easy_setopt(c, CURLOPT_WRITEDATA, &response.body);
   curl_easy_setopt(c, CURLOPT_HEADERFUNCTION, &ReadHeader);
   curl_easy_setopt(c, CURLOPT_HEADERDATA, &response.retry_after);
+  if (!request.egress.direct()) {
+    // Credentials in the URL are libcurl's to send (Basic to an HTTP proxy, RFC 1929 to SOCKS5).
+    // Always a tunnel: the proxy sees the upstream's host, never a request, header or token.
+    curl_easy_setopt(c, CURLOPT_PROXY, request.egress.proxy_url.c_str());
+    curl_easy_setopt(c, CURLOPT_HTTPPROXYTUNNEL, 1L);
+  }
   CURLcode rc = curl_easy_perform(c);
+  if (rc != CURLE_OK && !request.egress.direct() && FailedAtProxy(c, rc)) {
+    std::string reason = absl::StrCat("egress ", request.egress.id, " unreachable: ", EgressProblem(c, rc, request));
+    absl::Status s = absl::UnavailableError(reason);
+    s.SetPayload(kEgressFailurePayload, absl::Cord(reason));
+    return s;
+  }
   if (rc == CURLE_OPERATION_TIMEDOUT) {
     return absl::DeadlineExceededError(absl::StrCat(verb, " ", request.url, " timed out after ",
                                                     absl::FormatDuration(request.timeout)));
@@ -82,6 +128,16 @@ absl::StatusOr<HttpResponse> HttpClient::Perform(const HttpRequest& request, abs
   }
   curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &response.status);
   return response;
+}
+
+bool IsEgressFailure(const absl::Status& status) {
+  return !status.ok() && status.GetPayload(kEgressFailurePayload).has_value();
+}
+
+std::string EgressFailureReason(const absl::Status& status) {
+  if (status.ok()) return "";
+  auto reason = status.GetPayload(kEgressFailurePayload);
+  return reason ? std::string(*reason) : "";
 }
 
 std::string FormEncode(absl::string_view value) {

@@ -90,8 +90,9 @@ bool IsInvalidGrant(const absl::Status& status) {
 OAuthClient::OAuthClient(OAuthOptions options, const HttpClient& http)
     : options_(std::move(options)), http_(http) {}
 
-absl::StatusOr<TokenGrant> OAuthClient::Refresh(const std::string& refresh_token) const {
+absl::StatusOr<TokenGrant> OAuthClient::Refresh(const std::string& refresh_token, const EgressRoute& egress) const {
   HttpRequest req;
+  req.egress = egress;
   req.url = options_.token_url;
   req.content_type = "application/x-www-form-urlencoded";
   req.timeout = options_.timeout;
@@ -116,8 +117,9 @@ absl::StatusOr<TokenGrant> OAuthClient::Refresh(const std::string& refresh_token
       backoff = std::min(backoff * 2, options_.max_backoff);
     }
   }
-  return absl::Status(last.code(), absl::StrCat(last.message(), " (after ", options_.max_attempts,
-                                                " attempts)"));
+  absl::Status out(last.code(), absl::StrCat(last.message(), " (after ", options_.max_attempts, " attempts)"));
+  last.ForEachPayload([&out](absl::string_view type, const absl::Cord& payload) { out.SetPayload(type, payload); });
+  return out;
 }
 
 }  // namespace tokenbroker

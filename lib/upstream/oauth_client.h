@@ -45,7 +45,9 @@ bool IsInvalidGrant(const absl::Status& status);
 class OAuthClient {
  public:
   OAuthClient(OAuthOptions options, const HttpClient& http);
-  absl::StatusOr<TokenGrant> Refresh(const std::string& refresh_token) const;
+  // Through `egress` (default: direct). A failure of the egress is IsEgressFailure (still so after
+  // the retries).
+  absl::StatusOr<TokenGrant> Refresh(const std::string& refresh_token, const EgressRoute& egress = {}) const;
 
  private:
   const OAuthOptions options_;

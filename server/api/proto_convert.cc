@@ -93,6 +93,7 @@ void ToProto(const Issued& issued, v1::GetTokenResponse* out) {
   }
   if (issued.caller_leases_left) out->set_caller_leases_left(*issued.caller_leases_left);
   out->set_caller_policy(issued.caller_policy);
+  out->set_egress_id(selection.egress_id);
 }
 
 namespace {
@@ -204,6 +205,7 @@ void ToProto(const AccountView& view, v1::Account* out) {
   out->set_inflight_leases(view.in_flight);
   out->set_failure_streak(view.failure_streak);
   if (view.credits_exhausted_until) ToProto(*view.credits_exhausted_until, out->mutable_credits_exhausted_until());
+  out->set_egress_id(view.egress_id);
 }
 
 v1::QuotaDecision ToProto(QuotaDecision decision) {

@@ -87,6 +87,9 @@ absl::StatusOr<std::unique_ptr<BrokerApp>> BrokerApp::Open(BrokerConfig config) 
   absl::StatusOr<std::unique_ptr<AccountStore>> store = AccountStore::Open(c.accounts_dir);
   if (!store.ok()) return absl::Status(store.status().code(), absl::StrCat("--accounts_dir: ", store.status().message()));
   app->store_ = *std::move(store);
+  absl::StatusOr<std::unique_ptr<EgressBook>> egresses = EgressBook::Open(c.egress_file);
+  if (!egresses.ok()) return egresses.status();
+  app->egresses_ = *std::move(egresses);
   // Before anything starts or logs: a taken port is one line.
   if (absl::Status s = CheckListenFlags(c.metrics_listen); !s.ok()) return s;
   return app;
@@ -97,7 +100,7 @@ absl::Status BrokerApp::Start() {
   pool_ = std::make_unique<AccountPool>(c.pool, Clock::Real());
   pool_->SetQuotaSettings(c.quota);
   if (c.families) pool_->SetFamilies(c.families);
-  loader_ = std::make_unique<AccountLoader>(*store_, *pool_);
+  loader_ = std::make_unique<AccountLoader>(*store_, *pool_, egresses_.get());
   loader_->Load();
   if (caller_admission_) caller_admission_->SetPoolShape(ShapeOf(*pool_));
 
@@ -105,6 +108,8 @@ absl::Status BrokerApp::Start() {
   WarnIfNoOAuthClient(c.oauth);
   oauth_ = std::make_unique<OAuthClient>(c.oauth, *http_);
   tokens_ = std::make_unique<TokenManager>(c.tokens, *pool_, *oauth_, store_.get(), Clock::Real());
+  tokens_->AttachEgresses(egresses_.get());
+  LogEgresses(*egresses_);
   if (c.redis) {
     redis_ = std::make_unique<RedisState>(*c.redis);
     pool_->AttachSharedState(redis_.get());
@@ -189,7 +194,14 @@ absl::Duration BrokerApp::tick_interval() const {
 
 void BrokerApp::Tick() {
   if (Clock::Real().Now() >= next_reload_) {
-    if (loader_->ReloadIfChanged() && caller_admission_) caller_admission_->SetPoolShape(ShapeOf(*pool_));
+    bool reloaded = false;
+    if (ReloadEgresses(*egresses_)) {
+      loader_->Load();  // every account's egress is checked again
+      reloaded = true;
+    } else {
+      reloaded = loader_->ReloadIfChanged();
+    }
+    if (reloaded && caller_admission_) caller_admission_->SetPoolShape(ShapeOf(*pool_));
     auth_->ReloadIfChanged();
     if (caller_policies_) caller_policies_->ReloadIfChanged();
     next_reload_ = Clock::Real().Now() + config_.reload_interval;

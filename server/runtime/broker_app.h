@@ -9,6 +9,7 @@
 #include "lib/selection/account_pool.h"
 #include "lib/tokens/account_store.h"
 #include "lib/upstream/cloud_code_client.h"
+#include "lib/upstream/egress.h"
 #include "lib/upstream/http_client.h"
 #include "lib/upstream/oauth_client.h"
 #include "lib/monitor/quota_poller.h"
@@ -68,6 +69,7 @@ class BrokerApp {
   std::unique_ptr<CallerAdmission> caller_admission_;  // with --caller_policy_file
   std::unique_ptr<CallerPolicyFile> caller_policies_;
   std::unique_ptr<AccountStore> store_;
+  std::unique_ptr<EgressBook> egresses_;
   // Made by Start, in this order (and stopped in the reverse).
   std::unique_ptr<AccountPool> pool_;
   std::unique_ptr<AccountLoader> loader_;

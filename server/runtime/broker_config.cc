@@ -166,6 +166,7 @@ absl::StatusOr<BrokerConfig> BrokerConfigFromFlags() {
   pool.cooldowns.validation_block = absl::GetFlag(FLAGS_validation_block);
   config.addresses = ServerAddressesFromFlags();
   config.accounts_dir = absl::GetFlag(FLAGS_accounts_dir);
+  config.egress_file = absl::GetFlag(FLAGS_egress_file);
   config.oauth = OAuthOptionsFromFlags();
   config.tokens = TokenManagerOptionsFromFlags();
   config.cloudcode_base_urls = CloudCodeBaseUrls();

@@ -21,6 +21,7 @@ namespace tokenbroker {
 struct BrokerConfig {
   ServerAddresses addresses;               // --listen, --health_listen
   std::string accounts_dir;                // --accounts_dir
+  std::string egress_file;                 // --egress_file; empty: none
   PoolOptions pool;                        // --policy, --session_ttl, --max_sessions, leases, cooldowns
   QuotaSettings quota;                     // --quota_*; enabled with a monitor or the embedded poller
   std::shared_ptr<const FamilyMap> families;  // --model_families_file over the built-in rules

@@ -29,6 +29,10 @@ ABSL_FLAG(std::string, oauth_client_secret, "",
           "flags show in the process list).");
 ABSL_FLAG(std::string, cloudcode_base_url, "https://cloudcode-pa.googleapis.com",
           "Base URL(s) of the Cloud Code API, comma-separated, tried in order (quota polling).");
+ABSL_FLAG(std::string, egress_file, "",
+          "File of egresses, one a line: '<egress id> <proxy url>' (http, https, socks5 or socks5h; credentials "
+          "may be in the URL, which is never logged). An account file's \"egress\": \"<id>\" sends that "
+          "account's OAuth refresh and quota calls through it; re-read when it changes. Empty: none.");
 ABSL_FLAG(absl::Duration, min_token_ttl, absl::Minutes(5), "A token handed out stays valid at least this long.");
 ABSL_FLAG(absl::Duration, refresh_ahead, absl::Minutes(15),
           "Tokens expiring within this window are renewed in the background.");

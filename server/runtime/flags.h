@@ -23,6 +23,7 @@ ABSL_DECLARE_FLAG(std::string, oauth_token_url);
 ABSL_DECLARE_FLAG(std::string, oauth_client_id);
 ABSL_DECLARE_FLAG(std::string, oauth_client_secret);
 ABSL_DECLARE_FLAG(std::string, cloudcode_base_url);
+ABSL_DECLARE_FLAG(std::string, egress_file);
 ABSL_DECLARE_FLAG(absl::Duration, min_token_ttl);
 ABSL_DECLARE_FLAG(absl::Duration, refresh_ahead);
 ABSL_DECLARE_FLAG(absl::Duration, refresh_scan_interval);

@@ -53,6 +53,15 @@ prometheus::MetricFamily Family(std::string name, std::string help, prometheus::
   return f;
 }
 
+// Calls (refreshes, quota polls) that failed at an account's egress (README "Egress").
+prometheus::MetricFamily EgressFailures(const TokenManager& tokens) {
+  auto f = Family("tokenbroker_egress_failures_total",
+                  "Calls that failed at the account's egress (proxy unreachable, refused or silent).",
+                  prometheus::MetricType::Counter);
+  f.metric.push_back(Value(static_cast<double>(tokens.EgressFailures()), {}, true));
+  return f;
+}
+
 // State read at scrape time, so the request path pays nothing for it.
 class StateCollector final : public prometheus::Collectable {
  private:
@@ -157,6 +166,7 @@ class StateCollector final : public prometheus::Collectable {
       out.push_back(std::move(*f));
     }
     CollectCallers(out);
+    out.push_back(EgressFailures(tokens_));
     if (redis_ != nullptr) {
       const SharedStateStats st = redis_->stats();
       auto up = Family("tokenbroker_state_backend_up", "1 while the Redis state backend is connected and in sync.",
@@ -240,6 +250,7 @@ class MonitorCollector final : public prometheus::Collectable {
     for (auto* f : {&states, &refreshes, &polls, &subscribers, &known, &backlog, &onboarding, &onboard_calls}) {
       out.push_back(std::move(*f));
     }
+    out.push_back(EgressFailures(tokens_));
     return out;
   }
 

@@ -21,6 +21,9 @@ absl::StatusOr<std::unique_ptr<MonitorApp>> MonitorApp::Open(MonitorConfig confi
   absl::StatusOr<std::unique_ptr<AccountStore>> store = AccountStore::Open(app->config_.accounts_dir);
   if (!store.ok()) return absl::Status(store.status().code(), absl::StrCat("--accounts_dir: ", store.status().message()));
   app->store_ = *std::move(store);
+  absl::StatusOr<std::unique_ptr<EgressBook>> egresses = EgressBook::Open(app->config_.egress_file);
+  if (!egresses.ok()) return egresses.status();
+  app->egresses_ = *std::move(egresses);
   // Before anything starts or logs: a taken port is one line.
   if (absl::Status s = CheckListenFlags(app->config_.metrics_listen); !s.ok()) return s;
   return app;
@@ -29,12 +32,14 @@ absl::StatusOr<std::unique_ptr<MonitorApp>> MonitorApp::Open(MonitorConfig confi
 absl::Status MonitorApp::Start() {
   const MonitorConfig& c = config_;
   pool_ = std::make_unique<AccountPool>(PoolOptions(), Clock::Real());
-  loader_ = std::make_unique<AccountLoader>(*store_, *pool_);
+  loader_ = std::make_unique<AccountLoader>(*store_, *pool_, egresses_.get());
   loader_->Load();
   http_ = std::make_unique<HttpClient>();
   WarnIfNoOAuthClient(c.oauth);
   oauth_ = std::make_unique<OAuthClient>(c.oauth, *http_);
   tokens_ = std::make_unique<TokenManager>(c.tokens, *pool_, *oauth_, store_.get(), Clock::Real());
+  tokens_->AttachEgresses(egresses_.get());
+  LogEgresses(*egresses_);
   tokens_->Start();
   cloud_code_ = std::make_unique<CloudCodeClient>(c.cloudcode_base_urls, *http_);
   hub_ = std::make_unique<QuotaHub>();
@@ -73,7 +78,11 @@ absl::Status MonitorApp::Start() {
 }
 
 void MonitorApp::Tick() {
-  loader_->ReloadIfChanged();
+  if (ReloadEgresses(*egresses_)) {
+    loader_->Load();  // every account's egress is checked again
+  } else {
+    loader_->ReloadIfChanged();
+  }
   UpdateHealth();
 }
 

@@ -10,6 +10,7 @@
 #include "lib/selection/account_pool.h"
 #include "lib/tokens/account_store.h"
 #include "lib/upstream/cloud_code_client.h"
+#include "lib/upstream/egress.h"
 #include "lib/upstream/http_client.h"
 #include "lib/upstream/oauth_client.h"
 #include "lib/monitor/quota_hub.h"
@@ -26,6 +27,7 @@ namespace tokenbroker {
 struct MonitorConfig {
   ServerAddresses addresses;
   std::string accounts_dir;
+  std::string egress_file;  // empty: none
   OAuthOptions oauth;
   TokenManagerOptions tokens;
   std::vector<std::string> cloudcode_base_urls;
@@ -61,6 +63,7 @@ class MonitorApp {
 
   const MonitorConfig config_;
   std::unique_ptr<AccountStore> store_;
+  std::unique_ptr<EgressBook> egresses_;
   std::unique_ptr<AccountPool> pool_;
   std::unique_ptr<AccountLoader> loader_;
   std::unique_ptr<HttpClient> http_;

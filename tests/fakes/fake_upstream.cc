@@ -203,7 +203,17 @@ void FakeUpstream::Serve(int fd) {
   std::string path = request_line[1];
   if (size_t q = path.find('?'); q != std::string::npos) path.resize(q);
 
-  Response resp = Handle(request_line[0], path, headers, body);
+  sockaddr_storage peer_addr{};
+  socklen_t peer_len = sizeof peer_addr;
+  char peer[INET6_ADDRSTRLEN] = "";
+  if (::getpeername(fd, reinterpret_cast<sockaddr*>(&peer_addr), &peer_len) == 0) {
+    if (peer_addr.ss_family == AF_INET) {
+      ::inet_ntop(AF_INET, &reinterpret_cast<sockaddr_in*>(&peer_addr)->sin_addr, peer, sizeof peer);
+    } else if (peer_addr.ss_family == AF_INET6) {
+      ::inet_ntop(AF_INET6, &reinterpret_cast<sockaddr_in6*>(&peer_addr)->sin6_addr, peer, sizeof peer);
+    }
+  }
+  Response resp = Handle(request_line[0], path, headers, body, peer);
   std::string out = absl::StrFormat(
       "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n",
       resp.status, StatusText(resp.status), resp.body.size());
@@ -214,7 +224,7 @@ void FakeUpstream::Serve(int fd) {
 
 FakeUpstream::Response FakeUpstream::Handle(const std::string& method, const std::string& path,
                                             const std::map<std::string, std::string>& headers,
-                                            const std::string& body) {
+                                            const std::string& body, const std::string& peer) {
   if (absl::StartsWith(path, "/__fake/")) return HandleAdmin(path, body);
 
   // Which account is asking: the refresh token in the form, or the one behind the bearer token.
@@ -240,6 +250,7 @@ FakeUpstream::Response FakeUpstream::Handle(const std::string& method, const std
     ++account_calls_[key][account];
     int64_t& mine = account_max_in_flight_[key][account];
     mine = std::max(mine, ++account_in_flight_[key][account]);
+    if (!peer.empty()) ++account_peers_[key][account][peer];
     auto& scripts = scripts_[key];
     for (auto it = scripts.begin(); it != scripts.end(); ++it) {
       if (!it->match.empty() && it->match != account) continue;
@@ -488,6 +499,14 @@ int64_t FakeUpstream::CallsFor(const std::string& path, const std::string& refre
   return it == p->second.end() ? 0 : it->second;
 }
 
+std::map<std::string, int64_t> FakeUpstream::PeersFor(const std::string& path, const std::string& refresh_token) const {
+  absl::MutexLock lock(&mu_);
+  auto p = account_peers_.find(path);
+  if (p == account_peers_.end()) return {};
+  auto it = p->second.find(refresh_token);
+  return it == p->second.end() ? std::map<std::string, int64_t>{} : it->second;
+}
+
 int64_t FakeUpstream::MaxInFlight(const std::string& path) const {
   absl::MutexLock lock(&mu_);
   auto it = max_in_flight_.find(path);
@@ -511,7 +530,7 @@ std::string FakeUpstream::StatsJson() const {
   absl::MutexLock lock(&mu_);
   Json out = {{"calls", calls_}, {"token_calls", token_calls_}, {"max_in_flight", max_in_flight_},
               {"calls_by_account", account_calls_}, {"in_flight", in_flight_},
-              {"max_in_flight_by_account", account_max_in_flight_},
+              {"max_in_flight_by_account", account_max_in_flight_}, {"peers_by_account", account_peers_},
               {"issued_access_tokens", issued_}};
   return out.dump();
 }

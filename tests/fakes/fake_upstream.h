@@ -89,6 +89,8 @@ class FakeUpstream {
   int64_t TokenCallsFor(const std::string& refresh_token) const;
   // Calls to `path` made for the account behind `refresh_token` (by form or bearer token).
   int64_t CallsFor(const std::string& path, const std::string& refresh_token) const;
+  // The addresses calls to `path` for that account came from, with their counts.
+  std::map<std::string, int64_t> PeersFor(const std::string& path, const std::string& refresh_token) const;
   std::vector<std::string> IssuedAccessTokens() const;
   // Requests being answered right now, and the most ever at once, per path.
   int64_t MaxInFlight(const std::string& path) const;
@@ -106,8 +108,10 @@ class FakeUpstream {
   FakeUpstream(Options options, int listen_fd, int port);
   void AcceptLoop();
   void Serve(int fd);
+  // `peer`: the address the request came from (which egress it left through).
   Response Handle(const std::string& method, const std::string& path,
-                  const std::map<std::string, std::string>& headers, const std::string& body);
+                  const std::map<std::string, std::string>& headers, const std::string& body,
+                  const std::string& peer = "");
   Response HandleToken(const std::string& body);
   Response HandleCloudCode(const std::string& path, const std::map<std::string, std::string>& headers,
                            const std::string& body);
@@ -143,6 +147,8 @@ class FakeUpstream {
   // Per path, per account (refresh token): requests being answered now, and the most at once.
   std::map<std::string, std::map<std::string, int64_t>> account_in_flight_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, std::map<std::string, int64_t>> account_max_in_flight_ ABSL_GUARDED_BY(mu_);
+  // path -> account -> peer address -> calls (bounded by the accounts and addresses tests use).
+  std::map<std::string, std::map<std::string, std::map<std::string, int64_t>>> account_peers_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, AccountProfile> profiles_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, std::string> access_to_refresh_ ABSL_GUARDED_BY(mu_);
   std::vector<std::string> issued_ ABSL_GUARDED_BY(mu_);
