@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
 #include "spdlog/spdlog.h"
 
@@ -210,6 +211,21 @@ void QuotaPoller::Poll(const std::string& account_id) {
   {
     absl::MutexLock lock(&mu_);
     needs_project = info->project_id.empty() && !has_project_.contains(account_id);
+  }
+  if (needs_project && !info->ineligible.empty()) {
+    // No tier the account may use: onboarding cannot succeed, and is not tried. The account is not
+    // served, with Google's reason, until loadCodeAssist says otherwise.
+    QuotaObservation why;
+    why.account_id = account_id;
+    why.observed = clock_.Now();
+    why.tier = info->tier;
+    why.no_project_reason = absl::StrCat("tier-ineligible (", info->ineligible, "); not onboarded");
+    sink_({why});
+    {
+      absl::MutexLock lock(&mu_);
+      code_assist_.erase(account_id);  // asked again next poll: the account may become eligible
+    }
+    return;
   }
   if (needs_project && !Onboard(account_id, token->token, *info, cloud_code)) return;
   absl::StatusOr<std::vector<ModelQuotaInfo>> models = cloud_code.FetchAvailableModels(token->token, info->project_id);

@@ -99,6 +99,16 @@ absl::StatusOr<CodeAssistInfo> ParseLoadCodeAssist(absl::string_view body) {
       }
     }
   }
+  if (info.default_tier_id.empty()) {
+    if (auto bad = doc.find("ineligibleTiers"); bad != doc.end() && bad->is_array() && !bad->empty()) {
+      const Json& first = bad->front();
+      std::string why = StringAt(first, "tierId");
+      for (const char* key : {"reasonCode", "reasonMessage"}) {
+        if (std::string part = StringAt(first, key); !part.empty()) absl::StrAppend(&why, why.empty() ? "" : ": ", part);
+      }
+      info.ineligible = SafeText(why.empty() ? "no tier allowed" : why, 2 * kMaxUpstreamField);
+    }
+  }
   const Json* tier = nullptr;
   if (auto paid = doc.find("paidTier"); paid != doc.end() && paid->is_object()) tier = &*paid;
   if (tier == nullptr) {

@@ -19,6 +19,9 @@ struct CodeAssistInfo {
   Tier tier = Tier::kUnknown;
   // The allowedTiers[] id marked isDefault (else the first one): the tier onboardUser asks for.
   std::string default_tier_id;
+  // The account may use no tier (allowedTiers names none, ineligibleTiers[] says why): onboarding
+  // cannot succeed. "<tierId>: <reasonCode>: <reasonMessage>" as SafeText; empty otherwise.
+  std::string ineligible;
 };
 
 // onboardUser's long-running operation, as onboardUser or a poll of it answers.

@@ -316,6 +316,11 @@ FakeUpstream::Response FakeUpstream::HandleCloudCode(const std::string& path,
   if (path == "/v1internal:loadCodeAssist") {
     Json out = {{"currentTier", {{"id", profile.tier_id}, {"name", profile.tier_id}}},
                 {"allowedTiers", Json::array({{{"id", "free-tier"}, {"isDefault", true}}})}};
+    if (!profile.ineligible_reason.empty()) {
+      out["allowedTiers"] = Json::array();
+      out["ineligibleTiers"] = Json::array({{{"tierId", "free-tier"}, {"reasonCode", "INELIGIBLE_ACCOUNT"},
+                                              {"reasonMessage", profile.ineligible_reason}}});
+    }
     if (!profile.project.empty()) out["cloudaicompanionProject"] = profile.project;
     if (profile.tier_id != "free-tier") out["paidTier"] = {{"id", profile.tier_id}, {"name", profile.tier_id}};
     return Response{200, out.dump()};
@@ -446,6 +451,7 @@ FakeUpstream::Response FakeUpstream::HandleAdmin(const std::string& path, const 
     if (auto u = req.find("user_quota"); u != req.end()) p.user_quota_json = u->dump();
     p.credits_exhausted = req.value("credits_exhausted", false);
     p.credits_reset_s = req.value("credits_reset_s", 3600);
+    p.ineligible_reason = req.value("ineligible_reason", "");
     if (auto m = req.find("models"); m != req.end()) p.models_json = m->dump();
     if (auto q = req.find("summary"); q != req.end()) p.summary_json = q->dump();
     p.suspended = req.value("suspended", false);

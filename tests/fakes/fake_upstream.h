@@ -51,6 +51,8 @@ struct AccountProfile {
   // INSUFFICIENT_G1_CREDITS_BALANCE, naming a reset credits_reset_s seconds away.
   bool credits_exhausted = false;
   int credits_reset_s = 3600;
+  // Set: loadCodeAssist allows no tier and names this reason in ineligibleTiers[] (tier-ineligible).
+  std::string ineligible_reason;
 };
 
 // A real HTTP/1.1 server on loopback that answers like Google's OAuth token endpoint
