@@ -224,8 +224,10 @@ class WithMonitor(EgressTestBase):
         # The broker gets the quota the monitor read through the egress.
         harness.wait_for(lambda: c.tbctl_json("get-token", "--model", MODEL, "--session", "q").get("quotaDecision")
                          == "QUOTA_DECISION_PROCEED", what="quota from the monitor")
+        # The dead egress's refresh fails in the monitor on its own schedule: wait for its line.
+        harness.wait_for(lambda: "egress dead unreachable" in self.monitor.read_log(),
+                         what="the monitor to log the dead egress")
         monitor_log = self.monitor.read_log()
-        self.assertIn("egress dead unreachable", monitor_log)
         self.assertIn("egress late is not defined in --egress_file", monitor_log)
         self.assert_no_secret(monitor_log + c.broker_logs(), "the logs")
 
