@@ -136,6 +136,11 @@ class ScaleOut(unittest.TestCase):
         # force_rotate on replica 2 moves it; every replica follows.
         moved = self.get_token(1, model, session, force_rotate=True).account_id
         self.assertNotEqual(moved, first)
+        # The move reaches the other replicas by a Redis event (milliseconds; longer under ASan on a
+        # loaded box): each follows within a bounded time, then stays.
+        for r in (0, 2):
+            harness.wait_for(lambda: self.get_token(r, model, session).account_id == moved, timeout=5,
+                             what=f"replica {r} to follow the moved session")
         for i in range(30):
             self.assertEqual(self.get_token(i % 3, model, session).account_id, moved, f"after rotate, call {i}")
         # Ineligibility moves it: a quota cooldown on the account, reported to replica 3.
