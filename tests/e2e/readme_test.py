@@ -6,6 +6,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -120,8 +121,9 @@ class TryWithoutGoogle(unittest.TestCase):
                 if "tokenbroker " in command or command.rstrip(" &").endswith("tokenbroker"):
                     command = command.rstrip(" &") + f" --listen=127.0.0.1:{broker_port} &"
                 if command.endswith("&"):
+                    # A session of its own: the shell and what it starts are stopped together.
                     p = subprocess.Popen(command[:-1], shell=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.DEVNULL)
+                                         stderr=subprocess.DEVNULL, start_new_session=True)
                     background.append(p)
                     port = broker_port if "--accounts_dir" in command else upstream_port
 
@@ -148,7 +150,10 @@ class TryWithoutGoogle(unittest.TestCase):
             self.assertRegex(outputs[-1], r"account\s+ultra-1 ")
         finally:
             for p in background:
-                p.terminate()
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
                 p.wait(timeout=15)
             shutil.rmtree(tmp, ignore_errors=True)
 
