@@ -215,12 +215,7 @@ void QuotaPoller::Poll(const std::string& account_id) {
   if (needs_project && !info->ineligible.empty()) {
     // No tier the account may use: onboarding cannot succeed, and is not tried. The account is not
     // served, with Google's reason, until loadCodeAssist says otherwise.
-    QuotaObservation why;
-    why.account_id = account_id;
-    why.observed = clock_.Now();
-    why.tier = info->tier;
-    why.no_project_reason = absl::StrCat("tier-ineligible (", info->ineligible, "); not onboarded");
-    sink_({why});
+    ReportNoProject(account_id, info->tier, absl::StrCat("tier-ineligible (", info->ineligible, "); not onboarded"));
     {
       absl::MutexLock lock(&mu_);
       code_assist_.erase(account_id);  // asked again next poll: the account may become eligible
@@ -317,14 +312,18 @@ bool QuotaPoller::Onboard(const std::string& account_id, const std::string& acce
     }
   }
   // Until it has a project the account is not served: no quota to read, only why.
+  ReportNoProject(account_id, info.tier, step.reason);
+  spdlog::debug("account {} has no Cloud Code project: {}", account_id, step.reason);
+  return false;
+}
+
+void QuotaPoller::ReportNoProject(const std::string& account_id, Tier tier, std::string reason) {
   QuotaObservation why;
   why.account_id = account_id;
   why.observed = clock_.Now();
-  why.tier = info.tier;
-  why.no_project_reason = step.reason;
+  why.tier = tier;
+  why.no_project_reason = std::move(reason);
   sink_({why});
-  spdlog::debug("account {} has no Cloud Code project: {}", account_id, step.reason);
-  return false;
 }
 
 absl::Status QuotaPoller::ReadUserQuota(const CloudCodeClient& cloud_code, const std::string& account_id,

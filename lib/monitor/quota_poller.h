@@ -75,6 +75,8 @@ class QuotaPoller {
   // the onboarding's next step).
   bool Onboard(const std::string& account_id, const std::string& access_token, CodeAssistInfo& info,
                const CloudCodeClient& cloud_code);
+  // Tells the brokers why the account has no project (one account-level observation): not served.
+  void ReportNoProject(const std::string& account_id, Tier tier, std::string reason);
   // Per-model quota from retrieveUserQuota, where retrieveUserQuotaSummary is not offered (appended
   // to `out`); an error other than 404 is returned.
   absl::Status ReadUserQuota(const CloudCodeClient& cloud_code, const std::string& account_id,
