@@ -16,7 +16,7 @@ AccountPool::AccountPool(PoolOptions options, const Clock& clock)
       clock_(clock),
       sessions_(options.session_idle_ttl, options.max_sessions),
       cooldowns_(options.cooldowns),
-      leases_(options.lease_timeout) {}
+      leases_(options.lease_timeout, options.max_leases) {}
 
 void AccountPool::Load(std::vector<AccountRecord> records) {
   auto by_id = [](const AccountRecord& a, const AccountRecord& b) { return a.id < b.id; };

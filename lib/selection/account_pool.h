@@ -123,6 +123,9 @@ struct PoolOptions {
   int max_inflight_per_account = 0;
   // A lease not reported within this long ends by itself.
   absl::Duration lease_timeout = absl::Minutes(10);
+  // Leases in flight at most (callers need not report): a lease issued to a full table first ends
+  // the oldest lease of the caller holding the most (LeaseTable::MakeRoom).
+  size_t max_leases = LeaseTable::kDefaultMaxLeases;
   // How long an INSUFFICIENT_G1_CREDITS_BALANCE answer that names no reset marks the account's
   // AI credits exhausted.
   absl::Duration credits_exhausted_ttl = absl::Hours(5);
@@ -226,6 +229,8 @@ class AccountPool : public SharedStateListener {
   // Leases issued under a fleet-wide cap without a fleet-wide reservation (the shared state was
   // down or did not answer: the local count decided).
   int64_t AdmissionFallbacks() const { return admission_fallbacks_.load(std::memory_order_relaxed); }
+  // Leases ended early because the lease table was full (PoolOptions::max_leases), since start.
+  int64_t LeasesEvicted() const { return leases_evicted_.load(std::memory_order_relaxed); }
 
   // Session rebinds since start, by reason ("new", "force_rotate", "ineligible", "expired").
   std::map<std::string, int64_t> RebindCounts() const ABSL_LOCKS_EXCLUDED(mu_);
@@ -397,6 +402,7 @@ class AccountPool : public SharedStateListener {
   absl::flat_hash_map<std::string, std::string> runtime_disabled_ ABSL_GUARDED_BY(mu_);
   std::atomic<SharedState*> shared_{nullptr};
   std::atomic<int64_t> admission_fallbacks_{0};
+  std::atomic<int64_t> leases_evicted_{0};
 };
 
 }  // namespace tokenbroker

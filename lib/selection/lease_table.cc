@@ -2,6 +2,7 @@
 
 #include <sys/random.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -13,8 +14,25 @@ namespace {
 
 constexpr char kHex[] = "0123456789abcdef";
 
+// Writes the last `digits` hex digits of v at `out`; returns the end.
+char* PutHex(uint64_t v, int digits, char* out) {
+  for (int i = digits - 1; i >= 0; --i, v >>= 4) out[i] = kHex[v & 15];
+  return out + digits;
+}
+
 void AppendHex(uint64_t v, int digits, std::string* out) {
-  for (int shift = 4 * (digits - 1); shift >= 0; shift -= 4) out->push_back(kHex[(v >> shift) & 15]);
+  char buf[16];
+  out->append(buf, PutHex(v, digits, buf));
+}
+
+uint32_t Fnv1a(absl::string_view s) {
+  // FNV-1a, 32 bits: stable everywhere; callers are names an operator chose, not adversarial input.
+  uint32_t h = 2166136261u;
+  for (unsigned char c : s) {
+    h ^= c;
+    h *= 16777619u;
+  }
+  return h;
 }
 
 std::optional<uint64_t> ParseHex(absl::string_view s) {
@@ -47,17 +65,18 @@ void FillRandom(unsigned char* buf, size_t n) {
   }
 }
 
+// Whether `tag` (8 hex digits of an id) is `caller`'s CallerTag.
+bool TagIs(absl::string_view tag, absl::string_view caller) {
+  char buf[8];
+  PutHex(Fnv1a(caller), 8, buf);
+  return tag == absl::string_view(buf, 8);
+}
+
 }  // namespace
 
 std::string CallerTag(absl::string_view caller) {
-  // FNV-1a, 32 bits: stable everywhere; callers are names an operator chose, not adversarial input.
-  uint32_t h = 2166136261u;
-  for (unsigned char c : caller) {
-    h ^= c;
-    h *= 16777619u;
-  }
   std::string out;
-  AppendHex(h, 8, &out);
+  AppendHex(Fnv1a(caller), 8, &out);
   return out;
 }
 
@@ -68,7 +87,44 @@ std::optional<std::string> CallerTagOfLease(absl::string_view lease_id) {
   return std::string(tag);
 }
 
-LeaseTable::LeaseTable(absl::Duration timeout) : timeout_(timeout) {}
+LeaseTable::LeaseTable(absl::Duration timeout, size_t max_leases)
+    : timeout_(timeout), max_leases_(std::max<size_t>(1, max_leases)) {}
+
+void LeaseTable::Track(const std::string& caller, absl::uint128 key) {
+  CallerLeases& c = by_caller_[caller];
+  ++c.count;
+  c.order.push_back(key);
+  if (c.order.size() > 2 * c.count + 64) {
+    // Mostly ended leases: keep the live ones, in order.
+    std::deque<absl::uint128> live;
+    for (const absl::uint128& k : c.order) {
+      if (auto it = by_key_.find(k); it != by_key_.end() && it->second.caller == caller) live.push_back(k);
+    }
+    c.order.swap(live);
+  }
+}
+
+void LeaseTable::Untrack(const std::string& caller) {
+  auto it = by_caller_.find(caller);
+  if (it != by_caller_.end() && --it->second.count == 0) by_caller_.erase(it);
+}
+
+std::optional<Lease> LeaseTable::MakeRoom() {
+  if (by_key_.size() < max_leases_ || by_caller_.empty()) return std::nullopt;
+  auto most = by_caller_.begin();
+  for (auto it = by_caller_.begin(); it != by_caller_.end(); ++it) {
+    if (it->second.count > most->second.count) most = it;
+  }
+  std::deque<absl::uint128>& order = most->second.order;
+  const std::string caller = most->first;
+  while (!order.empty()) {
+    const absl::uint128 key = order.front();
+    order.pop_front();
+    auto it = by_key_.find(key);
+    if (it != by_key_.end() && it->second.caller == caller) return Take(it);
+  }
+  return std::nullopt;  // unreachable: a caller with a count has its live keys in `order`
+}
 
 uint64_t LeaseTable::RandomBits() {
   if (random_used_ + 8 > sizeof(random_)) {
@@ -84,14 +140,14 @@ uint64_t LeaseTable::RandomBits() {
 }
 
 std::string LeaseTable::IdOf(absl::uint128 key, const std::string& caller) const {
-  std::string id;
-  id.reserve(kIdLength);
-  id.append("l-");
-  AppendHex(prefix_, 16, &id);
-  id.append(CallerTag(caller));
-  AppendHex(absl::Uint128High64(key), 8, &id);
-  AppendHex(absl::Uint128Low64(key), 16, &id);
-  return id;
+  char id[kIdLength];
+  id[0] = 'l';
+  id[1] = '-';
+  char* p = PutHex(prefix_, 16, id + 2);
+  p = PutHex(Fnv1a(caller), 8, p);
+  p = PutHex(absl::Uint128High64(key), 8, p);
+  PutHex(absl::Uint128Low64(key), 16, p);
+  return std::string(id, kIdLength);
 }
 
 std::optional<absl::uint128> LeaseTable::KeyOf(absl::string_view id) const {
@@ -102,7 +158,7 @@ std::optional<absl::uint128> LeaseTable::KeyOf(absl::string_view id) const {
   if (!prefix || *prefix != prefix_ || !high || !low || !CallerTagOfLease(id)) return std::nullopt;
   const absl::uint128 key = absl::MakeUint128(*high, *low);
   auto it = by_key_.find(key);
-  if (it == by_key_.end() || CallerTag(it->second.caller) != id.substr(18, 8)) return std::nullopt;
+  if (it == by_key_.end() || !TagIs(id.substr(18, 8), it->second.caller)) return std::nullopt;
   return key;
 }
 
@@ -121,6 +177,7 @@ IssuedLease LeaseTable::IssueKey(absl::uint128 key, const std::string& account, 
   by_key_.emplace(key, Slot{account, model, caller, expires, group});
   by_expiry_.emplace(expires, key);
   ++in_flight_[account];
+  Track(caller, key);
   return IssuedLease{IdOf(key, caller), expires};
 }
 
@@ -141,7 +198,7 @@ IssuedLease LeaseTable::IssueAs(const std::string& id, const std::string& accoun
     low = ParseHex(v.substr(34, 16));
   }
   if (prefix_ == 0 || !prefix || *prefix != prefix_ || !high || !low ||
-      absl::string_view(id).substr(18, 8) != CallerTag(caller)) {
+      !TagIs(absl::string_view(id).substr(18, 8), caller)) {
     return Issue(account, model, now, caller, group);
   }
   const absl::uint128 key = absl::MakeUint128(*high, *low);
@@ -155,6 +212,7 @@ Lease LeaseTable::Take(Map::iterator it) {
   by_expiry_.erase({lease.expires, it->first});
   if (auto c = in_flight_.find(lease.account); c != in_flight_.end() && --c->second <= 0) in_flight_.erase(c);
   by_key_.erase(it);
+  Untrack(lease.caller);
   return lease;
 }
 

@@ -1,6 +1,7 @@
 #pragma once
 
 #include <cstdint>
+#include <deque>
 #include <utility>
 #include <optional>
 #include <string>
@@ -43,9 +44,19 @@ std::optional<std::string> CallerTagOfLease(absl::string_view lease_id);
 // state files a lease under it), 8 hex digits of the caller's CallerTag, then 24 hex digits
 // (96 bits) from the system's cryptographic random source. Knowing one id tells nothing about
 // any other beyond the table and caller it shares. Not thread-safe: the owner locks.
+//
+// Bounded: at most `max_leases` in flight (leases come from callers, who need not report them).
+// A lease issued to a full table first ends the oldest lease of the caller holding the most
+// (MakeRoom), so one caller flooding GetToken without reporting pushes out only its own leases.
 class LeaseTable {
  public:
-  explicit LeaseTable(absl::Duration timeout);
+  static constexpr size_t kDefaultMaxLeases = 100000;
+  explicit LeaseTable(absl::Duration timeout, size_t max_leases = kDefaultMaxLeases);
+
+  // When the table is full: ends the oldest lease of the caller holding the most leases and
+  // returns it (the owner treats it like an expired one). Unset while there is room.
+  std::optional<Lease> MakeRoom();
+  size_t max_leases() const { return max_leases_; }
 
   // Issues a lease with a fresh id to `caller`.
   IssuedLease Issue(const std::string& account, const std::string& model, absl::Time now,
@@ -93,7 +104,17 @@ class LeaseTable {
                        const std::string& caller, const std::string& group);
   uint64_t RandomBits();
 
+  // Each caller's leases in the order issued (oldest first), for MakeRoom. `order` may still hold
+  // keys of leases that ended (skipped, and compacted away once they outnumber the live ones).
+  struct CallerLeases {
+    size_t count = 0;
+    std::deque<absl::uint128> order;
+  };
+  void Track(const std::string& caller, absl::uint128 key);
+  void Untrack(const std::string& caller);
+
   const absl::Duration timeout_;
+  const size_t max_leases_;
   uint64_t prefix_ = 0;
   // Bytes from the system's random source, used up 8 at a time.
   unsigned char random_[512];
@@ -101,6 +122,7 @@ class LeaseTable {
   Map by_key_;
   absl::btree_set<std::pair<absl::Time, absl::uint128>> by_expiry_;
   absl::flat_hash_map<std::string, int> in_flight_;
+  absl::flat_hash_map<std::string, CallerLeases> by_caller_;
 };
 
 }  // namespace tokenbroker

@@ -130,6 +130,12 @@ absl::StatusOr<Selection> AccountPool::CommitLocked(const SelectRequest& request
   const QuotaView admitted_on = quota_.View(entry.record, entry.quota, request.model, now);
   quota_.RecordUsage(entry.quota, request.model, now, 1);
   ReindexLocked(chosen, now);
+  if (std::optional<Lease> evicted = leases_.MakeRoom()) {
+    // The table is full: the biggest holder's oldest lease ends as if it had timed out.
+    leases_evicted_.fetch_add(1, std::memory_order_relaxed);
+    EndLeaseLocked(*evicted, out);
+    if (out.active()) out.Add([id = evicted->id](SharedState& s) { s.LeaseEnded(id); });
+  }
   IssuedLease lease = admitted != nullptr ? leases_.IssueAs(admitted->lease_id, entry.record.id, request.model, now,
                                                             request.caller, request.quota_group)
                                           : leases_.Issue(entry.record.id, request.model, now, request.caller,

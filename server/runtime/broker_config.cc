@@ -16,6 +16,9 @@ ABSL_FLAG(int, max_inflight_per_account, 0,
           "counts every replica's leases (fleet-wide; this replica's own while Redis is down).");
 ABSL_FLAG(absl::Duration, lease_timeout, absl::Minutes(10),
           "A lease not reported with ReportOutcome within this long ends by itself.");
+ABSL_FLAG(int, max_leases, 100000,
+          "Leases in flight at most (1 to 10000000; about 250 bytes each). A lease issued to a full table first "
+          "ends the oldest lease of the caller holding the most (counted in tokenbroker_leases_evicted_total).");
 ABSL_FLAG(absl::Duration, probe_timeout, absl::Seconds(60),
           "After a cooldown ends, how long the single probe request may take to report before another is allowed.");
 ABSL_FLAG(absl::Duration, validation_block, absl::Hours(1),
@@ -85,6 +88,10 @@ absl::StatusOr<BrokerConfig> BrokerConfigFromFlags() {
   }
   if (absl::GetFlag(FLAGS_max_inflight_per_account) < 0) {
     return absl::InvalidArgumentError("--max_inflight_per_account must be 0 or more");
+  }
+  if (const int max_leases = absl::GetFlag(FLAGS_max_leases); max_leases < 1 || max_leases > 10'000'000) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--max_leases must be between 1 and 10000000, not ", max_leases));
   }
   for (const auto& [name, value] : {std::pair{"--lease_timeout", absl::GetFlag(FLAGS_lease_timeout)},
                                     std::pair{"--probe_timeout", absl::GetFlag(FLAGS_probe_timeout)},
@@ -160,6 +167,7 @@ absl::StatusOr<BrokerConfig> BrokerConfigFromFlags() {
   pool.session_idle_ttl = absl::GetFlag(FLAGS_session_ttl);
   pool.max_sessions = static_cast<size_t>(absl::GetFlag(FLAGS_max_sessions));
   pool.max_inflight_per_account = absl::GetFlag(FLAGS_max_inflight_per_account);
+  pool.max_leases = static_cast<size_t>(absl::GetFlag(FLAGS_max_leases));
   pool.lease_timeout = absl::GetFlag(FLAGS_lease_timeout);
   pool.credits_exhausted_ttl = credits_ttl;
   pool.cooldowns.probe_timeout = absl::GetFlag(FLAGS_probe_timeout);

@@ -135,6 +135,10 @@ class StateCollector final : public prometheus::Collectable {
     cooldowns.metric.push_back(Value(account_cooldowns, {{"scope", "account"}}, false));
     cooldowns.metric.push_back(Value(family_cooldowns, {{"scope", "family"}}, false));
     inflight.metric.push_back(Value(leases, {}, false));
+    auto evicted = Family("tokenbroker_leases_evicted_total",
+                          "Leases ended before their timeout because the lease table was full (--max_leases).",
+                          MetricType::Counter);
+    evicted.metric.push_back(Value(static_cast<double>(pool_.LeasesEvicted()), {}, true));
 
     auto refreshes = Family("tokenbroker_token_refreshes_total", "Token refreshes by result.", MetricType::Counter);
     for (const char* result : {"ok", "invalid_grant", "error"}) {
@@ -161,7 +165,7 @@ class StateCollector final : public prometheus::Collectable {
     for (const auto& [key, n] : service_.ReportCounts()) {
       reports.metric.push_back(Value(static_cast<double>(n), {{"caller", key.first}, {"result", key.second}}, true));
     }
-    for (auto* f : {&states, &cooldowns, &fractions, &inflight, &refreshes, &rebinds, &stream, &validation, &waiting,
+    for (auto* f : {&states, &cooldowns, &fractions, &inflight, &evicted, &refreshes, &rebinds, &stream, &validation, &waiting,
                     &reports}) {
       out.push_back(std::move(*f));
     }

@@ -647,3 +647,41 @@ TEST(AccountPoolConsistency, SelectChoosesWhatExplainSays) {
 
 }  // namespace
 }  // namespace tokenbroker
+
+namespace tokenbroker {
+namespace {
+
+// Callers need not report their leases: past PoolOptions::max_leases the pool ends the biggest
+// holder's oldest leases (as if timed out: the account's in-flight count drops, a report of one is
+// NOT_FOUND) and counts them, instead of growing.
+TEST(AccountPool, LeasesInFlightStayWithinMaxLeases) {
+  FakeClock clock;
+  PoolOptions options;
+  options.max_leases = 3;
+  AccountPool pool(options, clock);
+  pool.Load({testing::MakeAccount("a", Tier::kPro), testing::MakeAccount("b", Tier::kPro)});
+  SelectRequest r;
+  r.model = "gemini-3-pro-high";
+  r.caller = "flood";
+  std::vector<std::string> leases;
+  for (int i = 0; i < 100; ++i) {
+    absl::StatusOr<Selection> s = pool.Select(r);
+    ASSERT_TRUE(s.ok()) << s.status();
+    leases.push_back(s->lease_id);
+    clock.Advance(absl::Milliseconds(10));
+    int in_flight = 0;
+    for (const AccountView& v : pool.List()) in_flight += v.in_flight;
+    ASSERT_LE(in_flight, 3) << i;
+  }
+  EXPECT_EQ(pool.LeasesEvicted(), 97);
+  Outcome early;
+  early.lease_id = leases[0];
+  early.http_status = 200;
+  EXPECT_EQ(pool.ReportOutcome(early).status().code(), absl::StatusCode::kNotFound);
+  Outcome last = early;
+  last.lease_id = leases.back();
+  EXPECT_TRUE(pool.ReportOutcome(last).ok());
+}
+
+}  // namespace
+}  // namespace tokenbroker

@@ -1,5 +1,6 @@
 #include "lib/selection/lease_table.h"
 
+#include <deque>
 #include <set>
 #include <string>
 #include <vector>
@@ -111,6 +112,63 @@ TEST(LeaseTable, IdsAreUnguessableAndCarryTheCallersTag) {
   std::set<std::string> random_parts;
   for (int i = 0; i < 2000; ++i) random_parts.insert(t.Issue("acct", "m", kT0, "proxy-a").id.substr(26, 6));
   EXPECT_GT(random_parts.size(), 1900u);
+}
+
+// Leases come from callers who need not report them: the table is bounded, and a full table makes
+// room from the caller holding the most, oldest first, so a flood pushes out only its own leases.
+TEST(LeaseTable, AFullTableEndsTheBiggestHoldersOldestLease) {
+  LeaseTable t(absl::Minutes(10), /*max_leases=*/5);
+  EXPECT_FALSE(t.MakeRoom().has_value());  // room to spare
+  const IssuedLease good1 = t.Issue("a", "m", kT0, "good");
+  const IssuedLease good2 = t.Issue("b", "m", kT0 + absl::Seconds(1), "good");
+  std::vector<std::string> flood;
+  for (int i = 0; i < 3; ++i) flood.push_back(t.Issue("c", "m", kT0 + absl::Seconds(2 + i), "flood").id);
+  ASSERT_EQ(t.size(), 5u);
+  for (int i = 0; i < 10000; ++i) {
+    std::optional<Lease> evicted = t.MakeRoom();
+    ASSERT_TRUE(evicted.has_value()) << i;
+    EXPECT_EQ(evicted->caller, "flood");
+    if (i < 3) EXPECT_EQ(evicted->id, flood[i]);  // oldest first
+    EXPECT_EQ(evicted->account, "c");
+    flood.push_back(t.Issue("c", "m", kT0 + absl::Seconds(10 + i), "flood").id);
+    ASSERT_EQ(t.size(), 5u);
+  }
+  EXPECT_TRUE(t.Contains(good1.id));
+  EXPECT_TRUE(t.Contains(good2.id));
+  EXPECT_EQ(t.InFlight("c"), 3);
+  EXPECT_FALSE(t.Contains(flood[0]));
+  // Once the flood reported its leases, the biggest holder is the other caller.
+  for (size_t i = flood.size() - 3; i < flood.size(); ++i) ASSERT_TRUE(t.End(flood[i]).has_value());
+  for (int i = 0; i < 3; ++i) t.Issue("c", "m", kT0 + absl::Hours(1), "third-" + std::to_string(i));
+  std::optional<Lease> evicted = t.MakeRoom();
+  ASSERT_TRUE(evicted.has_value());
+  EXPECT_EQ(evicted->id, good1.id);
+}
+
+TEST(LeaseTable, OneCallerAloneLosesItsOldestLeasesAndTheTableStaysAtItsBound) {
+  LeaseTable t(absl::Minutes(10), /*max_leases=*/100);
+  std::deque<std::string> live;  // oldest first
+  int evictions = 0;
+  for (int i = 0; i < 5000; ++i) {
+    if (std::optional<Lease> evicted = t.MakeRoom()) {
+      ++evictions;
+      ASSERT_EQ(evicted->id, live.front());  // the oldest live lease; reported ones are skipped
+      live.pop_front();
+    }
+    live.push_back(t.Issue("acct-" + std::to_string(i % 7), "m", kT0 + absl::Milliseconds(i)).id);
+    ASSERT_LE(t.size(), 100u);
+    if (i % 3 == 1) {  // some leases are reported: the table's per-caller order skips them
+      ASSERT_TRUE(t.End(live.back()).has_value());
+      live.pop_back();
+    }
+  }
+  EXPECT_GT(evictions, 3000);
+  int in_flight = 0;
+  for (int a = 0; a < 7; ++a) in_flight += t.InFlight("acct-" + std::to_string(a));
+  EXPECT_EQ(in_flight, static_cast<int>(t.size()));
+  // Expiry still ends them all.
+  EXPECT_EQ(t.Expire(kT0 + absl::Hours(1)).size(), static_cast<size_t>(in_flight));
+  EXPECT_EQ(t.size(), 0u);
 }
 
 }  // namespace
