@@ -46,6 +46,11 @@ struct TokenIssuer::Pending {
   bool reserved = false;
   bool waiting = false;
 
+  // While the chosen account's token is being acquired: the selection, and whether the call may
+  // still wait. Kept here so the token callback carries one pointer (no allocation, no copies).
+  std::optional<Selection> chosen;
+  bool may_wait = false;
+
   bool cancelled() const { return request.cancelled && request.cancelled(); }
   // Gives back the reservation (no lease came of it).
   void Unreserve() {
@@ -187,10 +192,9 @@ void TokenIssuer::Attempt(std::unique_ptr<Pending> p, bool may_wait, bool on_wor
     if (on_worker || pool_.shared_state() == nullptr) return pool_.Select(r);
     return pool_.SelectHere(r);
   };
-  std::optional<absl::StatusOr<Selection>> chosen;
-  if (trouble.empty()) {
-    chosen = select(p->request.select);
-  } else {
+  std::optional<absl::StatusOr<Selection>> chosen =
+      trouble.empty() ? select(p->request.select) : std::optional<absl::StatusOr<Selection>>();
+  if (!trouble.empty()) {
     SelectRequest request = p->request.select;
     for (const auto& [id, info] : trouble) request.exclude.insert(id);
     chosen = select(request);
@@ -207,18 +211,18 @@ void TokenIssuer::Attempt(std::unique_ptr<Pending> p, bool may_wait, bool on_wor
     HandOver(std::move(p), may_wait);
     return;
   }
-  absl::StatusOr<Selection> selection = *std::move(chosen);
+  absl::StatusOr<Selection>& selection = *chosen;
   if (!selection.ok()) {
     NoSelection(std::move(p), may_wait, selection.status(), now);
     return;
   }
   const std::string account_id = selection->account_id;
   const absl::Time give_up = RefreshGiveUp(p->request.call_deadline, now);
-  tokens_.Acquire(account_id, give_up,
-                  [this, p = std::move(p), may_wait, selection = *std::move(selection)](
-                      absl::StatusOr<AccessToken> token) mutable {
-                    OnToken(std::move(p), may_wait, std::move(selection), std::move(token));
-                  });
+  p->chosen.emplace(*std::move(selection));
+  p->may_wait = may_wait;
+  tokens_.Acquire(account_id, give_up, [this, p = std::move(p)](absl::StatusOr<AccessToken> token) mutable {
+    OnToken(std::move(p), std::move(token));
+  });
 }
 
 void TokenIssuer::NoSelection(std::unique_ptr<Pending> p, bool may_wait, absl::Status status, absl::Time now) {
@@ -281,8 +285,9 @@ absl::Status TokenIssuer::Park(std::unique_ptr<Pending>& p, absl::Time next) {
   return absl::OkStatus();
 }
 
-void TokenIssuer::OnToken(std::unique_ptr<Pending> p, bool may_wait, Selection selection,
-                          absl::StatusOr<AccessToken> token) {
+void TokenIssuer::OnToken(std::unique_ptr<Pending> p, absl::StatusOr<AccessToken> token) {
+  const bool may_wait = p->may_wait;
+  const Selection& selection = *p->chosen;
   if (token.ok() && token->below_min_ttl && !p->include_troubled) {
     // Shorter-lived than min_token_ttl: any other eligible account first.
     pool_.ReleaseLease(selection.lease_id);
@@ -317,7 +322,9 @@ void TokenIssuer::OnToken(std::unique_ptr<Pending> p, bool may_wait, Selection s
     p->Finish(absl::CancelledError("the caller went away"));
     return;
   }
-  p->Finish(Issued{std::move(selection), *std::move(token)});
+  Issued issued{*std::move(p->chosen), *std::move(token)};
+  p->chosen.reset();
+  p->Finish(std::move(issued));
 }
 
 }  // namespace tokenbroker

@@ -119,8 +119,8 @@ class TokenIssuer {
   // first and the wait counts against the caller's max_waiting: when that is full, the refusal is
   // returned and `p` stays with the caller.
   absl::Status Park(std::unique_ptr<Pending>& p, absl::Time next);
-  void OnToken(std::unique_ptr<Pending> p, bool may_wait, Selection selection,
-               absl::StatusOr<AccessToken> token);
+  // `p->chosen` holds the selection whose account's token `token` is.
+  void OnToken(std::unique_ptr<Pending> p, absl::StatusOr<AccessToken> token);
   void WorkerLoop() ABSL_LOCKS_EXCLUDED(mu_);
 
   const TokenIssuerOptions options_;

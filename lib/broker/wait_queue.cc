@@ -15,6 +15,7 @@ WaitQueue::ParkResult WaitQueue::Park(Key key, absl::Time when, Retry retry, int
   {
     absl::MutexLock lock(&mu_);
     Call& call = calls_[key];
+    known_.store(calls_.size(), std::memory_order_release);
     cancelled = call.cancelled;
     if (!cancelled && !stopping_) {
       if (call.since == absl::InfiniteFuture()) call.since = clock_.Now();
@@ -33,6 +34,7 @@ bool WaitQueue::Cancel(Key key) {
   {
     absl::MutexLock lock(&mu_);
     Call& call = calls_[key];
+    known_.store(calls_.size(), std::memory_order_release);
     call.cancelled = true;
     if (!call.parked) return false;
     cancelled = std::move((*call.parked)->second.retry);
@@ -44,6 +46,7 @@ bool WaitQueue::Cancel(Key key) {
 }
 
 void WaitQueue::Forget(Key key) {
+  if (known_.load(std::memory_order_acquire) == 0) return;
   Retry dropped;
   absl::MutexLock lock(&mu_);
   auto it = calls_.find(key);
@@ -53,6 +56,7 @@ void WaitQueue::Forget(Key key) {
     parked_.erase(*it->second.parked);
   }
   calls_.erase(it);
+  known_.store(calls_.size(), std::memory_order_release);
 }
 
 void WaitQueue::Notify() {

@@ -1,5 +1,6 @@
 #pragma once
 
+#include <atomic>
 #include <map>
 #include <optional>
 #include <thread>
@@ -79,6 +80,10 @@ class WaitQueue {
   mutable absl::Mutex mu_;
   Parked parked_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<Key, Call> calls_ ABSL_GUARDED_BY(mu_);
+  // calls_.size(), written under mu_: Forget of a call never parked nor cancelled (nearly every
+  // GetToken) returns without the lock when nothing is known. A call's Cancel and Forget come
+  // from its own reactor, one after the other, so the unlocked read cannot miss its own entry.
+  std::atomic<size_t> known_{0};
   bool notified_ ABSL_GUARDED_BY(mu_) = false;  // run everything now
   bool changed_ ABSL_GUARDED_BY(mu_) = false;   // a retry was parked: recompute the next wake-up
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;

@@ -1,9 +1,11 @@
 #include "lib/quota/family_map.h"
 
 #include <algorithm>
+#include <atomic>
 #include <fstream>
 #include <sstream>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -102,11 +104,42 @@ absl::StatusOr<std::shared_ptr<const FamilyMap>> FamilyMap::Load(const std::stri
   return map;
 }
 
-absl::string_view FamilyMap::Of(absl::string_view model) const {
-  for (const Rule& r : rules_) {
-    if (GlobMatch(r.pattern, model)) return r.family;
+FamilyMap::FamilyMap(std::vector<Rule> rules) : rules_(std::move(rules)) {
+  static std::atomic<uint64_t> next_id{1};
+  id_ = next_id.fetch_add(1, std::memory_order_relaxed);
+}
+
+size_t FamilyMap::Match(absl::string_view model) const {
+  for (size_t i = 0; i < rules_.size(); ++i) {
+    if (GlobMatch(rules_[i].pattern, model)) return i;
   }
-  return "gemini";  // unreachable with the defaults' catch-all
+  return rules_.size();
+}
+
+absl::string_view FamilyMap::Of(absl::string_view model) const {
+  // This thread's answers for one map at a time (a model name -> its rule's index). Bounded: models
+  // come from callers, so past kMemoSize names the memo starts over (a hostile caller's made-up
+  // models only cost it the glob matching again).
+  constexpr size_t kMemoSize = 64;
+  constexpr size_t kMaxMemoModel = 256;
+  struct Memo {
+    uint64_t map = 0;
+    absl::flat_hash_map<std::string, size_t> rule;
+  };
+  thread_local Memo memo;
+  if (memo.map != id_) {
+    memo.map = id_;
+    memo.rule.clear();
+  }
+  size_t i;
+  if (auto it = memo.rule.find(model); it != memo.rule.end()) {
+    i = it->second;
+  } else {
+    i = Match(model);
+    if (memo.rule.size() >= kMemoSize) memo.rule.clear();
+    if (model.size() <= kMaxMemoModel) memo.rule.emplace(model, i);
+  }
+  return i < rules_.size() ? absl::string_view(rules_[i].family) : absl::string_view("gemini");
 }
 
 absl::string_view FamilyMap::OfGroup(absl::string_view group) const {

@@ -1,5 +1,6 @@
 #pragma once
 
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
@@ -45,6 +46,8 @@ class FamilyMap {
   static absl::StatusOr<std::shared_ptr<const FamilyMap>> Load(const std::string& path);
 
   // The family of `model` (the first rule that matches; the defaults end with a catch-all).
+  // Called several times per GetToken: each thread remembers the answers for the last few models
+  // it asked this map about (a few hundred instructions of glob matching per call otherwise).
   absl::string_view Of(absl::string_view model) const;
   // The family a bucket group of retrieveUserQuotaSummary limits: the group id itself when some
   // rule names it as a family ("gemini", "3p"), else the family of the id read as a model name.
@@ -53,8 +56,13 @@ class FamilyMap {
   const std::vector<Rule>& rules() const { return rules_; }
 
  private:
-  explicit FamilyMap(std::vector<Rule> rules) : rules_(std::move(rules)) {}
+  explicit FamilyMap(std::vector<Rule> rules);
+  // The index of the first rule matching `model`; rules_.size() when none does.
+  size_t Match(absl::string_view model) const;
+
   std::vector<Rule> rules_;
+  // Unique per map made in this process: what a thread's memo of answers is keyed by.
+  uint64_t id_;
 };
 
 // A case-insensitive glob match: '*' matches any run (also empty); every other character itself.

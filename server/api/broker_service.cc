@@ -71,7 +71,9 @@ BrokerService::BrokerService(AccountPool& pool, TokenManager& tokens, QuotaSubsc
       tokens_(tokens),
       subscriber_(subscriber),
       clock_(clock),
-      issuer_(std::move(issuer_options), pool, tokens, clock) {}
+      issuer_(std::move(issuer_options), pool, tokens, clock) {
+  SetMessageAllocatorFor_GetToken(&token_messages_);
+}
 
 BrokerService::~BrokerService() { Shutdown(); }
 
@@ -105,7 +107,7 @@ grpc::ServerUnaryReactor* BrokerService::GetToken(grpc::CallbackServerContext* c
   // What the answer needs after the request moved into the issuer: the response and, for logs and
   // the audit, who asked what (only when someone reads them: nothing is copied per call otherwise).
   const bool keep_request = audit_ != nullptr || spdlog::should_log(spdlog::level::debug);
-  SelectRequest asked;
+  Asked asked;
   if (keep_request) {
     asked.model = issue.select.model;
     asked.session_id = issue.select.session_id;
@@ -123,7 +125,7 @@ grpc::ServerUnaryReactor* BrokerService::GetToken(grpc::CallbackServerContext* c
       reactor = *inline_reactor = context->DefaultReactor();
     }
     if (issued.ok()) ToProto(*issued, response);
-    FinishToken(reactor, caller, asked, std::move(issued));
+    FinishToken(reactor, caller, asked, issued);
   });
   t_inline_call = nullptr;
   if (answered_inline == nullptr) return call;
@@ -132,8 +134,8 @@ grpc::ServerUnaryReactor* BrokerService::GetToken(grpc::CallbackServerContext* c
   return answered_inline;
 }
 
-void BrokerService::FinishToken(grpc::ServerUnaryReactor* call, const std::string& caller,
-                                const SelectRequest& request, absl::StatusOr<Issued> issued) {
+void BrokerService::FinishToken(grpc::ServerUnaryReactor* call, const std::string& caller, const Asked& request,
+                                const absl::StatusOr<Issued>& issued) {
   if (!issued.ok()) {
     // The arguments are built only when debug logging is on: nothing is formatted per call otherwise.
     if (spdlog::should_log(spdlog::level::debug)) {

@@ -13,6 +13,7 @@
 #include "server/security/audit_log.h"
 #include "server/security/auth.h"
 #include "server/api/quota_subscriber.h"
+#include "server/api/token_messages.h"
 #include "tokenbroker/v1/broker.grpc.pb.h"
 
 namespace tokenbroker {
@@ -84,10 +85,16 @@ class BrokerService final : public v1::TokenBrokerService::CallbackService {
   class TokenCall;
   // The caller's name; UNAUTHENTICATED or PERMISSION_DENIED when it may not make this call.
   absl::StatusOr<std::string> Caller(const grpc::CallbackServerContext& context, bool admin) const;
+  // What a GetToken asked, kept for its log line and audit record (filled only when one is written).
+  struct Asked {
+    std::string model;
+    std::string session_id;
+  };
   // Answers a GetToken with what the issuer gave (`call`: our TokenCall or the default reactor).
-  void FinishToken(grpc::ServerUnaryReactor* call, const std::string& caller, const SelectRequest& request,
-                   absl::StatusOr<Issued> issued);
+  void FinishToken(grpc::ServerUnaryReactor* call, const std::string& caller, const Asked& request,
+                   const absl::StatusOr<Issued>& issued);
 
+  TokenMessageAllocator token_messages_;  // GetToken's messages, on arenas
   AccountPool& pool_;
   TokenManager& tokens_;
   QuotaSubscriber* subscriber_;

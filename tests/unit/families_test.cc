@@ -2,6 +2,7 @@
 // of cases, stale and out-of-order observations included), family cooldowns (family-wide 429s and
 // caller-named quota groups) and suspended accounts, through AccountPool on a fake clock.
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "gmock/gmock.h"
@@ -119,6 +120,30 @@ TEST(FamilyMap, GlobIsLinearAndCaseInsensitive) {
   EXPECT_FALSE(GlobMatch("claude*", "xclaude"));
   // A hostile pattern against a long name ends (one backtrack point, no exponential search).
   EXPECT_FALSE(GlobMatch("*a*a*a*a*a*a*a*a*b", std::string(128, 'a')));
+}
+
+// Of() remembers answers per thread (issue 15): two maps asked about the same model on one thread
+// each answer by their own rules, a map made later never sees an older map's answers, and many
+// made-up model names (callers choose them) keep giving the right answer past the memo's size.
+TEST(FamilyMap, RememberedAnswersBelongToTheirMap) {
+  absl::StatusOr<std::shared_ptr<const FamilyMap>> custom = FamilyMap::Parse("gemini-3-pro* premium\n");
+  ASSERT_TRUE(custom.ok()) << custom.status();
+  const FamilyMap& defaults = *FamilyMap::Default();
+  for (int round = 0; round < 3; ++round) {
+    EXPECT_EQ(defaults.Of("gemini-3-pro-high"), "gemini");
+    EXPECT_EQ((*custom)->Of("gemini-3-pro-high"), "premium");
+  }
+  for (int i = 0; i < 1000; ++i) {
+    const std::string model = (i % 2 ? "claude-made-up-" : "gemini-3-pro-made-up-") + std::to_string(i);
+    ASSERT_EQ((*custom)->Of(model), i % 2 ? "3p" : "premium") << model;
+    ASSERT_EQ(defaults.Of(model), i % 2 ? "3p" : "gemini") << model;
+  }
+  // Answers on another thread are its own.
+  std::string other;
+  std::thread([&] { other = std::string((*custom)->Of("gemini-3-pro-high")); }).join();
+  EXPECT_EQ(other, "premium");
+  // A long name is answered, not remembered.
+  EXPECT_EQ(defaults.Of(std::string(300, 'x') + "claude"), "3p");
 }
 
 // --- the bucket rule, as a table ---
