@@ -311,6 +311,51 @@ class Metrics(HostileCase):
         self.assertEqual(metric(text, "tokenbroker_rpc_total", method="unknown"), 2000)
 
 
+class LeaseTableBound(HostileCase):
+    """Leases come from callers who need not report them: --max_leases bounds the table, and a
+    flooding caller pushes out only its own oldest leases, never another caller's."""
+
+    def setUp(self):
+        super().setUp()
+        self.tokens = {"flood": "tok-flood-0123456789abcdef", "good": "tok-good-0123456789abcdef"}
+        callers = os.path.join(self.c.dir, "callers.txt")
+        with open(callers, "w") as f:
+            for name, token in self.tokens.items():
+                f.write(f"{name} {token}\n")
+        self.metrics_port_file = os.path.join(self.c.dir, "metrics.port")
+        self.b = self.start(f"--caller_tokens_file={callers}", "--max_leases=50", "--metrics_listen=127.0.0.1:0",
+                            f"--metrics_port_file={self.metrics_port_file}")
+
+    def test_a_flood_of_unreported_leases_stays_bounded_and_spares_other_callers(self):
+        b, flood, good = self.b, self.tokens["flood"], self.tokens["good"]
+        held = [b.get_token(token=good) for _ in range(5)]
+        first_flood = b.get_token(token=flood)
+        pool = concurrent.futures.ThreadPoolExecutor(8)
+        list(pool.map(lambda _: b.get_token(token=flood), range(3000)))
+        pool.shutdown()
+        with open(self.metrics_port_file) as f:
+            text = scrape(int(f.read().strip()))
+        self.assertEqual(metric(text, "tokenbroker_inflight_leases"), 50)
+        self.assertEqual(metric(text, "tokenbroker_leases_evicted_total"), 5 + 3001 - 50)
+        # The other caller's leases were never pushed out: each is reported normally.
+        for t in held:
+            r = b.report(token=good, lease=t.lease_id, status=200)
+            self.assertEqual(first(r, 4, b"").decode(), t.account_id)
+        # The flood's oldest lease is gone, like a timed-out one.
+        with self.assertRaises(grpc.RpcError) as err:
+            b.report(token=flood, lease=first_flood.lease_id, status=200)
+        self.assertEqual(err.exception.code(), grpc.StatusCode.NOT_FOUND)
+
+    def test_max_leases_out_of_range_is_refused_naming_the_flag(self):
+        import subprocess
+        for bad in ("0", "-5", "10000001"):
+            r = subprocess.run([self.c.bin("server", "tokenbroker"), "--accounts_dir", self.c.accounts_dir,
+                                "--listen", "127.0.0.1:0", f"--max_leases={bad}"],
+                               capture_output=True, text=True, timeout=30)
+            self.assertNotEqual(r.returncode, 0)
+            self.assertIn("--max_leases must be between 1 and 10000000", r.stderr + r.stdout)
+
+
 class Waiters(HostileCase):
     ACCOUNTS = (("acct-a", "ULTRA"),)
 
