@@ -17,15 +17,12 @@ std::string RandomPrefix() {
 // The usage a decision sees: the fleet's live leases and reservations, and the accounts its
 // leases hold. Pending reservations are not counted as accounts here: Commit checks the account
 // limits atomically, so a pending call elsewhere cannot take the entry past them.
-CallerUsage FleetUsage(const CallerReserveResult& r, bool with_accounts, int waiting) {
+CallerUsage FleetUsage(const CallerReserveResult& r, int waiting) {
   CallerUsage u;
   u.in_flight = r.in_flight;
   u.waiting = waiting;
-  std::map<std::string, Tier> accounts;
-  for (const CallerLeaseRecord& lease : r.leases) accounts.emplace(lease.account, lease.tier);
-  u.accounts = static_cast<int>(accounts.size());
-  if (!with_accounts) return u;
-  for (const auto& [account, tier] : accounts) {
+  u.accounts = static_cast<int>(r.accounts.size());
+  for (const auto& [account, tier] : r.accounts) {
     ++u.tier_accounts[tier];
     u.held.insert(account);
   }
@@ -65,10 +62,11 @@ AdmissionDecision FleetCallerLedger::Reserve(const std::string& entry, int max_i
                                              bool with_accounts,
                                              const std::function<AdmissionDecision(const CallerUsage&)>& decide) {
   std::string id = absl::StrCat(prefix_, "-", next_id_.fetch_add(1));
-  std::optional<CallerReserveResult> r = state_.ReserveCaller({entry, id, max_inflight, now, now + lease_timeout_});
+  std::optional<CallerReserveResult> r =
+      state_.ReserveCaller({entry, id, max_inflight, with_accounts, now, now + lease_timeout_});
   Answered(r.has_value());
   if (!r) return local_.Reserve(entry, max_inflight, now, with_accounts, decide);
-  AdmissionDecision d = decide(FleetUsage(*r, with_accounts, local_.Waiting(entry)));
+  AdmissionDecision d = decide(FleetUsage(*r, local_.Waiting(entry)));
   if (r->admitted && !d.refused_limit) {
     PushReservation(entry, std::move(id));
   } else if (r->admitted) {
@@ -96,7 +94,7 @@ LedgerCommit FleetCallerLedger::Commit(const std::string& entry, const std::stri
   if (r && !r->committed) {
     out.committed = false;
     out.refused_limit = r->refused_limit;
-    for (const CallerLeaseRecord& lease : r->leases) out.held.insert(lease.account);
+    for (const auto& [held, tier] : r->accounts) out.held.insert(held);
     PushReservation(entry, *std::move(id));
     return out;
   }

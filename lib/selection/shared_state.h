@@ -6,6 +6,7 @@
 // is "no SharedState at all"; RedisState is the implementation over Redis.
 
 #include <cstdint>
+#include <map>
 #include <optional>
 #include <string>
 #include <vector>
@@ -82,6 +83,7 @@ struct CallerReserveRequest {
   std::string entry;
   std::string reservation;  // the reservation's name (unique)
   int max_inflight = 0;
+  bool with_accounts = false;  // list the accounts held (costs O(accounts held)); else only count
   absl::Time now;
   absl::Time expires;  // a reservation nobody commits or cancels frees itself then
 };
@@ -89,13 +91,12 @@ struct CallerReserveRequest {
 struct CallerReserveResult {
   bool admitted = false;
   int in_flight = 0;  // live leases and reservations fleet-wide, before this one
-  int pending = 0;    // of those, reservations
-  std::vector<CallerLeaseRecord> leases;  // the live leases (what accounts the entry holds)
+  std::map<std::string, Tier> accounts;  // with_accounts: the accounts its live leases are on
 };
 
-// The reservation becomes `lease_id` on `account`, unless the account is not held by the entry yet
-// and holding it would take the entry past `max_accounts` distinct accounts, or past
-// `max_tier_accounts` of `tier` (0: no limit).
+// The reservation becomes `lease` unless its account is not held by the entry yet and holding it
+// would take the entry past `max_accounts` distinct accounts, or past `max_tier_accounts` of the
+// lease's tier (0: no limit).
 struct CallerCommitRequest {
   std::string entry;
   std::string reservation;
@@ -110,7 +111,7 @@ struct CallerCommitResult {
   bool committed = false;
   int in_flight = 0;                      // committed: live leases and reservations, with this one
   std::string refused_limit;              // not committed: "max_accounts" or "max_tier_accounts"
-  std::vector<CallerLeaseRecord> leases;  // not committed: the live leases (the accounts held)
+  std::map<std::string, Tier> accounts;   // not committed: the accounts held
 };
 
 // Runtime state one replica holds, uploaded when it (re)connects.

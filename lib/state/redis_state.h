@@ -114,9 +114,10 @@ class RedisState : public SharedState {
   // scope) with scope "" for the whole account.
   std::string AdmissionKey(const std::string& account) const { return Key("a", account); }
   std::string ProbeKey(const std::string& account, const std::string& scope) const;
-  // Caller budgets: the entry's sorted set of leases and reservations (scored by expiry), and a
-  // lease's pointer to its member there (so any replica can release it by id).
+  // Caller budgets: the entry's sorted set of leases and reservations (scored by expiry), the
+  // accounts its leases are on, and a lease's pointer to both (so any replica can release it by id).
   std::string CallerKey(const std::string& entry) const { return Key("a:caller", entry); }
+  std::string CallerAccountsKey(const std::string& entry) const { return Key("a:caller-accounts", entry); }
   std::string CallerLeaseKey(const std::string& lease_id) const { return Key("a:caller-lease", lease_id); }
   // One round trip on a pooled connection; UNAVAILABLE at once while down.
   absl::StatusOr<RedisReply> RoundTrip(const Argv& argv);

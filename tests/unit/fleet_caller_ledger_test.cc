@@ -200,30 +200,45 @@ TEST(FleetCallerLedgerTest, LeasesOfADeadReplicaFreeAtTheLeaseTimeoutNotBefore) 
 TEST(FleetCallerLedgerTest, MembersAndKeysAreBoundedByTheLimitsAndExpire) {
   RedisProcess redis;
   FakeClock clock;
-  auto policies = Policies("c max_inflight=2\nd max_inflight=1\n");
+  auto policies = Policies("c max_inflight=2\nd max_inflight=1\ne max_accounts=2\n");
   Replica r(redis.address(), clock, policies);
-  // A caller hammering at its budget: the set never holds more than max_inflight members.
+  const CallerPolicy& e = *policies->Find("e");
+  // Callers hammering at their budgets, on ever new accounts: the set never holds more than
+  // max_inflight members, the accounts hash never more than max_accounts fields.
   for (int i = 0; i < 50; ++i) {
     for (const char* entry : {"c", "d"}) {
       const CallerPolicy& p = *policies->Find(entry);
       if (r.admission.Reserve(p).ok()) r.admission.Commit(p, absl::StrCat("l-", entry, i), "acct-1", Tier::kPro);
     }
+    ASSERT_TRUE(r.admission.Reserve(e).ok());
+    if (!r.admission.Commit(e, absl::StrCat("l-e", i), absl::StrCat("acct-", i), Tier::kPro).refused_limit.empty()) {
+      r.admission.Cancel(e);
+    }
   }
   EXPECT_EQ(Members(redis, "c"), 2);
   EXPECT_EQ(Members(redis, "d"), 1);
-  // A hostile report of an unknown id touches nothing.
+  std::unique_ptr<RedisConnection> conn = redis.Connect();
+  EXPECT_EQ(conn->Command({"HLEN", "cl:a:caller-accounts:e"})->integer, 2);
+  // A hostile report of an unknown id (or of a key's name) touches nothing.
   r.admission.Released("l-nobody-issued");
   r.admission.Released("cl:a:caller:c");
-  std::unique_ptr<RedisConnection> conn = redis.Connect();
   absl::StatusOr<RedisReply> keys = conn->Command({"KEYS", "cl:a:caller*"});
   ASSERT_TRUE(keys.ok());
-  // Two sets and one pointer per live lease; each key expires by itself.
-  EXPECT_EQ(keys->elements.size(), 2u + 3u);
+  // Per entry a set and an accounts hash, and a pointer per live lease (2 + 1 + 2); each key
+  // expires by itself.
+  EXPECT_EQ(keys->elements.size(), 3u * 2u + 5u);
   for (const RedisReply& key : keys->elements) {
     absl::StatusOr<RedisReply> ttl = conn->Command({"PTTL", key.str});
     EXPECT_GT(ttl->integer, 0) << key.str;
     EXPECT_LE(ttl->integer, absl::ToInt64Milliseconds(kLeaseTimeout)) << key.str;
   }
+  // Past the lease timeout the next call finds nothing held: expired members and their accounts go.
+  clock.Advance(kLeaseTimeout);
+  absl::StatusOr<std::shared_ptr<const CallerShare>> fresh = r.admission.Reserve(e);
+  ASSERT_TRUE(fresh.ok());
+  EXPECT_EQ(*fresh, nullptr);  // any account
+  EXPECT_EQ(conn->Command({"HLEN", "cl:a:caller-accounts:e"})->integer, 0);
+  EXPECT_EQ(Members(redis, "e"), 1);  // the new reservation
 }
 
 TEST(FleetCallerLedgerTest, RedisDownFallsBackToThisReplicasCount) {
