@@ -52,7 +52,8 @@ void LocalCallerLedger::ExpireLocked(absl::Time now) {
   }
 }
 
-AdmissionDecision LocalCallerLedger::Reserve(const std::string& entry, absl::Time now, bool with_accounts,
+AdmissionDecision LocalCallerLedger::Reserve(const std::string& entry, int /*max_inflight*/, absl::Time now,
+                                             bool with_accounts,
                                              const std::function<AdmissionDecision(const CallerUsage&)>& decide) {
   absl::MutexLock lock(&mu_);
   ExpireLocked(now);
@@ -66,19 +67,33 @@ AdmissionDecision LocalCallerLedger::Reserve(const std::string& entry, absl::Tim
   return d;
 }
 
-int LocalCallerLedger::Commit(const std::string& entry, const std::string& lease_id, const std::string& account,
-                              Tier tier, absl::Time expires) {
-  absl::MutexLock lock(&mu_);
-  Record& r = records_[entry];
-  if (r.pending > 0) --r.pending;
-  if (leases_.contains(lease_id)) return r.leases + r.pending;  // never counted twice
+void LocalCallerLedger::RecordLocked(Record& r, const std::string& entry, const std::string& lease_id,
+                                     const std::string& account, Tier tier, absl::Time expires) {
+  if (leases_.contains(lease_id)) return;  // never counted twice
   ++r.leases;
   auto& held = r.accounts[account];
   held.first = tier;
   ++held.second;
   leases_.emplace(lease_id, Held{entry, account, tier, expires});
   by_expiry_.emplace(expires, lease_id);
-  return r.leases + r.pending;
+}
+
+LedgerCommit LocalCallerLedger::Commit(const std::string& entry, const std::string& lease_id,
+                                       const std::string& account, Tier tier, absl::Time /*now*/, absl::Time expires,
+                                       const CommitLimits& /*limits*/) {
+  absl::MutexLock lock(&mu_);
+  Record& r = records_[entry];
+  if (r.pending > 0) --r.pending;
+  RecordLocked(r, entry, lease_id, account, tier, expires);
+  LedgerCommit out;
+  out.in_flight = r.leases + r.pending;
+  return out;
+}
+
+void LocalCallerLedger::RecordLease(const std::string& entry, const std::string& lease_id, const std::string& account,
+                               Tier tier, absl::Time expires) {
+  absl::MutexLock lock(&mu_);
+  RecordLocked(records_[entry], entry, lease_id, account, tier, expires);
 }
 
 void LocalCallerLedger::Cancel(const std::string& entry) {
@@ -203,22 +218,49 @@ absl::StatusOr<std::shared_ptr<const CallerShare>> CallerAdmission::Reserve(cons
     absl::MutexLock lock(&mu_);
     shape = shape_;
   }
-  AdmissionDecision d = ledger_->Reserve(policy.name, clock_.Now(), shares, [&](const CallerUsage& usage) {
+  AdmissionDecision d =
+      ledger_->Reserve(policy.name, policy.max_inflight, clock_.Now(), shares, [&](const CallerUsage& usage) {
     return DecideAdmission(policy, usage, shape);
   });
   if (d.refused_limit) return LimitError(policy, *d.refused_limit, d.detail);
   return std::shared_ptr<const CallerShare>(std::move(d.share));
 }
 
-std::optional<int> CallerAdmission::Commit(const CallerPolicy& policy, const std::string& lease_id,
-                                           const std::string& account, Tier tier) {
-  const int in_flight = ledger_->Commit(policy.name, lease_id, account, tier, clock_.Now() + lease_timeout_);
+CallerAdmission::Committed CallerAdmission::Commit(const CallerPolicy& policy, const std::string& lease_id,
+                                                  const std::string& account, Tier tier) {
+  CommitLimits limits;
+  if (policy.max_accounts.set() || policy.max_tier_accounts.contains(tier)) {
+    absl::MutexLock lock(&mu_);
+    if (policy.max_accounts.set()) limits.max_accounts = policy.max_accounts.Resolve(shape_.accounts);
+    if (auto t = policy.max_tier_accounts.find(tier); t != policy.max_tier_accounts.end()) {
+      auto size = shape_.by_tier.find(tier);
+      limits.max_tier_accounts = t->second.Resolve(size == shape_.by_tier.end() ? 0 : size->second);
+    }
+  }
+  const absl::Time now = clock_.Now();
+  LedgerCommit c = ledger_->Commit(policy.name, lease_id, account, tier, now, now + lease_timeout_, limits);
+  Committed out;
+  if (!c.committed) {
+    out.refused_limit = c.refused_limit;
+    out.detail = absl::StrCat("caller ", policy.name, " holds leases on as many accounts as its ", c.refused_limit,
+                              " allows across the fleet; report outcomes to free them");
+    auto share = std::make_shared<CallerShare>();
+    share->caller = policy.name;
+    if (c.refused_limit == "max_accounts") {
+      share->all = true;
+    } else {
+      share->tiers.push_back(tier);
+    }
+    share->held = std::move(c.held);
+    out.retry_share = std::move(share);
+    return out;
+  }
   {
     absl::MutexLock lock(&mu_);
     ++issued_[policy.name];
   }
-  if (policy.max_inflight <= 0) return std::nullopt;
-  return std::max(0, policy.max_inflight - in_flight);
+  if (policy.max_inflight > 0) out.leases_left = std::max(0, policy.max_inflight - c.in_flight);
+  return out;
 }
 
 bool CallerAdmission::StartWaiting(const CallerPolicy& policy) {

@@ -23,24 +23,40 @@
 
 namespace tokenbroker {
 
+// What a ledger's Commit checks atomically with recording the lease (0: no limit): the distinct
+// accounts the entry may hold, in all and of the lease's tier.
+struct CommitLimits {
+  int max_accounts = 0;
+  int max_tier_accounts = 0;
+};
+
+struct LedgerCommit {
+  bool committed = true;
+  int in_flight = 0;          // committed: the entry's leases and reservations in flight now
+  std::string refused_limit;  // not committed: "max_accounts" or "max_tier_accounts"
+  absl::flat_hash_set<std::string> held;  // not committed: the accounts the entry holds
+};
+
 // The counts of the leases callers hold, by policy entry (a caller's own entry, or `default` for
-// every caller without one). This one counts this replica's leases; it is the seam where a
-// fleet-wide count (Redis, issue 16.2) can come in. Implementations are thread-safe.
+// every caller without one). LocalCallerLedger counts this replica's leases; FleetCallerLedger
+// (fleet_caller_ledger.h) the whole fleet's, over the shared state. Implementations are thread-safe.
 class CallerLedger {
  public:
   virtual ~CallerLedger() = default;
   // Atomically: the entry's usage at `now` (leases past their expiry no longer count), `decide`'s
   // verdict on it, and, when admitted, one pending reservation. Returns the decision. The usage
   // lists the accounts held (`accounts`, `tier_accounts`, `held`) only `with_accounts`.
-  virtual AdmissionDecision Reserve(const std::string& entry, absl::Time now, bool with_accounts,
+  // `max_inflight` (0: none) is the limit `decide` applies, for a ledger that must apply it itself.
+  virtual AdmissionDecision Reserve(const std::string& entry, int max_inflight, absl::Time now, bool with_accounts,
                                     const std::function<AdmissionDecision(const CallerUsage&)>& decide) = 0;
-  // The pending reservation became lease `lease_id` on `account`, counted until Release or
-  // `expires`. Returns the entry's leases and reservations in flight now.
-  virtual int Commit(const std::string& entry, const std::string& lease_id, const std::string& account, Tier tier,
-                      absl::Time expires) = 0;
+  // A pending reservation becomes lease `lease_id` on `account`, counted until Release or
+  // `expires`, unless `limits` refuse the account (then the reservation stays pending: Commit
+  // another account or Cancel). A ledger may rely on Reserve's shares instead and never refuse.
+  virtual LedgerCommit Commit(const std::string& entry, const std::string& lease_id, const std::string& account,
+                              Tier tier, absl::Time now, absl::Time expires, const CommitLimits& limits) = 0;
   // The pending reservation ended without a lease.
   virtual void Cancel(const std::string& entry) = 0;
-  // The lease was reported; unknown ids are ignored. Returns the entry it counted against.
+  // The lease was reported; unknown ids are ignored. Returns the entry it counted against here.
   virtual std::optional<std::string> Release(const std::string& lease_id) = 0;
   // One more call of `entry` waits, unless `max` wait already (false).
   virtual bool StartWaiting(const std::string& entry, int max) = 0;
@@ -48,6 +64,8 @@ class CallerLedger {
   virtual int Waiting(const std::string& entry) = 0;
   // Every entry's usage at `now`.
   virtual std::map<std::string, CallerUsage> Usage(absl::Time now) = 0;
+  // Whether Reserve and Commit make a round trip (a caller's thread must not make it).
+  virtual bool remote() const { return false; }
 };
 
 // This replica's counts. Memory: one record per policy entry with something held or waiting (entry
@@ -55,11 +73,15 @@ class CallerLedger {
 // and every lease ends by its expiry).
 class LocalCallerLedger final : public CallerLedger {
  public:
-  AdmissionDecision Reserve(const std::string& entry, absl::Time now, bool with_accounts,
+  AdmissionDecision Reserve(const std::string& entry, int max_inflight, absl::Time now, bool with_accounts,
                             const std::function<AdmissionDecision(const CallerUsage&)>& decide) override
       ABSL_LOCKS_EXCLUDED(mu_);
-  int Commit(const std::string& entry, const std::string& lease_id, const std::string& account, Tier tier,
-             absl::Time expires) override ABSL_LOCKS_EXCLUDED(mu_);
+  // Never refuses: Reserve's shares count pending reservations as accounts.
+  LedgerCommit Commit(const std::string& entry, const std::string& lease_id, const std::string& account, Tier tier,
+                      absl::Time now, absl::Time expires, const CommitLimits& limits) override ABSL_LOCKS_EXCLUDED(mu_);
+  // Counts a lease without a pending reservation here (one reserved in the fleet's ledger).
+  void RecordLease(const std::string& entry, const std::string& lease_id, const std::string& account, Tier tier,
+              absl::Time expires) ABSL_LOCKS_EXCLUDED(mu_);
   void Cancel(const std::string& entry) override ABSL_LOCKS_EXCLUDED(mu_);
   std::optional<std::string> Release(const std::string& lease_id) override ABSL_LOCKS_EXCLUDED(mu_);
   bool StartWaiting(const std::string& entry, int max) override ABSL_LOCKS_EXCLUDED(mu_);
@@ -81,6 +103,8 @@ class LocalCallerLedger final : public CallerLedger {
     std::map<std::string, std::pair<Tier, int>> accounts;  // account -> (tier, leases on it)
   };
   void ExpireLocked(absl::Time now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void RecordLocked(Record& r, const std::string& entry, const std::string& lease_id, const std::string& account,
+                    Tier tier, absl::Time expires) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void EndLocked(const Held& held) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void DropIfIdleLocked(const std::string& entry) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   static CallerUsage UsageOf(const Record& r, bool with_accounts = true);
@@ -112,6 +136,11 @@ class CallerAdmission {
   // `lease_timeout`: the pool's; a lease the ledger is not told the end of stops counting then.
   CallerAdmission(const Clock& clock, absl::Duration lease_timeout,
                   std::unique_ptr<CallerLedger> ledger = std::make_unique<LocalCallerLedger>());
+  // Counts in `ledger` from now on (the fleet's, once the shared state is up). Call before the
+  // first Reserve: what the old ledger counted is forgotten.
+  void SetLedger(std::unique_ptr<CallerLedger> ledger) { ledger_ = std::move(ledger); }
+  // Whether Reserve and Commit make a round trip to the shared state.
+  bool remote() const { return ledger_->remote(); }
 
   // Replaces the policies (null: off). Calls admitted before keep the policy they were admitted on.
   void SetPolicies(std::shared_ptr<const CallerPolicies> policies) ABSL_LOCKS_EXCLUDED(mu_);
@@ -133,10 +162,19 @@ class CallerAdmission {
   // RESOURCE_EXHAUSTED (CallerLimitError: caller, limit, the policy's retry_after) when the caller
   // is at its max_inflight. On success a reservation is held: Commit or Cancel it.
   absl::StatusOr<std::shared_ptr<const CallerShare>> Reserve(const CallerPolicy& policy) ABSL_LOCKS_EXCLUDED(mu_);
-  // The reservation became `lease_id` on `account` (counted until Released or the lease timeout).
-  // Returns how many more leases the caller may hold (with a max_inflight).
-  std::optional<int> Commit(const CallerPolicy& policy, const std::string& lease_id, const std::string& account,
-                            Tier tier) ABSL_LOCKS_EXCLUDED(mu_);
+  // The reservation became `lease_id` on `account` (counted until Released or the lease timeout):
+  // how many more leases the caller may hold (with a max_inflight). Or, when the fleet's ledger
+  // finds that the account would take the caller past max_accounts or a tier's share (another
+  // replica's lease took the last one), `refused_limit` (for LimitError, should the call give up)
+  // and the share of the accounts it holds to try instead; the reservation stays.
+  struct Committed {
+    std::optional<int> leases_left;
+    std::string refused_limit;  // empty: committed
+    std::string detail;
+    std::shared_ptr<const CallerShare> retry_share;
+  };
+  Committed Commit(const CallerPolicy& policy, const std::string& lease_id, const std::string& account, Tier tier)
+      ABSL_LOCKS_EXCLUDED(mu_);
   // The reservation ended without a lease.
   void Cancel(const CallerPolicy& policy) { ledger_->Cancel(policy.name); }
   // The lease was reported: its caller's count drops. Unknown ids are ignored.
@@ -158,7 +196,7 @@ class CallerAdmission {
 
   const Clock& clock_;
   const absl::Duration lease_timeout_;
-  const std::unique_ptr<CallerLedger> ledger_;
+  std::unique_ptr<CallerLedger> ledger_;  // replaced only before the first call
   mutable absl::Mutex mu_;
   std::shared_ptr<const CallerPolicies> policies_ ABSL_GUARDED_BY(mu_);
   std::shared_ptr<const FamilyMap> families_ ABSL_GUARDED_BY(mu_) = FamilyMap::Default();

@@ -59,13 +59,9 @@ struct TokenIssuer::Pending {
     request.select.caller_share.reset();
     admission->Cancel(*grant->policy);
   }
+  // Commits the fleet refused because of the caller's account limits (another replica's lease).
+  int commit_refusals = 0;
   void Finish(absl::StatusOr<Issued> result) {
-    if (reserved && result.ok()) {
-      reserved = false;
-      result->caller_leases_left = admission->Commit(*grant->policy, result->selection.lease_id,
-                                                     result->selection.account_id, result->selection.tier);
-      result->caller_policy = grant->policy->name;
-    }
     Unreserve();
     if (waiting) admission->StopWaiting(*grant->policy);
     if (forget_key != nullptr) forget_key->Forget(request.key);
@@ -168,6 +164,10 @@ void TokenIssuer::Attempt(std::unique_ptr<Pending> p, bool may_wait, bool on_wor
   }
   const absl::Time now = clock_.Now();
   if (p->grant && !p->reserved) {
+    if (!on_worker && admission_->remote()) {
+      HandOver(std::move(p), may_wait);  // the fleet's caller ledger is a round trip away
+      return;
+    }
     // The caller's own limits first: a call over them takes no lease and no account from anyone.
     absl::StatusOr<std::shared_ptr<const CallerShare>> share = admission_->Reserve(*p->grant->policy);
     if (!share.ok()) {
@@ -324,6 +324,25 @@ void TokenIssuer::OnToken(std::unique_ptr<Pending> p, absl::StatusOr<AccessToken
   }
   Issued issued{*std::move(p->chosen), *std::move(token)};
   p->chosen.reset();
+  if (p->reserved) {
+    const CallerPolicy& policy = *p->grant->policy;
+    CallerAdmission::Committed c =
+        admission_->Commit(policy, issued.selection.lease_id, issued.selection.account_id, issued.selection.tier);
+    if (!c.refused_limit.empty()) {
+      // Another replica's lease took the caller's last new account: one it holds, or the refusal.
+      pool_.ReleaseLease(issued.selection.lease_id);
+      if (++p->commit_refusals < options_.max_attempts) {
+        p->request.select.caller_share = std::move(c.retry_share);
+        Dispatch(std::move(p), may_wait);
+        return;
+      }
+      p->Finish(admission_->LimitError(policy, c.refused_limit, c.detail));
+      return;
+    }
+    p->reserved = false;
+    issued.caller_leases_left = c.leases_left;
+    issued.caller_policy = policy.name;
+  }
   p->Finish(std::move(issued));
 }
 

@@ -6,12 +6,14 @@
 // is "no SharedState at all"; RedisState is the implementation over Redis.
 
 #include <cstdint>
+#include <map>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "lib/common/account.h"
 #include "lib/selection/cooldowns.h"
 
 namespace tokenbroker {
@@ -65,6 +67,51 @@ struct AdmissionResult {
   AdmissionVerdict verdict = AdmissionVerdict::kAdmitted;
   int in_flight = 0;                // fleet-wide reservations of the account (with this one when admitted)
   std::optional<absl::Time> frees;  // kAtCap: the earliest reservation's expiry; kProbeElsewhere: the probe's
+};
+
+// Fleet-wide caller budgets (issue 16.2, docs/ARCHITECTURE.md §7): the leases and reservations of
+// one caller policy entry across the fleet, each with an expiry.
+struct CallerLeaseRecord {
+  std::string lease_id;
+  std::string account;
+  Tier tier = Tier::kUnknown;
+};
+
+// One more reservation for `entry`, made only while it holds fewer than `max_inflight` live leases
+// and reservations (0: no limit).
+struct CallerReserveRequest {
+  std::string entry;
+  std::string reservation;  // the reservation's name (unique)
+  int max_inflight = 0;
+  bool with_accounts = false;  // list the accounts held (costs O(accounts held)); else only count
+  absl::Time now;
+  absl::Time expires;  // a reservation nobody commits or cancels frees itself then
+};
+
+struct CallerReserveResult {
+  bool admitted = false;
+  int in_flight = 0;  // live leases and reservations fleet-wide, before this one
+  std::map<std::string, Tier> accounts;  // with_accounts: the accounts its live leases are on
+};
+
+// The reservation becomes `lease` unless its account is not held by the entry yet and holding it
+// would take the entry past `max_accounts` distinct accounts, or past `max_tier_accounts` of the
+// lease's tier (0: no limit).
+struct CallerCommitRequest {
+  std::string entry;
+  std::string reservation;
+  CallerLeaseRecord lease;
+  int max_accounts = 0;
+  int max_tier_accounts = 0;
+  absl::Time now;
+  absl::Time expires;
+};
+
+struct CallerCommitResult {
+  bool committed = false;
+  int in_flight = 0;                      // committed: live leases and reservations, with this one
+  std::string refused_limit;              // not committed: "max_accounts" or "max_tier_accounts"
+  std::map<std::string, Tier> accounts;   // not committed: the accounts held
 };
 
 // Runtime state one replica holds, uploaded when it (re)connects.
@@ -145,6 +192,16 @@ class SharedState {
   // `family_scopes`: the probe scopes of the lease's family and quota group ("@<name>"), if any.
   virtual void ReleaseAdmission(const std::string& account, const std::string& model, const std::string& lease_id,
                                 const std::vector<std::string>& family_scopes = {}) = 0;
+
+  // Caller budgets (issue 16.2): one atomic round trip each for Reserve and Commit; unset when the
+  // backend is down or did not answer (the caller falls back to its local count). A refused
+  // commit keeps its reservation.
+  virtual std::optional<CallerReserveResult> ReserveCaller(const CallerReserveRequest& request) = 0;
+  virtual std::optional<CallerCommitResult> CommitCaller(const CallerCommitRequest& request) = 0;
+  // async: the reservation ended without a lease.
+  virtual void CancelCaller(const std::string& entry, const std::string& reservation) = 0;
+  // async: the lease ended (reported to this replica, whichever issued it); unknown ids are ignored.
+  virtual void ReleaseCaller(const std::string& lease_id) = 0;
 
   // The freshest token any replica stored for the account, if it is valid past `min_expiry`.
   virtual std::optional<SharedToken> FetchToken(const std::string& account, absl::Time min_expiry) = 0;

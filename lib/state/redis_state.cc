@@ -75,6 +75,8 @@ SharedStateStats RedisState::stats() const {
   s.admissions_at_cap = admissions_at_cap_.load();
   s.admissions_probe_elsewhere = admissions_probe_elsewhere_.load();
   s.admissions_unanswered = admissions_unanswered_.load();
+  s.caller_round_trips = caller_round_trips_.load();
+  s.caller_unanswered = caller_unanswered_.load();
   return s;
 }
 

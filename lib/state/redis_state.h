@@ -53,6 +53,9 @@ struct SharedStateStats {
   int64_t admissions_at_cap = 0;
   int64_t admissions_probe_elsewhere = 0;
   int64_t admissions_unanswered = 0;
+  // Caller budget round trips (issue 16.2) Redis answered; those unanswered fell back to the local count.
+  int64_t caller_round_trips = 0;
+  int64_t caller_unanswered = 0;
 };
 
 // SharedState over one Redis server (docs/ARCHITECTURE.md §7). Writes go through a background writer that
@@ -96,6 +99,10 @@ class RedisState : public SharedState {
   std::optional<AdmissionResult> Admit(const AdmissionRequest& request) override;
   void ReleaseAdmission(const std::string& account, const std::string& model, const std::string& lease_id,
                         const std::vector<std::string>& family_scopes = {}) override;
+  std::optional<CallerReserveResult> ReserveCaller(const CallerReserveRequest& request) override;
+  std::optional<CallerCommitResult> CommitCaller(const CallerCommitRequest& request) override;
+  void CancelCaller(const std::string& entry, const std::string& reservation) override;
+  void ReleaseCaller(const std::string& lease_id) override;
 
  private:
   using Argv = std::vector<std::string>;
@@ -107,6 +114,11 @@ class RedisState : public SharedState {
   // scope) with scope "" for the whole account.
   std::string AdmissionKey(const std::string& account) const { return Key("a", account); }
   std::string ProbeKey(const std::string& account, const std::string& scope) const;
+  // Caller budgets: the entry's sorted set of leases and reservations (scored by expiry), the
+  // accounts its leases are on, and a lease's pointer to both (so any replica can release it by id).
+  std::string CallerKey(const std::string& entry) const { return Key("a:caller", entry); }
+  std::string CallerAccountsKey(const std::string& entry) const { return Key("a:caller-accounts", entry); }
+  std::string CallerLeaseKey(const std::string& lease_id) const { return Key("a:caller-lease", lease_id); }
   // One round trip on a pooled connection; UNAVAILABLE at once while down.
   absl::StatusOr<RedisReply> RoundTrip(const Argv& argv);
   void Enqueue(Argv argv);
@@ -127,7 +139,7 @@ class RedisState : public SharedState {
   std::atomic<bool> reconnect_{false};  // a writer or a round trip saw the server go away
   std::atomic<int64_t> errors_{0}, resyncs_{0}, events_received_{0}, writes_{0}, writes_dropped_{0};
   std::atomic<int64_t> admissions_{0}, admissions_at_cap_{0}, admissions_probe_elsewhere_{0},
-      admissions_unanswered_{0};
+      admissions_unanswered_{0}, caller_round_trips_{0}, caller_unanswered_{0};
 
   absl::Mutex pool_mu_;
   std::vector<std::unique_ptr<RedisConnection>> idle_ ABSL_GUARDED_BY(pool_mu_);

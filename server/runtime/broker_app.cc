@@ -5,6 +5,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "lib/broker/fleet_caller_ledger.h"
 #include "lib/common/clock.h"
 #include "server/runtime/flags.h"
 #include "spdlog/spdlog.h"
@@ -115,6 +116,10 @@ absl::Status BrokerApp::Start() {
     pool_->AttachSharedState(redis_.get());
     tokens_->AttachSharedState(redis_.get());
     redis_->Start(pool_.get());
+    // Caller budgets count across the fleet (before the service takes its first call).
+    if (caller_admission_) {
+      caller_admission_->SetLedger(std::make_unique<FleetCallerLedger>(*redis_, c.pool.lease_timeout));
+    }
     // A first sync before the first token refresh saves refreshing what other replicas hold;
     // an unreachable Redis does not keep the broker from starting.
     const bool up = redis_->WaitUntilUp(absl::Seconds(2));

@@ -201,7 +201,14 @@ class StateCollector final : public prometheus::Collectable {
       admissions.metric.push_back(
           Value(static_cast<double>(st.admissions_unanswered), {{"result", "unanswered"}}, true));
       admissions.metric.push_back(Value(static_cast<double>(pool_.AdmissionFallbacks()), {{"result", "local"}}, true));
-      for (auto* f : {&up, &errors, &resyncs, &events, &writes, &admissions}) out.push_back(std::move(*f));
+      // Caller budgets (issue 16.2): decisions the fleet's ledger made in Redis, and those it made
+      // on this replica's own counts because Redis did not answer.
+      auto callers = Family("tokenbroker_fleet_caller_decisions_total",
+                            "Caller budget reservations and commits, by where they were decided.",
+                            prometheus::MetricType::Counter);
+      callers.metric.push_back(Value(static_cast<double>(st.caller_round_trips), {{"result", "fleet"}}, true));
+      callers.metric.push_back(Value(static_cast<double>(st.caller_unanswered), {{"result", "local"}}, true));
+      for (auto* f : {&up, &errors, &resyncs, &events, &writes, &admissions, &callers}) out.push_back(std::move(*f));
     }
     return out;
   }

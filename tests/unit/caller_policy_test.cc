@@ -3,6 +3,7 @@
 // and the GetToken use case under policies with the real pool, token manager and fake upstream.
 #include "lib/broker/caller_policy.h"
 
+#include <atomic>
 #include <memory>
 #include <optional>
 #include <string>
@@ -403,6 +404,79 @@ TEST_F(CallerIssuerTest, AtItsShareACallerIsServedOnlyByAccountsItHolds) {
   Report(*first, "c");
   absl::StatusOr<Issued> third = IssueNow("c");
   ASSERT_TRUE(third.ok()) << third.status();
+}
+
+// The fleet's ledger as another replica leaves it (FleetCallerLedger, tested against Redis in
+// fleet_caller_ledger_test): the caller holds `held` elsewhere, at its max_accounts, so a commit on
+// any other account is refused; with `refuse_all`, every commit is.
+class HeldElsewhereLedger final : public CallerLedger {
+ public:
+  explicit HeldElsewhereLedger(std::string held, bool refuse_all = false)
+      : held_(std::move(held)), refuse_all_(refuse_all) {}
+  AdmissionDecision Reserve(const std::string& entry, int max_inflight, absl::Time now, bool with_accounts,
+                            const std::function<AdmissionDecision(const CallerUsage&)>& decide) override {
+    return local_.Reserve(entry, max_inflight, now, with_accounts, decide);
+  }
+  LedgerCommit Commit(const std::string& entry, const std::string& lease_id, const std::string& account, Tier tier,
+                      absl::Time now, absl::Time expires, const CommitLimits& limits) override {
+    if (refuse_all_ || account != held_) {
+      ++refusals;
+      LedgerCommit refused;
+      refused.committed = false;
+      refused.refused_limit = "max_accounts";
+      refused.held = {held_};
+      return refused;
+    }
+    return local_.Commit(entry, lease_id, account, tier, now, expires, limits);
+  }
+  void Cancel(const std::string& entry) override { local_.Cancel(entry); }
+  std::optional<std::string> Release(const std::string& lease_id) override { return local_.Release(lease_id); }
+  bool StartWaiting(const std::string& entry, int max) override { return local_.StartWaiting(entry, max); }
+  void StopWaiting(const std::string& entry) override { local_.StopWaiting(entry); }
+  int Waiting(const std::string& entry) override { return local_.Waiting(entry); }
+  std::map<std::string, CallerUsage> Usage(absl::Time now) override { return local_.Usage(now); }
+
+  std::atomic<int> refusals{0};
+
+ private:
+  LocalCallerLedger local_;
+  const std::string held_;
+  const bool refuse_all_;
+};
+
+TEST_F(CallerIssuerTest, ACommitRefusedForAnAccountLimitIsRetriedOnTheAccountsTheCallerHolds) {
+  auto ledger = std::make_unique<HeldElsewhereLedger>("a3");
+  HeldElsewhereLedger& fleet = *ledger;
+  admission_.SetLedger(std::move(ledger));
+  SetPolicies("c max_accounts=1\n");
+  absl::StatusOr<Issued> issued = IssueNow("c");
+  ASSERT_TRUE(issued.ok()) << issued.status();
+  // a1 or a2 (PRO) ranks first and is refused at commit; the FREE account it holds serves it.
+  EXPECT_EQ(issued->selection.account_id, "a3");
+  EXPECT_EQ(fleet.refusals.load(), 1);
+  int in_flight = 0;
+  for (const AccountView& v : pool_.List()) in_flight += v.in_flight;
+  EXPECT_EQ(in_flight, 1);  // the refused account's lease was given back
+  EXPECT_EQ(admission_.Stats()["c"].refused.count("max_accounts"), 0u);  // served: no refusal counted
+}
+
+TEST_F(CallerIssuerTest, CommitsRefusedAgainAndAgainEndInTheCallersQuotaFailure) {
+  auto ledger = std::make_unique<HeldElsewhereLedger>("a1", /*refuse_all=*/true);
+  HeldElsewhereLedger& fleet = *ledger;
+  admission_.SetLedger(std::move(ledger));
+  SetPolicies("c max_accounts=1 retry_after=300ms\n");
+  absl::StatusOr<Issued> refused = IssueNow("c");
+  ASSERT_TRUE(absl::IsResourceExhausted(refused.status())) << refused.status();
+  ASSERT_TRUE(ExhaustedCaller(refused.status()).has_value()) << refused.status();
+  EXPECT_EQ(ExhaustedCaller(refused.status())->caller, "c");
+  EXPECT_EQ(ExhaustedCaller(refused.status())->limit, "max_accounts");
+  EXPECT_EQ(RetryDelay(refused.status()), absl::Milliseconds(300));
+  EXPECT_EQ(fleet.refusals.load(), TokenIssuerOptions{}.max_attempts);
+  int in_flight = 0;
+  for (const AccountView& v : pool_.List()) in_flight += v.in_flight;
+  EXPECT_EQ(in_flight, 0);  // nothing kept
+  EXPECT_EQ(admission_.Stats()["c"].refused["max_accounts"], 1);
+  EXPECT_EQ(admission_.Stats()["c"].usage.in_flight, 0);  // the reservation went too
 }
 
 TEST_F(CallerIssuerTest, ModelsOutsideThePolicyAndUnlistedCallersArePermissionDenied) {
