@@ -171,10 +171,11 @@ absl::uint128 LeaseTable::FreshKey() {
   return key;
 }
 
-IssuedLease LeaseTable::IssueKey(absl::uint128 key, const std::string& account, const std::string& model,
-                                 absl::Time now, const std::string& caller, const std::string& group) {
+std::optional<IssuedLease> LeaseTable::IssueKey(absl::uint128 key, const std::string& account,
+                                                const std::string& model, absl::Time now, const std::string& caller,
+                                                const std::string& group) {
   const absl::Time expires = now + timeout_;
-  by_key_.emplace(key, Slot{account, model, caller, expires, group});
+  if (!by_key_.try_emplace(key, Slot{account, model, caller, expires, group}).second) return std::nullopt;
   by_expiry_.emplace(expires, key);
   ++in_flight_[account];
   Track(caller, key);
@@ -183,7 +184,13 @@ IssuedLease LeaseTable::IssueKey(absl::uint128 key, const std::string& account, 
 
 IssuedLease LeaseTable::Issue(const std::string& account, const std::string& model, absl::Time now,
                               const std::string& caller, const std::string& group) {
-  return IssueKey(FreshKey(), account, model, now, caller, group);
+  // One probe of the table per lease: a fresh random key goes in straight away (a taken one, 1 in
+  // 2^96 per lease in flight, is drawn again).
+  while (prefix_ == 0) prefix_ = RandomBits();
+  while (true) {
+    const absl::uint128 key = absl::MakeUint128(RandomBits() & 0xffffffffu, RandomBits());
+    if (std::optional<IssuedLease> lease = IssueKey(key, account, model, now, caller, group)) return *std::move(lease);
+  }
 }
 
 std::string LeaseTable::NewId(const std::string& caller) { return IdOf(FreshKey(), caller); }
@@ -201,9 +208,8 @@ IssuedLease LeaseTable::IssueAs(const std::string& id, const std::string& accoun
       !TagIs(absl::string_view(id).substr(18, 8), caller)) {
     return Issue(account, model, now, caller, group);
   }
-  const absl::uint128 key = absl::MakeUint128(*high, *low);
-  if (by_key_.contains(key)) return Issue(account, model, now, caller, group);
-  return IssueKey(key, account, model, now, caller, group);
+  std::optional<IssuedLease> lease = IssueKey(absl::MakeUint128(*high, *low), account, model, now, caller, group);
+  return lease ? *std::move(lease) : Issue(account, model, now, caller, group);
 }
 
 Lease LeaseTable::Take(Map::iterator it) {

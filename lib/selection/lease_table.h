@@ -100,8 +100,9 @@ class LeaseTable {
   std::string IdOf(absl::uint128 key, const std::string& caller) const;
   Lease Take(Map::iterator it);
   absl::uint128 FreshKey();
-  IssuedLease IssueKey(absl::uint128 key, const std::string& account, const std::string& model, absl::Time now,
-                       const std::string& caller, const std::string& group);
+  // Issues under `key`; unset when the key is taken.
+  std::optional<IssuedLease> IssueKey(absl::uint128 key, const std::string& account, const std::string& model,
+                                      absl::Time now, const std::string& caller, const std::string& group);
   uint64_t RandomBits();
 
   // Each caller's leases in the order issued (oldest first), for MakeRoom. `order` may still hold
