@@ -10,7 +10,7 @@ round. Start-up: from the broker's process start to its port file (serving), and
 with N account files; and the CPU time it took until serving (user + system, all threads: what a
 busy machine cannot inflate the way it inflates the wall-clock time).
 
-    /usr/bin/python3 scripts/bench_pinned.py --build build [--rounds 7] [--seconds 4] [--smoke]
+    /usr/bin/python3 scripts/bench_pinned.py --build build [--rounds 15] [--seconds 2] [--smoke]
 """
 import argparse
 import os
@@ -234,8 +234,8 @@ def print_rounds(result):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--build", default="build")
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--startup_accounts", type=int, default=100_000)
     parser.add_argument("--smoke", action="store_true", help="a short run that only checks it works")
     args = parser.parse_args()

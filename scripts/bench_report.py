@@ -79,7 +79,7 @@ def main():
     sel = selection(build, args.smoke)
     load_s, per_account, per_session = footprint(build, n)
     allocs_broker, allocs_echo = allocations(build, args.smoke)
-    pinned = bench_pinned.run(build, *((1, 0.3) if args.smoke else (7, 4.0)))
+    pinned = bench_pinned.run(build, *((1, 0.3) if args.smoke else (15, 2.0)))
     start = bench_pinned.startup(build, n, runs=1 if args.smoke else 3)
     load = bench_load.run(build, duration, n_accounts, rounds)
 

@@ -90,6 +90,17 @@ std::optional<std::string> CallerTagOfLease(absl::string_view lease_id) {
 LeaseTable::LeaseTable(absl::Duration timeout, size_t max_leases)
     : timeout_(timeout), max_leases_(std::max<size_t>(1, max_leases)) {}
 
+const std::string* LeaseTable::Intern(const std::string& name) {
+  auto it = names_.try_emplace(name, 0).first;
+  ++it->second;
+  return &it->first;
+}
+
+void LeaseTable::Unintern(const std::string* name) {
+  auto it = names_.find(*name);
+  if (it != names_.end() && --it->second == 0) names_.erase(it);
+}
+
 void LeaseTable::Track(const std::string& caller, absl::uint128 key) {
   CallerLeases& c = by_caller_[caller];
   ++c.count;
@@ -98,7 +109,7 @@ void LeaseTable::Track(const std::string& caller, absl::uint128 key) {
     // Mostly ended leases: keep the live ones, in order.
     std::deque<absl::uint128> live;
     for (const absl::uint128& k : c.order) {
-      if (auto it = by_key_.find(k); it != by_key_.end() && it->second.caller == caller) live.push_back(k);
+      if (auto it = by_key_.find(k); it != by_key_.end() && *it->second.caller == caller) live.push_back(k);
     }
     c.order.swap(live);
   }
@@ -121,7 +132,7 @@ std::optional<Lease> LeaseTable::MakeRoom() {
     const absl::uint128 key = order.front();
     order.pop_front();
     auto it = by_key_.find(key);
-    if (it != by_key_.end() && it->second.caller == caller) return Take(it);
+    if (it != by_key_.end() && *it->second.caller == caller) return Take(it);
   }
   return std::nullopt;  // unreachable: a caller with a count has its live keys in `order`
 }
@@ -158,7 +169,7 @@ std::optional<absl::uint128> LeaseTable::KeyOf(absl::string_view id) const {
   if (!prefix || *prefix != prefix_ || !high || !low || !CallerTagOfLease(id)) return std::nullopt;
   const absl::uint128 key = absl::MakeUint128(*high, *low);
   auto it = by_key_.find(key);
-  if (it == by_key_.end() || !TagIs(id.substr(18, 8), it->second.caller)) return std::nullopt;
+  if (it == by_key_.end() || !TagIs(id.substr(18, 8), *it->second.caller)) return std::nullopt;
   return key;
 }
 
@@ -175,7 +186,9 @@ std::optional<IssuedLease> LeaseTable::IssueKey(absl::uint128 key, const std::st
                                                 const std::string& model, absl::Time now, const std::string& caller,
                                                 const std::string& group) {
   const absl::Time expires = now + timeout_;
-  if (!by_key_.try_emplace(key, Slot{account, model, caller, expires, group}).second) return std::nullopt;
+  auto [slot, inserted] = by_key_.try_emplace(key);
+  if (!inserted) return std::nullopt;
+  slot->second = Slot{Intern(account), Intern(model), Intern(caller), expires, Intern(group)};
   by_expiry_.emplace(expires, key);
   ++in_flight_[account];
   Track(caller, key);
@@ -213,12 +226,13 @@ IssuedLease LeaseTable::IssueAs(const std::string& id, const std::string& accoun
 }
 
 Lease LeaseTable::Take(Map::iterator it) {
-  Lease lease{IdOf(it->first, it->second.caller), std::move(it->second.account), std::move(it->second.model),
-              std::move(it->second.caller), it->second.expires, std::move(it->second.group)};
+  const Slot slot = it->second;
+  Lease lease{IdOf(it->first, *slot.caller), *slot.account, *slot.model, *slot.caller, slot.expires, *slot.group};
   by_expiry_.erase({lease.expires, it->first});
   if (auto c = in_flight_.find(lease.account); c != in_flight_.end() && --c->second <= 0) in_flight_.erase(c);
   by_key_.erase(it);
   Untrack(lease.caller);
+  for (const std::string* name : {slot.account, slot.model, slot.caller, slot.group}) Unintern(name);
   return lease;
 }
 
@@ -226,7 +240,7 @@ std::optional<Lease> LeaseTable::Find(const std::string& id) const {
   std::optional<absl::uint128> key = KeyOf(id);
   if (!key) return std::nullopt;
   const Slot& s = by_key_.at(*key);
-  return Lease{id, s.account, s.model, s.caller, s.expires, s.group};
+  return Lease{id, *s.account, *s.model, *s.caller, s.expires, *s.group};
 }
 
 std::optional<Lease> LeaseTable::End(const std::string& id) {
@@ -253,7 +267,7 @@ std::vector<Lease> LeaseTable::Expire(absl::Time now) {
 std::optional<absl::Time> LeaseTable::EarliestExpiry(const std::string& account) const {
   for (const auto& [when, key] : by_expiry_) {
     auto it = by_key_.find(key);
-    if (it != by_key_.end() && it->second.account == account) return when;
+    if (it != by_key_.end() && *it->second.account == account) return when;
   }
   return std::nullopt;
 }
@@ -266,7 +280,7 @@ int LeaseTable::InFlight(const std::string& account) const {
 void LeaseTable::Forget(const std::string& account) {
   std::vector<absl::uint128> keys;
   for (const auto& [key, slot] : by_key_) {
-    if (slot.account == account) keys.push_back(key);
+    if (*slot.account == account) keys.push_back(key);
   }
   for (const absl::uint128& k : keys) Take(by_key_.find(k));
 }

@@ -9,6 +9,7 @@
 
 #include "absl/container/btree_set.h"
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/node_hash_map.h"
 #include "absl/numeric/int128.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
@@ -85,13 +86,17 @@ class LeaseTable {
   static constexpr size_t kIdLength = 2 + 16 + 8 + 24;
 
  private:
+  // The names a lease carries point into names_: a table full of leases holds each account,
+  // model, caller and group name once, and issuing or ending a lease allocates no string.
   struct Slot {
-    std::string account;
-    std::string model;
-    std::string caller;
+    const std::string* account;
+    const std::string* model;
+    const std::string* caller;
     absl::Time expires;
-    std::string group;
+    const std::string* group;
   };
+  const std::string* Intern(const std::string& name);
+  void Unintern(const std::string* name);
   using Map = absl::flat_hash_map<absl::uint128, Slot>;
 
   // The key of one of this table's ids (its random part, when its table and caller tag match
@@ -124,6 +129,9 @@ class LeaseTable {
   absl::btree_set<std::pair<absl::Time, absl::uint128>> by_expiry_;
   absl::flat_hash_map<std::string, int> in_flight_;
   absl::flat_hash_map<std::string, CallerLeases> by_caller_;
+  // Every name a lease in flight carries, with the number of references to it (node-based: the
+  // slots point at the keys).
+  absl::node_hash_map<std::string, size_t> names_;
 };
 
 }  // namespace tokenbroker
