@@ -9,10 +9,22 @@ ModelIndex::ModelIndex(Policy policy, size_t pool_size)
       scheduled_(pool_size, absl::InfinitePast()) {}
 
 void ModelIndex::Update(size_t i, const RankKey& key, absl::Time next_change, absl::Time now) {
-  if (placed_[i]) order_.erase(key_of_[i]);
-  key_of_[i] = key;
-  order_.insert(key);
-  placed_[i] = true;
+  if (placed_[i]) {
+    // Every lease re-ranks its account: move the set's node to its new place instead of freeing
+    // it and allocating another.
+    Order::node_type node = order_.extract(key_of_[i]);
+    if (node.empty()) {
+      order_.insert(key);
+    } else {
+      node.value() = key;
+      order_.insert(std::move(node));
+    }
+    key_of_[i] = key;
+  } else {
+    key_of_[i] = key;
+    order_.insert(key);
+    placed_[i] = true;
+  }
   // Re-ranking on every lease schedules nothing new.
   if (next_change > now && next_change != absl::InfiniteFuture() && scheduled_[i] != next_change) {
     scheduled_[i] = next_change;

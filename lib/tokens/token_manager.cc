@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "lib/common/safe_text.h"
 #include "spdlog/spdlog.h"
@@ -106,6 +107,7 @@ std::optional<absl::Time> TokenManager::BackoffUntilLocked(const std::string& ac
 void TokenManager::RecordOutcomeLocked(const std::string& account_id, const absl::StatusOr<AccessToken>& result,
                                        absl::Time now) {
   slow_.erase(account_id);
+  absl::Cleanup note = [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS { NoteTroubleLocked(); };
   if (result.ok()) {
     failures_.erase(account_id);
     if (result->expiry - now < options_.min_token_ttl) {
@@ -126,6 +128,7 @@ void TokenManager::RecordOutcomeLocked(const std::string& account_id, const absl
 
 absl::flat_hash_map<std::string, TokenTroubleInfo> TokenManager::Troubled() const {
   absl::flat_hash_map<std::string, TokenTroubleInfo> out;
+  if (!any_trouble_.load(std::memory_order_acquire)) return out;
   const absl::Time now = clock_.Now();
   {
     absl::MutexLock lock(&mu_);
@@ -194,6 +197,7 @@ void TokenManager::GiveUpLoop() {
         // The refresh goes on (for the next caller and the background); callers avoid the account
         // until it ends.
         slow_.insert(account);
+        NoteTroubleLocked();
       }
     }
     for (Callback& cb : expired) {
@@ -397,6 +401,7 @@ void TokenManager::Enable(const std::string& account_id) {
     absl::MutexLock lock(&mu_);
     failures_.erase(account_id);
     short_.erase(account_id);
+    NoteTroubleLocked();
   }
   AccountUpdate update;
   update.enable = true;

@@ -1,5 +1,6 @@
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <deque>
 #include <map>
@@ -196,6 +197,12 @@ class TokenManager {
   absl::flat_hash_set<std::string> slow_ ABSL_GUARDED_BY(mu_);
   // Accounts whose last refresh gave a token shorter-lived than min_token_ttl, and when.
   absl::flat_hash_map<std::string, absl::Time> short_ ABSL_GUARDED_BY(mu_);
+  // Whether any of failures_, slow_, short_ holds something (written under mu_ whenever they
+  // change): Troubled(), asked on every GetToken, answers without the lock while none does.
+  std::atomic<bool> any_trouble_{false};
+  void NoteTroubleLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    any_trouble_.store(!failures_.empty() || !slow_.empty() || !short_.empty(), std::memory_order_release);
+  }
   bool give_ups_changed_ ABSL_GUARDED_BY(mu_) = false;
   std::deque<std::string> queue_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, int64_t> counts_ ABSL_GUARDED_BY(mu_);
