@@ -116,9 +116,7 @@ class CallerFleet(unittest.TestCase):
         for name in ACCOUNTS:
             c.write_account(name, harness.account_json(f"{name}@example.com", f"1//rt-{name}", "PRO"))
         c.start_upstream()
-        c.callers_file = os.path.join(c.dir, "callers.txt")
-        with open(c.callers_file, "w") as f:
-            f.write("".join(f"{n} {t}\n" for n, t in TOKENS.items()))
+        c.callers_file = harness.write_callers_file(c.dir, TOKENS)
         c.policy_file = os.path.join(c.dir, "policy.txt")
         with open(c.policy_file, "w") as f:
             f.write(POLICY)

@@ -58,9 +58,7 @@ class Callers(unittest.TestCase):
         for name in ACCOUNTS:
             c.write_account(name, harness.account_json(f"{name}@example.com", f"1//rt-{name}", "PRO"))
         c.start_upstream()
-        cls.callers_file = os.path.join(c.dir, "callers.txt")
-        with open(cls.callers_file, "w") as f:
-            f.write("".join(f"{n} {t}\n" for n, t in TOKENS.items()))
+        cls.callers_file = harness.write_callers_file(c.dir, TOKENS)
         cls.policy_file = os.path.join(c.dir, "policy.txt")
         with open(cls.policy_file, "w") as f:
             f.write(POLICY)
@@ -284,9 +282,7 @@ class NoPolicyFile(unittest.TestCase):
             for name in ACCOUNTS:
                 c.write_account(name, harness.account_json(f"{name}@example.com", f"1//rt-{name}", "PRO"))
             c.start_upstream()
-            callers = os.path.join(c.dir, "callers.txt")
-            with open(callers, "w") as f:
-                f.write(f"bulk {TOKENS['bulk']}\n")
+            callers = harness.write_callers_file(c.dir, {"bulk": TOKENS["bulk"]})
             port_file = os.path.join(c.dir, "metrics.port")
             c.start_broker(f"--caller_tokens_file={callers}", "--metrics_listen=127.0.0.1:0",
                            f"--metrics_port_file={port_file}")

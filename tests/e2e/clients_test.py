@@ -41,9 +41,7 @@ class ClientsTest(unittest.TestCase):
             sock = os.path.join(c.dir, "broker.sock")
             c.start_broker(listen="unix:" + sock)
             make_pki(c.dir)
-            callers = os.path.join(c.dir, "callers.txt")
-            with open(callers, "w") as f:
-                f.write(f"proxy-node {CALLER_TOKEN}\n")
+            callers = harness.write_callers_file(c.dir, {"proxy-node": CALLER_TOKEN})
             c.start_broker(f"--caller_tokens_file={callers}", f"--tls_cert_file={c.dir}/server.pem",
                            f"--tls_key_file={c.dir}/server.key", f"--tls_client_ca_file={c.dir}/ca.pem")
             tls_target = f"localhost:{c.broker.port}"  # a name: TLS sends no IP address as SNI

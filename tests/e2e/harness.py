@@ -30,6 +30,15 @@ def wait_for(cond, timeout=15.0, what="condition"):
         time.sleep(0.02)
 
 
+def write_callers_file(folder, tokens, name="callers.txt"):
+    """A --caller_tokens_file in `folder`: one `<caller> <token>` line per entry of `tokens` (a dict).
+    Returns its path."""
+    path = os.path.join(folder, name)
+    with open(path, "w") as f:
+        f.write("".join(f"{caller} {token}\n" for caller, token in tokens.items()))
+    return path
+
+
 def account_json(email, refresh_token, tier, **extra):
     """An account file body in Antigravity-Manager's format."""
     doc = {

@@ -318,10 +318,7 @@ class LeaseTableBound(HostileCase):
     def setUp(self):
         super().setUp()
         self.tokens = {"flood": "tok-flood-0123456789abcdef", "good": "tok-good-0123456789abcdef"}
-        callers = os.path.join(self.c.dir, "callers.txt")
-        with open(callers, "w") as f:
-            for name, token in self.tokens.items():
-                f.write(f"{name} {token}\n")
+        callers = harness.write_callers_file(self.c.dir, self.tokens)
         self.metrics_port_file = os.path.join(self.c.dir, "metrics.port")
         self.b = self.start(f"--caller_tokens_file={callers}", "--max_leases=50", "--metrics_listen=127.0.0.1:0",
                             f"--metrics_port_file={self.metrics_port_file}")
@@ -395,10 +392,7 @@ class Callers(HostileCase):
     def setUp(self):
         super().setUp()
         self.tokens = {"proxy-a": "tok-a-0123456789abcdef", "proxy-b": "tok-b-0123456789abcdef"}
-        callers = os.path.join(self.c.dir, "callers.txt")
-        with open(callers, "w") as f:
-            for name, token in self.tokens.items():
-                f.write(f"{name} {token}\n")
+        callers = harness.write_callers_file(self.c.dir, self.tokens)
         self.admin = "admin-0123456789abcdef"
         admin = os.path.join(self.c.dir, "admin.txt")
         with open(admin, "w") as f:
