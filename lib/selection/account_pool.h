@@ -381,6 +381,9 @@ class AccountPool : public SharedStateListener {
   void ExpireLeasesLocked(absl::Time now, Outbox& out) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Ends a lease's effects here; its fleet-wide reservation and probe token go through `out`.
   void EndLeaseLocked(const Lease& lease, Outbox& out) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A lease that ends without a report (timed out, pushed out of a full table, given back):
+  // EndLeaseLocked, and the shared state forgets it.
+  void EndUnreportedLeaseLocked(const Lease& lease, Outbox& out) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const PoolOptions options_;
   const Clock& clock_;

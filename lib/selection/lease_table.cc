@@ -90,18 +90,17 @@ std::optional<std::string> CallerTagOfLease(absl::string_view lease_id) {
 LeaseTable::LeaseTable(absl::Duration timeout, size_t max_leases)
     : timeout_(timeout), max_leases_(std::max<size_t>(1, max_leases)) {}
 
-const std::string* LeaseTable::Intern(const std::string& name) {
-  auto it = names_.try_emplace(name, 0).first;
-  ++it->second;
-  return &it->first;
+LeaseTable::Name* LeaseTable::Intern(const std::string& name) {
+  Name& n = *names_.try_emplace(name).first;
+  ++n.second.refs;
+  return &n;
 }
 
-void LeaseTable::Unintern(const std::string* name) {
-  auto it = names_.find(*name);
-  if (it != names_.end() && --it->second == 0) names_.erase(it);
+void LeaseTable::Unintern(Name* name) {
+  if (--name->second.refs == 0) names_.erase(names_.find(name->first));
 }
 
-void LeaseTable::Track(const std::string& caller, absl::uint128 key) {
+void LeaseTable::Track(const Name* caller, absl::uint128 key) {
   CallerLeases& c = by_caller_[caller];
   ++c.count;
   c.order.push_back(key);
@@ -109,13 +108,13 @@ void LeaseTable::Track(const std::string& caller, absl::uint128 key) {
     // Mostly ended leases: keep the live ones, in order.
     std::deque<absl::uint128> live;
     for (const absl::uint128& k : c.order) {
-      if (auto it = by_key_.find(k); it != by_key_.end() && *it->second.caller == caller) live.push_back(k);
+      if (auto it = by_key_.find(k); it != by_key_.end() && it->second.caller == caller) live.push_back(k);
     }
     c.order.swap(live);
   }
 }
 
-void LeaseTable::Untrack(const std::string& caller) {
+void LeaseTable::Untrack(const Name* caller) {
   auto it = by_caller_.find(caller);
   if (it != by_caller_.end() && --it->second.count == 0) by_caller_.erase(it);
 }
@@ -127,12 +126,12 @@ std::optional<Lease> LeaseTable::MakeRoom() {
     if (it->second.count > most->second.count) most = it;
   }
   std::deque<absl::uint128>& order = most->second.order;
-  const std::string caller = most->first;
+  const Name* caller = most->first;
   while (!order.empty()) {
     const absl::uint128 key = order.front();
     order.pop_front();
     auto it = by_key_.find(key);
-    if (it != by_key_.end() && *it->second.caller == caller) return Take(it);
+    if (it != by_key_.end() && it->second.caller == caller) return Take(it);
   }
   return std::nullopt;  // unreachable: a caller with a count has its live keys in `order`
 }
@@ -161,16 +160,21 @@ std::string LeaseTable::IdOf(absl::uint128 key, const std::string& caller) const
   return std::string(id, kIdLength);
 }
 
-std::optional<absl::uint128> LeaseTable::KeyOf(absl::string_view id) const {
+std::optional<LeaseTable::ParsedId> LeaseTable::Parse(absl::string_view id) const {
   if (prefix_ == 0 || id.size() != kIdLength || id.substr(0, 2) != "l-") return std::nullopt;
   std::optional<uint64_t> prefix = ParseHex(id.substr(2, 16));
   std::optional<uint64_t> high = ParseHex(id.substr(26, 8));
   std::optional<uint64_t> low = ParseHex(id.substr(34, 16));
   if (!prefix || *prefix != prefix_ || !high || !low || !CallerTagOfLease(id)) return std::nullopt;
-  const absl::uint128 key = absl::MakeUint128(*high, *low);
-  auto it = by_key_.find(key);
-  if (it == by_key_.end() || !TagIs(id.substr(18, 8), *it->second.caller)) return std::nullopt;
-  return key;
+  return ParsedId{absl::MakeUint128(*high, *low), id.substr(18, 8)};
+}
+
+std::optional<absl::uint128> LeaseTable::KeyOf(absl::string_view id) const {
+  std::optional<ParsedId> parsed = Parse(id);
+  if (!parsed) return std::nullopt;
+  auto it = by_key_.find(parsed->key);
+  if (it == by_key_.end() || !TagIs(parsed->tag, it->second.caller->first)) return std::nullopt;
+  return parsed->key;
 }
 
 absl::uint128 LeaseTable::FreshKey() {
@@ -189,9 +193,9 @@ std::optional<IssuedLease> LeaseTable::IssueKey(absl::uint128 key, const std::st
   auto [slot, inserted] = by_key_.try_emplace(key);
   if (!inserted) return std::nullopt;
   slot->second = Slot{Intern(account), Intern(model), Intern(caller), expires, Intern(group)};
+  ++slot->second.account->second.leases_on;
   by_expiry_.emplace(expires, key);
-  ++in_flight_[account];
-  Track(caller, key);
+  Track(slot->second.caller, key);
   return IssuedLease{IdOf(key, caller), expires};
 }
 
@@ -210,29 +214,21 @@ std::string LeaseTable::NewId(const std::string& caller) { return IdOf(FreshKey(
 
 IssuedLease LeaseTable::IssueAs(const std::string& id, const std::string& account, const std::string& model,
                                 absl::Time now, const std::string& caller, const std::string& group) {
-  std::optional<uint64_t> prefix, high, low;
-  if (id.size() == kIdLength && id.compare(0, 2, "l-") == 0) {
-    const absl::string_view v(id);
-    prefix = ParseHex(v.substr(2, 16));
-    high = ParseHex(v.substr(26, 8));
-    low = ParseHex(v.substr(34, 16));
-  }
-  if (prefix_ == 0 || !prefix || *prefix != prefix_ || !high || !low ||
-      !TagIs(absl::string_view(id).substr(18, 8), caller)) {
-    return Issue(account, model, now, caller, group);
-  }
-  std::optional<IssuedLease> lease = IssueKey(absl::MakeUint128(*high, *low), account, model, now, caller, group);
+  std::optional<ParsedId> parsed = Parse(id);
+  std::optional<IssuedLease> lease;
+  if (parsed && TagIs(parsed->tag, caller)) lease = IssueKey(parsed->key, account, model, now, caller, group);
   return lease ? *std::move(lease) : Issue(account, model, now, caller, group);
 }
 
 Lease LeaseTable::Take(Map::iterator it) {
   const Slot slot = it->second;
-  Lease lease{IdOf(it->first, *slot.caller), *slot.account, *slot.model, *slot.caller, slot.expires, *slot.group};
+  Lease lease{IdOf(it->first, slot.caller->first), slot.account->first, slot.model->first, slot.caller->first,
+              slot.expires, slot.group->first};
   by_expiry_.erase({lease.expires, it->first});
-  if (auto c = in_flight_.find(lease.account); c != in_flight_.end() && --c->second <= 0) in_flight_.erase(c);
   by_key_.erase(it);
-  Untrack(lease.caller);
-  for (const std::string* name : {slot.account, slot.model, slot.caller, slot.group}) Unintern(name);
+  --slot.account->second.leases_on;
+  Untrack(slot.caller);
+  for (Name* name : {slot.account, slot.model, slot.caller, slot.group}) Unintern(name);
   return lease;
 }
 
@@ -240,7 +236,7 @@ std::optional<Lease> LeaseTable::Find(const std::string& id) const {
   std::optional<absl::uint128> key = KeyOf(id);
   if (!key) return std::nullopt;
   const Slot& s = by_key_.at(*key);
-  return Lease{id, *s.account, *s.model, *s.caller, s.expires, *s.group};
+  return Lease{id, s.account->first, s.model->first, s.caller->first, s.expires, s.group->first};
 }
 
 std::optional<Lease> LeaseTable::End(const std::string& id) {
@@ -267,20 +263,20 @@ std::vector<Lease> LeaseTable::Expire(absl::Time now) {
 std::optional<absl::Time> LeaseTable::EarliestExpiry(const std::string& account) const {
   for (const auto& [when, key] : by_expiry_) {
     auto it = by_key_.find(key);
-    if (it != by_key_.end() && *it->second.account == account) return when;
+    if (it != by_key_.end() && it->second.account->first == account) return when;
   }
   return std::nullopt;
 }
 
 int LeaseTable::InFlight(const std::string& account) const {
-  auto it = in_flight_.find(account);
-  return it == in_flight_.end() ? 0 : it->second;
+  auto it = names_.find(account);
+  return it == names_.end() ? 0 : it->second.leases_on;
 }
 
 void LeaseTable::Forget(const std::string& account) {
   std::vector<absl::uint128> keys;
   for (const auto& [key, slot] : by_key_) {
-    if (*slot.account == account) keys.push_back(key);
+    if (slot.account->first == account) keys.push_back(key);
   }
   for (const absl::uint128& k : keys) Take(by_key_.find(k));
 }

@@ -86,19 +86,31 @@ class LeaseTable {
   static constexpr size_t kIdLength = 2 + 16 + 8 + 24;
 
  private:
-  // The names a lease carries point into names_: a table full of leases holds each account,
-  // model, caller and group name once, and issuing or ending a lease allocates no string.
-  struct Slot {
-    const std::string* account;
-    const std::string* model;
-    const std::string* caller;
-    absl::Time expires;
-    const std::string* group;
+  // Every name a lease in flight carries (account, model, caller, group), held once in names_ with
+  // the number of slots pointing at it and, for an account, its leases: issuing or ending a lease
+  // allocates no string, and ending one looks nothing up by name.
+  struct NameUse {
+    size_t refs = 0;
+    int leases_on = 0;  // leases whose account this name is
   };
-  const std::string* Intern(const std::string& name);
-  void Unintern(const std::string* name);
+  using Name = std::pair<const std::string, NameUse>;
+  struct Slot {
+    Name* account;
+    Name* model;
+    Name* caller;
+    absl::Time expires;
+    Name* group;
+  };
+  Name* Intern(const std::string& name);
+  void Unintern(Name* name);
   using Map = absl::flat_hash_map<absl::uint128, Slot>;
 
+  // An id of this table's form and prefix: its key (the random part) and its caller tag.
+  struct ParsedId {
+    absl::uint128 key;
+    absl::string_view tag;
+  };
+  std::optional<ParsedId> Parse(absl::string_view id) const;
   // The key of one of this table's ids (its random part, when its table and caller tag match
   // what was issued); unset for anything else.
   std::optional<absl::uint128> KeyOf(absl::string_view id) const;
@@ -116,8 +128,8 @@ class LeaseTable {
     size_t count = 0;
     std::deque<absl::uint128> order;
   };
-  void Track(const std::string& caller, absl::uint128 key);
-  void Untrack(const std::string& caller);
+  void Track(const Name* caller, absl::uint128 key);
+  void Untrack(const Name* caller);
 
   const absl::Duration timeout_;
   const size_t max_leases_;
@@ -127,11 +139,8 @@ class LeaseTable {
   size_t random_used_ = sizeof(random_);
   Map by_key_;
   absl::btree_set<std::pair<absl::Time, absl::uint128>> by_expiry_;
-  absl::flat_hash_map<std::string, int> in_flight_;
-  absl::flat_hash_map<std::string, CallerLeases> by_caller_;
-  // Every name a lease in flight carries, with the number of references to it (node-based: the
-  // slots point at the keys).
-  absl::node_hash_map<std::string, size_t> names_;
+  absl::node_hash_map<std::string, NameUse> names_;  // node-based: slots point at its entries
+  absl::flat_hash_map<const Name*, CallerLeases> by_caller_;
 };
 
 }  // namespace tokenbroker

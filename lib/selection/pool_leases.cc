@@ -133,8 +133,7 @@ absl::StatusOr<Selection> AccountPool::CommitLocked(const SelectRequest& request
   if (std::optional<Lease> evicted = leases_.MakeRoom()) {
     // The table is full: the biggest holder's oldest lease ends as if it had timed out.
     leases_evicted_.fetch_add(1, std::memory_order_relaxed);
-    EndLeaseLocked(*evicted, out);
-    if (out.active()) out.Add([id = evicted->id](SharedState& s) { s.LeaseEnded(id); });
+    EndUnreportedLeaseLocked(*evicted, out);
   }
   IssuedLease lease = admitted != nullptr ? leases_.IssueAs(admitted->lease_id, entry.record.id, request.model, now,
                                                             request.caller, request.quota_group)
@@ -145,8 +144,8 @@ absl::StatusOr<Selection> AccountPool::CommitLocked(const SelectRequest& request
       s.LeaseIssued(id, account, model);
     });
   }
-  cooldowns_.OnIssued(entry.record.id, request.model, now, lease.id,
-                      FamilyRef{quota_.families().Of(request.model), request.quota_group});
+  const absl::string_view family = quota_.families().Of(request.model);
+  cooldowns_.OnIssued(entry.record.id, request.model, now, lease.id, FamilyRef{family, request.quota_group});
   // Models come from callers: past kMaxTrackedModels an arbitrary one is forgotten (it only loses
   // its fill_first / round_robin position).
   if (last_for_model_.size() >= kMaxTrackedModels && !last_for_model_.contains(request.model)) {
@@ -168,7 +167,7 @@ absl::StatusOr<Selection> AccountPool::CommitLocked(const SelectRequest& request
   sel.email = entry.record.email;
   sel.tier = entry.record.tier;
   sel.project_id = entry.record.project_id;
-  sel.model_family = std::string(quota_.families().Of(request.model));
+  sel.model_family = std::string(family);
   sel.egress_id = entry.record.egress_id;
   sel.from_session = from_session;
   sel.lease_id = std::move(lease.id);
@@ -223,11 +222,13 @@ void AccountPool::EndLeaseLocked(const Lease& lease, Outbox& out) {
   }
 }
 
+void AccountPool::EndUnreportedLeaseLocked(const Lease& lease, Outbox& out) {
+  EndLeaseLocked(lease, out);
+  if (out.active()) out.Add([id = lease.id](SharedState& s) { s.LeaseEnded(id); });
+}
+
 void AccountPool::ExpireLeasesLocked(absl::Time now, Outbox& out) {
-  for (const Lease& lease : leases_.Expire(now)) {
-    EndLeaseLocked(lease, out);
-    if (out.active()) out.Add([id = lease.id](SharedState& s) { s.LeaseEnded(id); });
-  }
+  for (const Lease& lease : leases_.Expire(now)) EndUnreportedLeaseLocked(lease, out);
 }
 
 void AccountPool::ReleaseLease(const std::string& lease_id) {
@@ -240,8 +241,7 @@ void AccountPool::ReleaseLease(const std::string& lease_id) {
     if (auto it = index_.find(lease->account); it != index_.end()) {
       quota_.ForgetLease(entries_[it->second].quota, lease->model, lease->expires - options_.lease_timeout);
     }
-    EndLeaseLocked(*lease, out);
-    out.Add([lease_id](SharedState& s) { s.LeaseEnded(lease_id); });
+    EndUnreportedLeaseLocked(*lease, out);
   }
   out.Send();
 }
