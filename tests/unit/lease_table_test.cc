@@ -128,7 +128,9 @@ TEST(LeaseTable, AFullTableEndsTheBiggestHoldersOldestLease) {
     std::optional<Lease> evicted = t.MakeRoom();
     ASSERT_TRUE(evicted.has_value()) << i;
     EXPECT_EQ(evicted->caller, "flood");
-    if (i < 3) EXPECT_EQ(evicted->id, flood[i]);  // oldest first
+    if (i < 3) {
+      EXPECT_EQ(evicted->id, flood[i]);  // oldest first
+    }
     EXPECT_EQ(evicted->account, "c");
     flood.push_back(t.Issue("c", "m", kT0 + absl::Seconds(10 + i), "flood").id);
     ASSERT_EQ(t.size(), 5u);
